@@ -1,0 +1,155 @@
+"""The `kolm` command: one table of subcommands, each a typed handler imported on use.
+
+    kolm capture --port 8700                      # proxy OpenAI/Anthropic calls, record observations
+    kolm observations list|import|export ...      # the bridge API's CLI twins
+    kolm cluster --namespace NS                   # Ray Data clustering of a namespace
+    kolm recipe --namespace NS --out DIR          # pairs, spec, verifiers, K-floor
+    kolm compile --recipe DIR --output X.kolm     # Ray Train fine-tune, K-score gate, signed artifact
+    kolm run X.kolm "text"                        # offline inference
+    kolm serve deployments/recall.yaml            # Ray Serve recall router
+    kolm bench recall --url URL                   # open-loop load on the router
+
+Handlers live next to what they drive (`module:function`, imported only when that command runs, so
+`kolm --help` stays fast). Each takes the parsed arguments and returns an exit code; a KolmError
+becomes one line on stderr and its exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from kolm_ray.errors import KolmError
+
+Builder = Callable[[argparse.ArgumentParser], None]
+
+
+def _capture(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: local only)")
+    p.add_argument("--port", type=int, default=8700, help="port to bind (default 8700)")
+    p.add_argument("--store", default=None, help="observation store URL (default $KOLM_STORE or SQLite in $KOLM_HOME)")
+    p.add_argument("--openai-upstream", default=None, help="OpenAI-compatible upstream (default https://api.openai.com)")
+    p.add_argument("--anthropic-upstream", default=None, help="Anthropic upstream (default https://api.anthropic.com)")
+
+
+def _observations(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="{list,import,export}")
+    ls = sub.add_parser("list", help="print observations as JSON lines")
+    ls.add_argument("--namespace")
+    ls.add_argument("--tenant")
+    ls.add_argument("--verified", choices=["true", "false", "null"])
+    ls.add_argument("--limit", type=int, default=100)
+    imp = sub.add_parser("import", help="import a JSON list or JSON lines of {namespace, input, output, verified?, tenant?}")
+    imp.add_argument("file")
+    imp.add_argument("--namespace", help="namespace for rows that name none")
+    exp = sub.add_parser("export", help="write a namespace's observations as JSON lines")
+    exp.add_argument("--namespace", required=True)
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--verified-only", action="store_true")
+    for q in (ls, imp, exp):
+        q.add_argument("--store", default=None, help="observation store URL")
+
+
+def _cluster(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--store", default=None)
+    p.add_argument("--num-workers", type=int, default=None, help="featurize actors (default: one per CPU)")
+    p.add_argument("--json", action="store_true", help="print the clusters as JSON")
+
+
+def _recipe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--cluster", type=int, default=None, help="cluster id from `kolm cluster` (default: the largest)")
+    p.add_argument("--out", default="./recipe-out")
+    p.add_argument("--verified-only", action="store_true", help="use only observations verified true")
+    p.add_argument("--base", default="minilm-l6", help="base model written into recipe.yaml")
+    p.add_argument("--store", default=None)
+
+
+def _compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("description", nargs="?", help="what the model does (pairs form)")
+    p.add_argument("--recipe", help="a recipe directory written by `kolm recipe`")
+    p.add_argument("--base", help="qwen2.5-coder-0.5b|1.5b|3b|7b, minilm-l6, or a local HF model directory")
+    p.add_argument("--pairs", help="JSON lines {input, output[, split]}")
+    p.add_argument("--eval-pairs", help="JSON lines held out for the K-score")
+    p.add_argument("--namespaces", help="JSON array (or object name->description) closing the `namespace` field")
+    p.add_argument("--verifier", help="comma-separated verifiers, e.g. closed-vocab,calibrated-brier=0.10")
+    p.add_argument("--k-floor", type=float, help="minimum K-score in [0, 1]")
+    p.add_argument("--output", required=True, help="where to write the signed .kolm")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--deepspeed", help="DeepSpeed config JSON (configs/deepspeed/*.json)")
+    p.add_argument("--bundle-base", action="store_true", help="LoRA bases: write merged weights, not just the adapter")
+    p.add_argument("--dry-run", action="store_true", help="validate everything, train nothing, write nothing")
+
+
+def _run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact")
+    p.add_argument("text", nargs="?")
+    p.add_argument("--input-file", help="JSON lines {input: ...}; one JSON line out per input, in order")
+
+
+def _artifact_only(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact")
+
+
+def _serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default="deployments/recall.yaml")
+
+
+def _bench(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="target", required=True, metavar="{recall}")
+    r = sub.add_parser("recall", help="open-loop load on POST /v1/recall/route")
+    r.add_argument("--url", default="http://127.0.0.1:8000")
+    r.add_argument("--rps", default="50,100,200", help="comma-separated request rates")
+    r.add_argument("--duration", type=float, default=20.0, help="seconds per rate")
+    r.add_argument("--out", default="bench-out")
+    r.add_argument("--key", default=None, help="tenant bearer key (default $KOLM_TENANT_KEY)")
+    r.add_argument("--queries", default=None, help="JSON lines {input: ...} to send (default: built-in)")
+
+
+# name -> (handler "module:function", help, argument builder)
+COMMANDS: dict[str, tuple[str, str, Builder]] = {
+    "capture": ("kolm_ray.observations.capture:capture_command", "run the capture proxy", _capture),
+    "observations": ("kolm_ray.observations.cli:observations_command", "list, import or export observations", _observations),
+    "cluster": ("kolm_ray.clustering:cluster_command", "cluster a namespace's observations by intent (Ray Data)", _cluster),
+    "recipe": ("kolm_ray.recipe:recipe_command", "write a recipe (pairs, spec, verifiers, K-floor)", _recipe),
+    "spec-schema": ("kolm_ray.spec:spec_schema_command", "print the JSON Schema that spec.json follows", lambda p: None),
+    "compile": ("kolm_ray.compile:compile_command", "fine-tune on Ray Train, gate on K-score, sign a .kolm", _compile),
+    "run": ("kolm_ray.predictors:run_command", "run a .kolm artifact offline", _run),
+    "verify": ("kolm_ray.artifact:verify_command", "check a .kolm's signature and file hashes", _artifact_only),
+    "inspect": ("kolm_ray.artifact:inspect_command", "print a .kolm's manifest", _artifact_only),
+    "serve": ("kolm_ray.serving:serve_command", "run the Ray Serve recall router", _serve),
+    "bench": ("kolm_ray.bench:bench_command", "load-test a running router", _bench),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kolm", description="Turn frontier-API traffic into small models you own.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text, build) in COMMANDS.items():
+        build(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def _handler(name: str) -> Callable[[argparse.Namespace], int]:
+    module, _, func = COMMANDS[name][0].partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_handler(args.command)(args) or 0)
+    except KolmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Where work lands: Ray resources for compile workers, and the device inside a worker or replica.
+
+Training workers ask for GPUs (and an accelerator type when configured) and run on CPU only when the
+cluster has none and the caller allows it; inside any worker or replica the device is cuda, then mps,
+then cpu. Ray Data featurization and Serve replicas carry their own resource requests.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kolm_ray.errors import KolmError
+
+
+def pick_device(prefer: str | None = None) -> str:
+    """cuda, then mps, then cpu (KOLM_DEVICE or `prefer` overrides)."""
+    import torch
+
+    choice = prefer or os.environ.get("KOLM_DEVICE")
+    if choice:
+        return choice
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cluster_gpus() -> float:
+    """GPUs the connected Ray cluster has in total (0 when Ray is not initialized)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def resolve_use_gpu(use_gpu: bool | None, allow_cpu: bool = True) -> bool:
+    """Decide whether compile workers take GPUs.
+
+    use_gpu=True insists (a clear error if the cluster has none); None means "GPUs when the cluster has
+    them, else CPU if allowed"; False means CPU.
+    """
+    gpus = cluster_gpus()
+    if use_gpu and gpus < 1:
+        raise KolmError("--use-gpu was given but the Ray cluster has no GPU; drop the flag to train on CPU")
+    if use_gpu is None:
+        if gpus >= 1:
+            return True
+        if not allow_cpu:
+            raise KolmError("the Ray cluster has no GPU and CPU training is not allowed (KOLM_ALLOW_CPU=0)")
+        return False
+    return bool(use_gpu)
+
+
+def worker_resources(use_gpu: bool, cpus_per_worker: float = 1.0) -> dict[str, float]:
+    """Per-worker resources for ScalingConfig(resources_per_worker=...)."""
+    res = {"CPU": cpus_per_worker}
+    if use_gpu:
+        res["GPU"] = 1.0
+    return res
+
+
+def accelerator_type() -> str | None:
+    """KOLM_ACCELERATOR_TYPE pins compile workers to one GPU kind (e.g. an RTX 5090 label in cluster/)."""
+    return os.environ.get("KOLM_ACCELERATOR_TYPE") or None
+
+
+# --- node kinds (cluster/node-kinds.yaml declares the same names; tests/test_cluster.py checks both) ---
+
+NODE_KIND_LABEL = "kolm.io/node-kind"
+"""Label every kolm node carries: head | gpu | cpu | mac (set by cluster/start-node.sh)."""
+
+NODE_KINDS = ("head", "gpu", "cpu", "mac")
+
+TRAIN_LABEL_SELECTOR_DEFAULT = {NODE_KIND_LABEL: "!mac"}
+"""Compile workers never land on a Mac: no CUDA there, so no DeepSpeed, and a Mac CPU is better spent
+on Serve replicas and Data actors. `!mac` also matches nodes without the label (a plain `ray start`)."""
+
+
+def parse_label_selector(text: str | None) -> dict[str, str]:
+    """Parse `key=value,key2=!value2` (the `ray start --labels` form, plus Ray's selector operators).
+
+    Values may use Ray's selector syntax: `!x`, `in(a,b)`, `!in(a,b)`. An empty string means "no selector".
+    """
+    if not text or not text.strip():
+        return {}
+    out: dict[str, str] = {}
+    # commas also separate the members of in(...), so split on commas outside parentheses only
+    depth, part, parts = 0, "", []
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(part)
+            part = ""
+        else:
+            part += ch
+    parts.append(part)
+    for item in parts:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise KolmError(f"bad label selector {item.strip()!r} in {text!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def train_label_selector() -> dict[str, str]:
+    """Where compile workers may run: KOLM_TRAIN_LABEL_SELECTOR (`key=value,...`), else not on a Mac."""
+    env = os.environ.get("KOLM_TRAIN_LABEL_SELECTOR")
+    if env is None:
+        return dict(TRAIN_LABEL_SELECTOR_DEFAULT)
+    return parse_label_selector(env)
+
+
+def cluster_accelerator_types() -> list[str]:
+    """Accelerator types the connected cluster reports (`accelerator_type:X` resources), sorted."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    prefix = "accelerator_type:"
+    return sorted(k[len(prefix) :] for k in ray.cluster_resources() if k.startswith(prefix))
+
+
+def scaling_config(
+    num_workers: int,
+    use_gpu: bool,
+    *,
+    cpus_per_worker: float = 1.0,
+    accelerator: str | None = None,
+    label_selector: dict[str, str] | None = None,
+    extra_resources: dict[str, float] | None = None,
+):
+    """The ray.train.ScalingConfig for compile workers; pass `use_gpu` from resolve_use_gpu().
+
+    - GPU workers take one GPU each and, when an accelerator type is pinned (`accelerator`, else
+      KOLM_ACCELERATOR_TYPE, e.g. `GeForce-RTX-5090`, the name Ray derives from the card), only nodes
+      that report it. A pinned type that no node reports is an error now, not a job that waits forever.
+    - `label_selector` (else KOLM_TRAIN_LABEL_SELECTOR, else `kolm.io/node-kind: !mac`) keeps the workers
+      on nodes whose labels match; `extra_resources` (e.g. {"kolm_train": 1}) adds custom resources.
+    - CPU workers ignore the accelerator pin (there is nothing to pin).
+    """
+    from ray.train import ScalingConfig
+
+    if num_workers < 1:
+        raise KolmError(f"--num-workers must be at least 1, got {num_workers}")
+    resources = worker_resources(use_gpu, cpus_per_worker)
+    for name, amount in (extra_resources or {}).items():
+        resources[name] = float(amount)
+    accel = (accelerator or accelerator_type()) if use_gpu else None
+    if accel:
+        known = cluster_accelerator_types()
+        if cluster_gpus() >= 1 and accel not in known:
+            raise KolmError(
+                f"accelerator type {accel!r} (KOLM_ACCELERATOR_TYPE) is on no node of this Ray cluster; "
+                f"it has: {', '.join(known) or 'none reported'}"
+            )
+    selector = train_label_selector() if label_selector is None else dict(label_selector)
+    return ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources,
+        accelerator_type=accel,
+        label_selector=selector or None,
+    )
