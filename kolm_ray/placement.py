@@ -36,12 +36,15 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def resolve_use_gpu(use_gpu: bool | None, allow_cpu: bool = True) -> bool:
+def resolve_use_gpu(use_gpu: bool | None, allow_cpu: bool | None = None) -> bool:
     """Decide whether compile workers take GPUs.
 
     use_gpu=True insists (a clear error if the cluster has none); None means "GPUs when the cluster has
-    them, else CPU if allowed"; False means CPU.
+    them, else CPU if allowed"; False means CPU. allow_cpu=None reads KOLM_ALLOW_CPU (default 1; 0 makes
+    a cluster without GPUs an error instead of a CPU compile).
     """
+    if allow_cpu is None:
+        allow_cpu = os.environ.get("KOLM_ALLOW_CPU", "1").strip().lower() not in ("0", "false", "no")
     gpus = cluster_gpus()
     if use_gpu and gpus < 1:
         raise KolmError("--use-gpu was given but the Ray cluster has no GPU; drop the flag to train on CPU")
@@ -70,7 +73,7 @@ def accelerator_type() -> str | None:
 # --- node kinds (cluster/node-kinds.yaml declares the same names; tests/test_cluster.py checks both) ---
 
 NODE_KIND_LABEL = "kolm.io/node-kind"
-"""Label every kolm node carries: head | gpu | cpu | mac (set by cluster/start-node.sh)."""
+"""Label every kolm node carries: head | gpu | cpu | mac (set by cluster/kolm_node.py)."""
 
 NODE_KINDS = ("head", "gpu", "cpu", "mac")
 
@@ -165,3 +168,19 @@ def scaling_config(
         accelerator_type=accel,
         label_selector=selector or None,
     )
+
+
+def torch_threads(cpus: int | None = None) -> int:
+    """Intra-op threads for torch on CPU: KOLM_TORCH_THREADS, else `cpus` (default: all), else 1 when busy.
+
+    On an oversubscribed machine (1-minute load average above the core count) OpenMP threads spin at
+    barriers while descheduled; we measured small matmuls 100x slower with 2 threads than with 1 there.
+    """
+    env = os.environ.get("KOLM_TORCH_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        busy = False
+    return 1 if busy else max(1, cpus or os.cpu_count() or 1)
