@@ -1,0 +1,176 @@
+"""The bridge API: read, import and verify observations over HTTP (same server as the proxy).
+
+    GET  /v1/bridges/observations?namespace=&tenant=&verified=true|false|null&limit=&cursor=
+         -> {"observations": [...], "next_cursor": str|null}
+    POST /v1/bridges/observations          JSON list or JSON lines of {namespace, input, output, ...}
+         -> {"inserted": n}
+    POST /v1/bridges/observations/{id}/verify   {"verified": bool, "output"?: corrected} -> the observation
+    GET  /v1/bridges/namespaces            -> {"namespaces": [{"name", "count", "verified"}]}
+
+`Authorization: Bearer $KOLM_ADMIN_TOKEN` when that variable is set. Every bad input is a 4xx with
+`{"error": "..."}` naming the problem, and an import is all-or-nothing (one transaction).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kolm_ray.observations.model import MalformedInput, parse_import
+from kolm_ray.observations.store import MAX_PAGE, Store
+
+BRIDGE_MAX_BODY = 16 * 1024 * 1024  # an import of ~10k observations; bigger sets go through the CLI
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) past `limit` bytes without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPException(400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise HTTPException(413, f"body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _require_admin(request: Request) -> None:
+    token = request.app.state.admin_token
+    if token is None:
+        return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise HTTPException(
+            401,
+            "missing or wrong bearer token (Authorization: Bearer $KOLM_ADMIN_TOKEN)",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _store(request: Request) -> Store:
+    writer = getattr(request.app.state, "writer", None)
+    if writer is not None:
+        writer.flush(timeout=5.0)  # read your writes: what the proxy answered is visible here
+    return request.app.state.store
+
+
+router = APIRouter(prefix="/v1/bridges", dependencies=[Depends(_require_admin)])
+StoreDep = Annotated[Store, Depends(_store)]
+
+
+class VerifyBody(BaseModel):
+    """Body of POST .../verify: the verdict, and optionally the corrected output."""
+
+    model_config = ConfigDict(extra="forbid")
+    verified: StrictBool
+    output: Any = None
+
+
+def _load_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise HTTPException(400, f"malformed JSON: {e}") from None
+
+
+@router.get("/observations")
+def list_observations(
+    store: StoreDep,
+    namespace: str | None = None,
+    tenant: str | None = None,
+    verified: Literal["true", "false", "null"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    cursor: str | None = None,
+) -> dict:
+    """A page of observations in insertion order; pass next_cursor back for the next page."""
+    flag = {"true": True, "false": False, "null": "null", None: None}[verified]
+    try:
+        page, next_cursor = store.list(
+            namespace=namespace, tenant=tenant, verified=flag, limit=limit, cursor=cursor
+        )
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+    return {"observations": [o.model_dump(mode="json") for o in page], "next_cursor": next_cursor}
+
+
+@router.post("/observations")
+async def import_observations(request: Request, store: StoreDep) -> dict:
+    """Insert a JSON list or JSON lines of observations, all or nothing."""
+    body = await read_body(request, getattr(request.app.state, "bridge_max_body", BRIDGE_MAX_BODY))
+    try:
+        observations = parse_import(body)
+    except UnicodeDecodeError:
+        raise HTTPException(400, "body is not UTF-8 text") from None
+    except MalformedInput as e:
+        raise HTTPException(400, str(e)) from None
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+    try:
+        inserted = await run_in_threadpool(store.append_many, observations)
+    except KeyError as e:
+        raise HTTPException(409, str(e.args[0])) from None
+    return {"inserted": inserted}
+
+
+@router.post("/observations/{obs_id}/verify")
+async def verify_observation(obs_id: str, request: Request, store: StoreDep) -> dict:
+    """Mark an observation verified true/false, optionally replacing its output."""
+    body = await read_body(request, getattr(request.app.state, "bridge_max_body", BRIDGE_MAX_BODY))
+    try:
+        verdict = VerifyBody.model_validate(_load_json(body))
+    except ValidationError as e:
+        raise HTTPException(422, _describe(e.errors())) from None
+    obs = await run_in_threadpool(store.verify, obs_id, verdict.verified, verdict.output)
+    if obs is None:
+        raise HTTPException(404, f"observation {obs_id!r} not found")
+    return obs.model_dump(mode="json")
+
+
+@router.get("/namespaces")
+def list_namespaces(store: StoreDep) -> dict:
+    """Every namespace with its observation count and how many are verified true."""
+    return {"namespaces": store.namespaces()}
+
+
+def _describe(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg')}")
+    return "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app answers is `{"error": "..."}`: validation (422), HTTP errors, and a last-resort
+    500 that says so without a traceback (none is expected: bad input is caught before it)."""
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.method} {request.url.path}"
+        return JSONResponse(
+            {"error": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _describe(list(exc.errors()))}, status_code=422)
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected)

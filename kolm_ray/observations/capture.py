@@ -1,0 +1,351 @@
+"""The capture proxy: forward OpenAI / Anthropic calls unchanged, record one observation per answer.
+
+    kolm capture --port 8700 --openai-upstream https://api.openai.com
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:8700/v1/capture/openai")          # your own key
+    client = anthropic.Anthropic(base_url="http://127.0.0.1:8700/v1/capture/anthropic")
+    # optional headers: X-Kolm-Namespace (default "default"), X-Kolm-Tenant
+
+The hot path reads the body, checks it is a JSON object, forwards the same bytes with the client's
+own key over one shared httpx.AsyncClient and returns the upstream's answer as-is (SSE chunk by
+chunk). Everything else (parsing the answer, scrubbing credentials, the insert) happens after the
+answer has left, in the BackgroundWriter's thread. `x-kolm-overhead-ms` on every proxied response is
+the proxy's own time: total handler time minus the upstream's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import socket
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from kolm_ray.errors import KolmError
+from kolm_ray.observations.bridge import install_error_handlers, read_body
+from kolm_ray.observations.bridge import router as bridge_router
+from kolm_ray.observations.model import check_namespace
+from kolm_ray.observations.store import Store, open_store
+from kolm_ray.observations.writer import BackgroundWriter, Exchange
+from kolm_ray.settings import admin_token
+
+log = logging.getLogger("kolm.capture")
+
+DEFAULT_UPSTREAMS = {"openai": "https://api.openai.com", "anthropic": "https://api.anthropic.com"}
+UPSTREAM_PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
+CAPTURE_MAX_BODY = 32 * 1024 * 1024  # requests with images can be large; anything bigger is a mistake
+UPSTREAM_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=60.0)  # long generations
+# Hop-by-hop (RFC 9110 7.6.1) or recomputed by us / the server: never forwarded either way.
+_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"transfer-encoding",
+    b"te",
+    b"trailer",
+    b"upgrade",
+    b"host",
+    b"content-length",
+    b"accept-encoding",
+    b"content-encoding",
+    b"proxy-authorization",
+    b"proxy-authenticate",
+}
+_RESPONSE_DROP = _HOP | {b"date", b"server"}  # uvicorn writes its own
+
+
+def upstream_endpoint(base: str, provider: str) -> str:
+    """The URL the proxy posts to: base (with or without a trailing /v1) + the provider's path."""
+    base = base.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise KolmError(f"{provider} upstream {base!r} must be an http:// or https:// URL")
+    if base.endswith("/v1"):
+        base = base[:-3]
+    return base + UPSTREAM_PATHS[provider]
+
+
+def _forward_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    out = [(k, v) for k, v in raw if k.lower() not in _HOP and not k.lower().startswith(b"x-kolm-")]
+    # identity: the answer is both passed through and parsed; no re-encoding either way.
+    out.append((b"accept-encoding", b"identity"))
+    return out
+
+
+def _response_headers(up: httpx.Response, overhead_ms: float) -> list[tuple[bytes, bytes]]:
+    headers = [(k.lower(), v) for k, v in up.headers.raw if k.lower() not in _RESPONSE_DROP]
+    headers.append((b"x-kolm-overhead-ms", f"{overhead_ms:.3f}".encode()))
+    return headers
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class _PassthroughResponse(Response):
+    """An upstream SSE stream sent on chunk by chunk; reports what was sent and how it ended.
+
+    A task watches `receive` for the client's disconnect (uvicorn's send() just returns after one),
+    cancels the copy and stops reading the upstream, so the model stops generating for nobody.
+    """
+
+    def __init__(self, upstream: httpx.Response, headers: list[tuple[bytes, bytes]], on_done: Any) -> None:
+        self.upstream = upstream
+        self.status_code = upstream.status_code
+        self.raw_headers = headers
+        self.on_done = on_done  # (body: bytes, outcome: "done"|"client_closed"|"upstream_error", error)
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks: list[bytes] = []
+        recorded = False
+
+        def record(outcome: str, error: str | None = None) -> None:
+            nonlocal recorded
+            recorded = True
+            self.on_done(b"".join(chunks), outcome, error)
+
+        async def watch(scope_: anyio.CancelScope) -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            scope_.cancel()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch, tg.cancel_scope)
+                start = {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+                try:
+                    await send(start)
+                    async for chunk in self.upstream.aiter_raw():
+                        chunks.append(chunk)
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    record("done")
+                except httpx.HTTPError as e:  # the upstream broke mid-stream: end ours cleanly
+                    record("upstream_error", f"upstream stream broke: {type(e).__name__}: {e}")
+                # Recorded before the last message: once a client has the whole answer, the
+                # observation is already queued (so a bridge read right after sees it).
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tg.cancel_scope.cancel()
+        finally:
+            if not recorded:  # the client left (or we were cancelled) mid-stream: keep what was sent
+                record("client_closed")
+            with anyio.CancelScope(shield=True):
+                await self.upstream.aclose()
+
+
+async def _proxy(request: Request, provider: str) -> Response:
+    t0 = time.perf_counter()
+    state = request.app.state
+    body = await read_body(request, state.capture_max_body)
+    try:
+        payload = json.loads(body)
+    except ValueError as e:
+        return _error(400, f"request body is not valid JSON: {e}")
+    if not isinstance(payload, dict):
+        return _error(400, f"request body must be a JSON object, got {type(payload).__name__}")
+    namespace = request.headers.get("x-kolm-namespace") or "default"
+    try:
+        check_namespace(namespace)
+    except ValueError as e:
+        return _error(400, f"X-Kolm-Namespace: {e}")
+    tenant = request.headers.get("x-kolm-tenant") or None
+    url = state.upstreams[provider]
+    writer: BackgroundWriter = state.writer
+    client: httpx.AsyncClient = state.http
+
+    def record(status: int, latency_ms: float, body: bytes = b"", **kw: Any) -> None:
+        writer.submit(Exchange(provider, namespace, tenant, payload, status, latency_ms, body=body, **kw))
+
+    t_up = time.perf_counter()
+    try:
+        req = client.build_request("POST", url, content=body, headers=_forward_headers(request.headers.raw))
+        up = await client.send(req, stream=True)
+    except httpx.HTTPError as e:
+        status = 504 if isinstance(e, httpx.TimeoutException) else 502
+        message = f"upstream {url} unreachable: {type(e).__name__}: {e}".rstrip(": ")
+        record(status, (time.perf_counter() - t_up) * 1000, error=message)
+        return _error(status, message)
+    t_headers = time.perf_counter()
+
+    if up.headers.get("content-type", "").startswith("text/event-stream"):
+
+        def on_done(data: bytes, outcome: str, error: str | None) -> None:
+            latency = (time.perf_counter() - t_up) * 1000
+            record(
+                up.status_code,
+                latency,
+                data,
+                streamed=True,
+                client_closed=outcome == "client_closed",
+                error=error,
+            )
+
+        overhead = (time.perf_counter() - t0 - (t_headers - t_up)) * 1000
+        return _PassthroughResponse(up, _response_headers(up, overhead), on_done)
+
+    try:
+        content = await up.aread()
+    except httpx.HTTPError as e:
+        message = f"upstream {url} broke mid-answer: {type(e).__name__}: {e}"
+        record(502, (time.perf_counter() - t_up) * 1000, error=message)
+        return _error(502, message)
+    finally:
+        await up.aclose()
+    t_done = time.perf_counter()
+    record(up.status_code, (t_done - t_up) * 1000, content)
+    response = Response(content=content, status_code=up.status_code)
+    response.raw_headers = [h for h in response.raw_headers if h[0] == b"content-length"]
+    overhead = (time.perf_counter() - t0 - (t_done - t_up)) * 1000
+    response.raw_headers.extend(_response_headers(up, overhead))
+    return response
+
+
+async def openai_chat_completions(request: Request) -> Response:
+    """POST /v1/capture/openai/chat/completions: OpenAI SDK base_url .../v1/capture/openai."""
+    return await _proxy(request, "openai")
+
+
+async def anthropic_messages(request: Request) -> Response:
+    """POST /v1/capture/anthropic/v1/messages: Anthropic SDK base_url .../v1/capture/anthropic."""
+    return await _proxy(request, "anthropic")
+
+
+def create_app(
+    store: Store,
+    *,
+    openai_upstream: str | None = None,
+    anthropic_upstream: str | None = None,
+    token: str | None = None,
+    capture_max_body: int = CAPTURE_MAX_BODY,
+    bridge_max_body: int | None = None,
+    own_store: bool = False,
+) -> FastAPI:
+    """The capture proxy + bridge API as one ASGI app over `store`.
+
+    token: the bridge's bearer token (None: open). own_store: close the store on shutdown.
+    The writer and the shared httpx client live for the app's lifespan; shutdown drains the writer.
+    """
+    upstreams = {
+        "openai": upstream_endpoint(openai_upstream or DEFAULT_UPSTREAMS["openai"], "openai"),
+        "anthropic": upstream_endpoint(anthropic_upstream or DEFAULT_UPSTREAMS["anthropic"], "anthropic"),
+    }
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30.0)
+        app.state.http = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT, limits=limits, follow_redirects=False)
+        app.state.writer = BackgroundWriter(store)
+        try:
+            yield
+        finally:
+            await app.state.http.aclose()
+            await anyio.to_thread.run_sync(app.state.writer.close)  # drain: every answer gets stored
+            if own_store:
+                store.close()
+
+    app = FastAPI(title="kolm capture", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store = store
+    app.state.upstreams = upstreams
+    app.state.admin_token = token
+    app.state.capture_max_body = capture_max_body
+    if bridge_max_body is not None:
+        app.state.bridge_max_body = bridge_max_body
+    install_error_handlers(app)
+    # Plain Starlette routes: no dependency solving on the hot path.
+    app.router.add_route("/v1/capture/openai/chat/completions", openai_chat_completions, methods=["POST"])
+    app.router.add_route("/v1/capture/anthropic/v1/messages", anthropic_messages, methods=["POST"])
+    app.include_router(bridge_router)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        """Liveness, the store URL and how many observations are still queued."""
+        w = getattr(app.state, "writer", None)
+        pending = 0 if w is None else w.submitted - w.written - w.lost
+        return {"ok": True, "store": store.url, "pending": pending}
+
+    return app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise KolmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_config_kwargs() -> dict[str, Any]:
+    """uvloop + httptools when installed (both are: uvicorn[standard]); one worker, no access log."""
+    import importlib.util
+
+    return {
+        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+        "access_log": False,
+        "log_level": "warning",
+        "timeout_graceful_shutdown": 60,  # in-flight streams get a minute to finish on SIGTERM
+    }
+
+
+def capture_command(args: argparse.Namespace) -> int:
+    """`kolm capture`: run the proxy until SIGINT/SIGTERM, then finish in-flight answers and drain."""
+    import uvicorn
+
+    token = admin_token()
+    store = open_store(args.store)
+    try:
+        app = create_app(
+            store,
+            openai_upstream=args.openai_upstream,
+            anthropic_upstream=args.anthropic_upstream,
+            token=token,
+            own_store=True,
+        )
+        sock = _bind(args.host, args.port)
+    except BaseException:
+        store.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"kolm capture listening on http://{shown}:{port}\n"
+        f"  OpenAI SDK:    base_url=http://{shown}:{port}/v1/capture/openai    -> {app.state.upstreams['openai']}\n"
+        f"  Anthropic SDK: base_url=http://{shown}:{port}/v1/capture/anthropic -> {app.state.upstreams['anthropic']}\n"
+        f"  bridge API:    http://{shown}:{port}/v1/bridges/observations{' (bearer token required)' if token else ''}\n"
+        f"  store:         {store.url}",
+        flush=True,
+    )
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **uvicorn_config_kwargs()))
+    # uvicorn re-raises the signal it stopped on after its graceful shutdown; with SIGTERM's default
+    # action that would kill us before the summary line. The shutdown already happened: ignore it then.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+        writer = getattr(app.state, "writer", None)
+        if writer is not None:
+            writer.close()
+        store.close()
+    if writer is not None:
+        print(f"kolm capture stopped: {writer.written} observations stored, {writer.lost} lost", flush=True)
+    return 0

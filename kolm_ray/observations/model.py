@@ -1,0 +1,171 @@
+"""The Observation: one frontier-API call (or one imported example) as the rest of kolm sees it.
+
+    {"id", "namespace", "tenant", "provider": "openai"|"anthropic"|"import", "model", "input", "output",
+     "verified": true|false|null, "status", "latency_ms", "usage", "created_at", "request"}
+
+`status` is the HTTP status the client got (499 when the client went away mid-stream, the nginx
+convention; null for imports); `latency_ms` is the upstream's time to the last byte.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+
+Provider = Literal["openai", "anthropic", "import"]
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+CLIENT_CLOSED = 499  # nginx's "client closed request": a stream the client left before its end
+
+
+class MalformedInput(ValueError):
+    """The import body is not JSON / JSON lines at all (as opposed to well-formed rows with bad fields)."""
+
+
+def new_id() -> str:
+    """A fresh observation id: `obs_` + 32 hex characters (uuid4)."""
+    return f"obs_{uuid.uuid4().hex}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def check_namespace(name: str) -> str:
+    """Return `name` if it is a valid namespace (1-128 of letters, digits, `_.:-`), else raise ValueError."""
+    if not isinstance(name, str) or not NAMESPACE_RE.match(name):
+        raise ValueError(
+            f"namespace {name!r} is not valid: use 1-128 letters, digits or _.:- (starting with a letter or digit)"
+        )
+    return name
+
+
+class Observation(BaseModel):
+    """One observation. JSON field names and meanings are the contract's (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=new_id, min_length=1, max_length=128)
+    namespace: str = "default"
+    """Traffic group, from the X-Kolm-Namespace header (default `default`)."""
+    tenant: str | None = Field(default=None, max_length=256)
+    """From the X-Kolm-Tenant header, when sent."""
+    provider: Provider = "import"
+    model: str | None = None
+    input: str
+    """What a distilled model will see: last user text (single turn) or a rendered transcript."""
+    output: Any = None
+    """The assistant's text, or its parsed JSON value when the text is JSON."""
+    verified: StrictBool | None = None
+    """true: checked good; false: known bad (upstream error, cut-short stream); null: not judged yet."""
+    status: int | None = None
+    """HTTP status the client got (499: client left mid-stream); null for imports."""
+    latency_ms: float | None = None
+    """Upstream time to the last byte, in milliseconds."""
+    usage: dict[str, Any] | None = None
+    """Token usage as the provider reported it."""
+    created_at: datetime = Field(default_factory=utcnow)
+    request: dict[str, Any] | None = None
+    """The full request body (system prompt, params) minus credentials."""
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return check_namespace(v)
+
+    @field_validator("created_at")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        return v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+
+
+class ImportRow(BaseModel):
+    """One row of an import (bridge POST or `kolm observations import`): an observation's fields, where
+    `namespace`, `input` and `output` are required and the rest optional (so an export imports back)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str | None = None
+    input: str = Field(min_length=1)
+    output: Any
+    verified: StrictBool | None = None
+    tenant: str | None = Field(default=None, max_length=256)
+    id: str | None = Field(default=None, min_length=1, max_length=128)
+    provider: Provider = "import"
+    model: str | None = None
+    status: int | None = None
+    latency_ms: float | None = None
+    usage: dict[str, Any] | None = None
+    created_at: datetime | None = None
+    request: dict[str, Any] | None = None
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "row"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_import(data: bytes | str, default_namespace: str | None = None) -> list[Observation]:
+    """Parse a JSON list or JSON lines of import rows into Observations, all or nothing.
+
+    Raises MalformedInput when the body is not JSON, else ValueError naming every bad row (up to 10) so the caller can answer 4xx and write nothing.
+    """
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    stripped = text.strip()
+    if not stripped:
+        raise MalformedInput("empty body: send a JSON list or JSON lines of {namespace, input, output}")
+    rows: list[tuple[str, Any]] = []
+    if stripped.startswith("["):
+        try:
+            items = json.loads(stripped)
+        except ValueError as e:
+            raise MalformedInput(f"malformed JSON: {e}") from None
+        if not isinstance(items, list):
+            raise MalformedInput("expected a JSON list of objects")
+        rows = [(f"row {i}", item) for i, item in enumerate(items)]
+    else:
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"line {n}", json.loads(line)))
+            except ValueError as e:
+                raise MalformedInput(f"line {n}: malformed JSON: {e}") from None
+    problems: list[str] = []
+    out: list[Observation] = []
+    seen: set[str] = set()
+    for where, item in rows:
+        if not isinstance(item, dict):
+            problems.append(f"{where}: expected a JSON object, got {type(item).__name__}")
+            continue
+        try:
+            row = ImportRow.model_validate(item)
+            ns = row.namespace or default_namespace
+            if ns is None:
+                raise ValueError("namespace: field required (or pass a default namespace)")
+            fields = row.model_dump(exclude_none=True)
+            fields["namespace"] = ns
+            fields["verified"] = row.verified
+            obs = Observation.model_validate(fields)
+        except ValidationError as e:
+            problems.append(f"{where}: {_describe(e)}")
+            continue
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if obs.id in seen:
+            problems.append(f"{where}: duplicate id {obs.id!r}")
+            continue
+        seen.add(obs.id)
+        out.append(obs)
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ValueError("; ".join(problems[:10]) + more)
+    return out
