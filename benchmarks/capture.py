@@ -315,6 +315,7 @@ def main() -> int:
         row["observations_stored"] = counts.get(f"bench-{row['rate']}", 0)
     held_rates = [r["rate"] for r in rows if r["proxy_held"]]
     at = next((r for r in rows if r["rate"] == TARGET["rate"]), None)
+    import aiohttp
     import fastapi
     import uvicorn
 
@@ -337,6 +338,7 @@ def main() -> int:
             "uvicorn": uvicorn.__version__,
             "fastapi": fastapi.__version__,
             "httpx": httpx.__version__,
+            "aiohttp (the proxy's upstream client)": aiohttp.__version__,
             "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
             "note": "shared machine: other jobs' load shows in loadavg_1m per rate",
         },

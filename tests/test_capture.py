@@ -475,3 +475,96 @@ def test_sigterm_under_load_stores_every_answered_request(tmp_path):
             proc.kill()
             proc.wait()
         stop_up()
+
+
+def _gzipping(app):
+    """The stand-in upstream behind a layer that gzips every answer, ignoring Accept-Encoding: identity
+    (streams flushed per chunk, as a compressing server does)."""
+    import zlib
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        z = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+
+        async def gz_send(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message["headers"] if k.lower() != b"content-length"]
+                message = {**message, "headers": [*headers, (b"content-encoding", b"gzip")]}
+            elif message["type"] == "http.response.body":
+                more = message.get("more_body", False)
+                body = z.compress(message.get("body", b"")) + z.flush(
+                    zlib.Z_SYNC_FLUSH if more else zlib.Z_FINISH
+                )
+                message = {**message, "body": body}
+            await send(message)
+
+        await app(scope, receive, gz_send)
+
+    return wrapped
+
+
+def test_compressed_upstream_is_passed_through_once_and_stored_decoded(tmp_path):
+    from kolm_ray.simulate import make_upstream_app
+
+    up_url, stop_up = serve_in_thread(_gzipping(make_upstream_app()))
+    store = open_store(f"sqlite:///{tmp_path / 'obs.db'}")
+    app = create_app(store, openai_upstream=up_url, anthropic_upstream=up_url)
+    url, stop = serve_in_thread(app)
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1/capture/openai", api_key=OPENAI_KEY, max_retries=0)
+        h = {"X-Kolm-Namespace": "gz", "X-Kolm-Tenant": "acme"}
+        assert (
+            client.chat.completions.create(model="m", messages=msgs(Q), extra_headers=h)
+            .choices[0]
+            .message.content
+            == A
+        )
+        s = client.chat.completions.create(
+            model="m", messages=msgs(Q), stream=True, stream_options={"include_usage": True}, extra_headers=h
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == A
+        # On the wire: the upstream's gzip bytes and its header, not decoded by the proxy.
+        with httpx.Client(timeout=10) as c:
+            body = {"model": "m", "messages": msgs(Q), "stream": True}
+            hdrs = {"Authorization": "Bearer k", **h}
+            with c.stream("POST", f"{url}/v1/capture/openai/chat/completions", json=body, headers=hdrs) as r:
+                assert r.headers["content-encoding"] == "gzip"
+                raw = b"".join(r.iter_raw())
+            assert raw[:2] == b"\x1f\x8b" and b"chat.completion.chunk" not in raw
+        app.state.writer.flush()
+        obs = store.list(namespace="gz", limit=10)[0]
+        assert len(obs) == 3
+        check(obs[0], "openai")
+        check(obs[1], "openai", stream=True)
+        assert obs[2].output == json.loads(A) and obs[2].verified is None  # the raw read above
+    finally:
+        stop()
+        stop_up()
+        store.close()
+
+
+def test_upstream_timeout_is_504_naming_it(upstream, tmp_path):
+    import aiohttp
+
+    store = open_store(f"sqlite:///{tmp_path / 'obs.db'}")
+    timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=0.3)
+    app = create_app(store, openai_upstream=upstream, upstream_timeout=timeout)
+    url, stop = serve_in_thread(app)
+    try:
+        r = httpx.post(
+            f"{url}/v1/capture/openai/chat/completions",
+            json={"model": "m", "messages": msgs(Q)},
+            headers={"Authorization": "Bearer k", "x-sim-latency-ms": "3000"},
+            timeout=10,
+        )
+        assert (
+            r.status_code == 504
+            and f"{upstream}/v1/chat/completions did not answer in time" in r.json()["error"]
+        )
+        app.state.writer.flush()
+        (o,) = store.list(limit=10)[0]
+        assert (o.status, o.verified) == (504, False)
+    finally:
+        stop()
+        store.close()

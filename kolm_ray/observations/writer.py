@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,66 @@ class Exchange:
     error: str | None = None
     """The proxy's own failure (upstream unreachable, stream cut by the upstream)."""
     created_at: Any = field(default_factory=utcnow)
+    content_encoding: str | None = None
+    """The answer's Content-Encoding: `body` is the bytes as the upstream sent them (passed on undecoded)."""
+
+
+def _decoders() -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "identity": lambda b: b,
+        "gzip": _gunzip,
+        "x-gzip": _gunzip,
+        # RFC 9110 "deflate" is zlib-wrapped; some servers send raw deflate: try both.
+        "deflate": _inflate,
+    }
+    try:
+        import brotli  # type: ignore[import-not-found]
+
+        out["br"] = brotli.decompress
+    except ImportError:
+        pass
+    try:
+        import zstandard  # type: ignore[import-not-found]
+
+        out["zstd"] = lambda b: zstandard.ZstdDecompressor().decompressobj().decompress(b)
+    except ImportError:
+        pass
+    return out
+
+
+def _gunzip(b: bytes) -> bytes:
+    # A decompressobj, not zlib.decompress: a stream cut mid-answer still yields what it carried.
+    out = []
+    while b:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out.append(d.decompress(b))
+        b = d.unused_data  # concatenated gzip members
+    return b"".join(out)
+
+
+def _inflate(b: bytes) -> bytes:
+    try:
+        return zlib.decompressobj().decompress(b)
+    except zlib.error:
+        return zlib.decompressobj(-zlib.MAX_WBITS).decompress(b)
+
+
+_DECODERS = _decoders()
+
+
+def decode_body(body: bytes, content_encoding: str | None) -> bytes:
+    """Undo a Content-Encoding (codings applied in order, so undone in reverse). ValueError if it can't."""
+    if not content_encoding or not body:
+        return body
+    for coding in reversed([c.strip().lower() for c in content_encoding.split(",") if c.strip()]):
+        decode = _DECODERS.get(coding)
+        if decode is None:
+            raise ValueError(f"content-encoding {coding!r} is not one the store can decode")
+        try:
+            body = decode(body)
+        except Exception as e:  # zlib.error, brotli.error, ...: a truncated or corrupt body
+            raise ValueError(f"cannot decode content-encoding {coding!r}: {e}") from None
+    return body
 
 
 def to_observation(ex: Exchange) -> Observation:
@@ -56,14 +117,21 @@ def to_observation(ex: Exchange) -> Observation:
         input_text = json.dumps(ex.request.get("messages"), ensure_ascii=False)[:10000]
     parsed = Extracted()
     if ex.error is None or ex.body:
+        raw = ex.body
         try:
-            if ex.streamed:
-                parsed = fmt.from_stream(ex.body)
-            else:
-                body = json.loads(ex.body) if ex.body else None
-                parsed = fmt.from_response(body)
-        except ValueError:
-            parsed = Extracted(output=ex.body.decode("utf-8", "replace"), error="upstream answer is not JSON")
+            raw = decode_body(ex.body, ex.content_encoding)
+        except ValueError as e:
+            # A cut compressed stream ends mid-block: nothing usable to parse, and it is known-bad.
+            parsed = Extracted(output=None, error=str(e))
+        else:
+            try:
+                if ex.streamed:
+                    parsed = fmt.from_stream(raw)
+                else:
+                    body = json.loads(raw) if raw else None
+                    parsed = fmt.from_response(body)
+            except ValueError:
+                parsed = Extracted(output=raw.decode("utf-8", "replace"), error="upstream answer is not JSON")
     ok = 200 <= ex.status < 300 and ex.error is None and parsed.error is None and not ex.client_closed
     if ex.streamed and not parsed.complete:
         ok = False
