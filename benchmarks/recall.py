@@ -1,0 +1,318 @@
+"""Recall router benchmark: what each inference form costs, what Serve costs, which Serve settings hold the budget.
+
+    .venv/bin/python benchmarks/recall.py --artifact demo-out/namespace-tagger.kolm
+    .venv/bin/python benchmarks/recall.py --artifact X.kolm --rates 25,50,100,150,200 --duration 15 \\
+        --serve-configs python-proxy,haproxy,haproxy+throughput
+
+Phases, in one run (same machine, same artifact, same queries):
+1. forms:        the tagger's inference forms side by side (kolm_ray.fastpath), batch 1 and 8, 1 and 2 threads
+2. in-process:   the router + served form called directly, no Serve, open-loop at each rate (the baseline)
+3. serve:        `deployments/recall.py` on Ray Serve under each setting, open-loop HTTP at each rate
+4. calibration:  reliability diagram of the served form on CLINC150 test queries (never trained on)
+Writes benchmarks/results/recall.json, recall-latency.png, recall-reliability.png.
+Targets (2 cores, minilm-l6 tagger): p50 <= 15 ms and p99 <= 100 ms at 50 rps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+               "TOKENIZERS_PARALLELISM": "false"}.items():  # fmt: skip
+    os.environ.setdefault(_k, _v)
+
+from kolm_ray import bench  # noqa: E402
+from kolm_ray.fastpath import BACKENDS, PROBES, EncoderParts, build_fast_tagger, measure_backends  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+CLINC = REPO.parent / "shared" / "datasets" / "clinc150"
+KEY = "demo-acme-key"
+
+# Serve settings compared (environment of the Ray processes: proxy, controller, replicas).
+SERVE_CONFIGS: dict[str, dict[str, str]] = {
+    "python-proxy": {},  # Serve's defaults: Python HTTP proxy actor -> ingress replica -> tagger replica
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},  # HAProxy (C) forwards straight to the ingress replica
+    "haproxy+throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "python-proxy+throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clinc_queries(n: int, seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """(queries, gold domains) from CLINC150 test, plus out-of-scope queries; [] when the set is absent."""
+    if not (CLINC / "data_full.json").exists():
+        return [], [], []
+    data = json.loads((CLINC / "data_full.json").read_text())
+    domain = {
+        i: d for d, intents in json.loads((CLINC / "domains.json").read_text()).items() for i in intents
+    }
+    rng = random.Random(seed)
+    test = rng.sample(data["test"], min(n, len(data["test"])))
+    oos = [t for t, _ in rng.sample(data["oos_test"], min(n // 5, len(data["oos_test"])))]
+    return [t for t, _ in test], [domain[i] for _, i in test], oos
+
+
+# --- phases ------------------------------------------------------------------------------------------------
+
+
+def phase_forms(parts: EncoderParts, with_compile: bool) -> list[dict[str, Any]]:
+    """Each form at 1 and 2 threads; agreement with torch-eager judged on 300 CLINC150 test queries too."""
+    backends = [b for b in BACKENDS if with_compile or b != "torch-compile"]
+    held_out, _, _ = clinc_queries(300, seed=3)
+    probes = list(PROBES) + held_out
+    rows = []
+    for threads in (1, 2):
+        print(
+            f"[forms] {threads} thread(s): {', '.join(backends)}; agreement on {len(probes)} queries",
+            flush=True,
+        )
+        for r in measure_backends(
+            parts, backends, threads=threads, probes=probes, batch_sizes=(1, 8, 16), repeat=40
+        ):
+            rows.append(r)
+            print(
+                f"  {r['backend']:>16} agrees={r.get('agrees')} ms={r.get('ms')} {r.get('error', '')}",
+                flush=True,
+            )
+    return rows
+
+
+def phase_in_process(fast, rates, duration, queries, tenants_path) -> list[dict[str, Any]]:
+    """The router and the served form in this process: no HTTP, no Serve, no batching."""
+    from kolm_ray.serving import Router, load_tenants
+
+    router = Router(load_tenants(tenants_path), budget_ms=100)
+
+    async def tag(query, namespaces):
+        return (await asyncio.to_thread(fast.score, [query], [namespaces]))[0]
+
+    async def send(query):
+        return await router.route(f"Bearer {KEY}", json.dumps({"query": query}).encode(), tag)
+
+    print(f"[in-process] backend={fast.backend}", flush=True)
+    return asyncio.run(bench.run_rates(send, rates, duration, queries, warmup=2.0))
+
+
+def phase_serve(
+    name, env, artifact, tenants_path, rates, duration, queries, tagger_options
+) -> dict[str, Any]:
+    """Start a local Ray with `env`, run the recall app, load it at each rate, tear everything down."""
+    import ray
+    from ray import serve
+
+    from deployments.recall import Args, NamespaceTagger, RecallIngress, _resolve
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    os.environ["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = str(free_port())  # never the shared default 8500
+    port = free_port()
+    print(f"[serve:{name}] env={env} port={port}", flush=True)
+    t0 = time.time()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = Args(artifact=artifact, tenants=tenants_path)
+        tagger = NamespaceTagger.options(**tagger_options).bind(_resolve(args.artifact)) if tagger_options else \
+            NamespaceTagger.bind(_resolve(args.artifact))  # fmt: skip
+        app = RecallIngress.bind(tagger, _resolve(args.tenants), args.threshold, args.budget_ms)
+        serve.run(app, name="recall", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(_until_tagger_answers(url))
+        startup_s = round(time.time() - t0, 1)
+        print(f"  ready in {startup_s} s", flush=True)
+        rows = asyncio.run(bench.bench_http(url, KEY, rates, duration, queries, warmup=3.0))
+        return {"env": env, "tagger_options": tagger_options, "startup_s": startup_s, "rates": rows,
+                "max_rps_p99_within_budget": bench.max_rate_within(rows), "backend": _served_backend()}  # fmt: skip
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _served_backend() -> str | None:
+    from ray import serve
+
+    try:
+        handle = serve.get_deployment_handle("NamespaceTagger", app_name="recall")
+        return handle.info.remote().result(timeout_s=10)["backend"]
+    except Exception:
+        return None
+
+
+async def _until_tagger_answers(url: str, timeout: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=10) as c:
+        while time.monotonic() < deadline:
+            try:
+                r = await c.post(
+                    url + bench.ROUTE, json={"query": "warm up"}, headers={"Authorization": f"Bearer {KEY}"}
+                )
+                if r.status_code == 200 and "reason" not in r.json():
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+    raise RuntimeError("the router never answered from the tagger")
+
+
+def phase_calibration(fast, n: int) -> dict[str, Any]:
+    """Reliability of the served form's confidence on held-out CLINC150 test queries (all namespaces allowed)."""
+    queries, gold, oos = clinc_queries(n)
+    if not queries:
+        return {"skipped": f"{CLINC} not found"}
+    everyone = [fast.labels] * len(queries)
+    answers = []
+    for i in range(0, len(queries), 64):
+        answers += fast.score(queries[i : i + 64], everyone[i : i + 64])
+    conf = [a["confidence"] for a in answers]
+    right = [a["namespace"] == g for a, g in zip(answers, gold, strict=True)]
+    oos_answers = []
+    for i in range(0, len(oos), 64):
+        oos_answers += fast.score(oos[i : i + 64], [fast.labels] * len(oos[i : i + 64]))
+    bins = []
+    for lo in [i / 10 for i in range(10)]:
+        idx = [j for j, c in enumerate(conf) if lo <= c < lo + 0.1 or (lo == 0.9 and c == 1.0)]
+        if idx:
+            bins.append({"lo": lo, "hi": round(lo + 0.1, 1), "n": len(idx),
+                         "confidence": sum(conf[j] for j in idx) / len(idx),
+                         "accuracy": sum(right[j] for j in idx) / len(idx)})  # fmt: skip
+    ece = sum(b["n"] * abs(b["confidence"] - b["accuracy"]) for b in bins) / len(conf)
+    narrow = [j for j, c in enumerate(conf) if c >= 0.7]
+    return {
+        "n": len(queries),
+        "accuracy": sum(right) / len(right),
+        "ece": ece,
+        "brier": sum((c - r) ** 2 for c, r in zip(conf, right, strict=True)) / len(conf),
+        "fallback_share_in_scope": 1 - len(narrow) / len(conf),
+        "narrow_accuracy": sum(right[j] for j in narrow) / len(narrow) if narrow else None,
+        "fallback_share_out_of_scope": sum(a["confidence"] < 0.7 for a in oos_answers)
+        / max(len(oos_answers), 1),
+        "n_out_of_scope": len(oos_answers),
+        "bins": bins,
+    }
+
+
+def plot_reliability(cal: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(5.5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    xs = [b["confidence"] for b in cal["bins"]]
+    ax.plot(xs, [b["accuracy"] for b in cal["bins"]], "o-", label="served tagger")
+    ax.axvline(0.7, color="red", alpha=0.5, linewidth=1, label="broad below 0.7")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"namespace tagger on CLINC150 test (n={cal['n']}, ECE={cal['ece']:.3f})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    hx.bar([(b["lo"] + b["hi"]) / 2 for b in cal["bins"]], [b["n"] for b in cal["bins"]], width=0.09)
+    hx.set_xlabel("confidence")
+    hx.set_ylabel("queries")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", default="demo-out/namespace-tagger.kolm")
+    ap.add_argument("--tenants", default="configs/tenants.yaml")
+    ap.add_argument("--rates", default="25,50,100,150,200")
+    ap.add_argument("--duration", type=float, default=15.0, help="measured seconds per rate")
+    ap.add_argument("--serve-configs", default="python-proxy,haproxy,haproxy+throughput")
+    ap.add_argument("--tagger-options", default="{}", help="JSON overrides for NamespaceTagger.options()")
+    ap.add_argument("--calibration-n", type=int, default=1500)
+    ap.add_argument("--with-compile", action="store_true", help="also time torch.compile (about a minute)")
+    ap.add_argument("--skip-forms", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+
+    from kolm_ray.predictors import open_predictor
+
+    artifact = str(Path(args.artifact).resolve())
+    rates = bench.parse_rates(args.rates)
+    queries, _, _ = clinc_queries(400, seed=1)
+    queries = queries or list(bench.DEFAULT_QUERIES)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_start": os.getloadavg(),
+        },
+        "artifact": artifact,
+        "rates": rates,
+        "duration_s": args.duration,
+        "targets": {"p50_ms_at_50rps": 15, "p99_ms_at_50rps": 100},
+    }
+    predictor = open_predictor(artifact, device="cpu")
+    result["manifest"] = {k: predictor.manifest.get(k) for k in ("name", "base", "kind", "metrics")}
+    parts = EncoderParts.from_predictor(predictor)
+    if not args.skip_forms:
+        result["forms"] = phase_forms(parts, args.with_compile)
+    fast, served_report = build_fast_tagger(parts, threads=1)
+    result["served_form"] = {"backend": fast.backend, "threads": 1, "report": served_report}
+    result["in_process"] = phase_in_process(fast, rates, args.duration, queries, args.tenants)
+    result["calibration"] = phase_calibration(fast, args.calibration_n)
+    if "bins" in result["calibration"]:
+        plot_reliability(result["calibration"], out / "recall-reliability.png")
+    (out / "recall.json").write_text(json.dumps(result, indent=2, default=str))  # kept if a later phase dies
+    predictor.close()
+    del fast
+
+    result["serve"] = {}
+    for name in [c for c in args.serve_configs.split(",") if c]:
+        try:
+            result["serve"][name] = phase_serve(name, SERVE_CONFIGS[name], artifact, args.tenants, rates,
+                                                args.duration, queries, json.loads(args.tagger_options))  # fmt: skip
+        except Exception as e:  # one setting failing to start is a result, not the end of the run
+            result["serve"][name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"[serve:{name}] failed: {e}", flush=True)
+        (out / "recall.json").write_text(json.dumps(result, indent=2, default=str))
+
+    ok = {k: v for k, v in result["serve"].items() if "rates" in v}
+    result["summary"] = {
+        "in_process_max_rps_p99_within_budget": bench.max_rate_within(result["in_process"]),
+        "serve_max_rps_p99_within_budget": {k: v["max_rps_p99_within_budget"] for k, v in ok.items()},
+        "at_50rps": {k: next(({q: r[q] for q in ("p50", "p95", "p99", "errors", "fallback_share")}
+                              for r in v["rates"] if r["offered_rps"] == 50), None)
+                     for k, v in {**ok, "in-process": {"rates": result["in_process"]}}.items()},
+    }  # fmt: skip
+    result["machine"]["load_average_end"] = os.getloadavg()
+    (out / "recall.json").write_text(json.dumps(result, indent=2, default=str))
+    series = {f"serve {k}": v["rates"] for k, v in ok.items()}
+    series["in-process (no Serve)"] = result["in_process"]
+    bench.plot_latency(series, out / "recall-latency.png", "recall route: latency vs offered load (2 cores)")
+    print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {out / 'recall.json'}, recall-latency.png, recall-reliability.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

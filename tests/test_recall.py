@@ -1,0 +1,361 @@
+"""The recall router with a real signed tagger: the fast form, tenant safety, and Ray Serve end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from unittest import mock
+
+import httpx
+import numpy as np
+import pytest
+import recall_artifact
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kolm_ray.errors import ArtifactError
+from kolm_ray.fastpath import PROBES, EncoderParts, build_fast_tagger, measure_backends
+from kolm_ray.serving import Router, load_tenants
+
+REPO = Path(__file__).resolve().parent.parent
+KEYS = {"alpha": "key-alpha", "beta": "key-beta"}
+TENANT_NAMESPACES = {
+    "alpha": ["banking", "travel"],
+    "beta": ["kitchen", "music", "podcasts"],
+}  # podcasts: unknown
+
+
+@pytest.fixture(scope="session")
+def tagger_artifact(tmp_path_factory) -> Path:
+    return recall_artifact.build(tmp_path_factory.getbasetemp() / "recall-artifact")
+
+
+@pytest.fixture
+def signing_key(monkeypatch):
+    monkeypatch.setenv("KOLM_SIGNING_KEY", recall_artifact.SIGNING_KEY)
+
+
+@pytest.fixture(scope="module")
+def served(tagger_artifact):
+    """(predictor, fast tagger, report) built the way a replica builds them."""
+    from kolm_ray.predictors import open_predictor
+
+    with mock.patch.dict(os.environ, {"KOLM_SIGNING_KEY": recall_artifact.SIGNING_KEY}):
+        predictor = open_predictor(tagger_artifact, device="cpu")
+    fast, report = build_fast_tagger(EncoderParts.from_predictor(predictor), threads=1, repeat=3)
+    yield predictor, fast, report
+    predictor.close()
+
+
+@pytest.fixture
+def tenants_file(tmp_path) -> Path:
+    path = tmp_path / "tenants.yaml"
+    data = {
+        "tenants": {
+            name: {"key_sha256": hashlib.sha256(KEYS[name].encode()).hexdigest(), "namespaces": ns}
+            for name, ns in TENANT_NAMESPACES.items()
+        }
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --- the fast form -----------------------------------------------------------------------------------------
+
+
+ALLOWED_CASES = [
+    None,
+    ["banking", "travel"],
+    ["music"],
+    ["kitchen", "music", "podcasts"],
+    ["podcasts"],
+]
+
+
+@pytest.mark.parametrize("allowed", ALLOWED_CASES)
+def test_served_form_answers_like_the_predictor(served, allowed):
+    predictor, fast, _ = served
+    queries = list(PROBES) + [r["input"] for r in recall_artifact.pairs()[:16]]
+    labels = predictor.labels["namespace"]
+    mine = [list(allowed if allowed is not None else labels)] * len(queries)
+    got = fast.score(queries, mine)
+    want = predictor.predict(queries, allowed=allowed)
+    for g, w in zip(got, want, strict=True):
+        assert g["namespace"] == w["namespace"]
+        assert abs(g["confidence"] - w["confidence"]) <= 0.03
+
+
+def test_fastpath_measures_forms_and_serves_one_that_agrees(served):
+    predictor, fast, report = served
+    by = {r["backend"]: r for r in report}
+    assert by["torch-eager"]["agrees"]
+    assert by["onnx-fp32"]["agrees"] and by["onnx-fp32"]["max_prob_diff"] < 1e-3
+    served_rows = [r for r in report if r["served"]]
+    assert len(served_rows) == 1 and served_rows[0]["backend"] == fast.backend and served_rows[0]["agrees"]
+    assert all(r["ms"]["1"]["p50"] > 0 for r in report if "ms" in r)
+
+
+def test_measure_backends_reports_every_requested_form(served):
+    predictor, _, _ = served
+    rows = measure_backends(
+        EncoderParts.from_predictor(predictor), ("torch-eager", "torch-inference", "onnx-fp32"), 1, repeat=2
+    )
+    assert [r["backend"] for r in rows] == ["torch-eager", "torch-inference", "onnx-fp32"]
+    assert all(r["agrees"] and set(r["ms"]) == {"1", "8"} for r in rows)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    allowed=st.lists(
+        st.sampled_from(recall_artifact.NAMESPACES + ["podcasts", "secret", "billing"]),
+        max_size=7,
+        unique=True,
+    ),
+    query=st.text(min_size=1, max_size=120).filter(lambda s: s.strip()),
+)
+def test_property_real_tagger_scores_only_the_callers_namespaces(served, allowed, query):
+    predictor, fast, _ = served
+    [answer] = fast.score([query], [allowed])
+    [probs] = fast.probabilities([query], [allowed])
+    known = [n for n in allowed if n in fast.labels]
+    if not known:
+        assert answer == {"namespace": None, "confidence": 0.0}
+        return
+    assert answer["namespace"] in known
+    outside = [i for i, n in enumerate(fast.labels) if n not in allowed]
+    assert np.all(probs[outside] == 0.0) and abs(probs.sum() - 1.0) < 1e-6
+
+
+def test_router_with_the_real_tagger_answers_in_the_contract_shape(served, tenants_file):
+    _, fast, _ = served
+    router = Router(load_tenants(tenants_file), threshold=0.7, budget_ms=1000)
+
+    async def tag(query, namespaces):
+        return (await asyncio.to_thread(fast.score, [query], [namespaces]))[0]
+
+    async def ask(key, query):
+        return await router.route(f"Bearer {key}", json.dumps({"query": query}).encode(), tag)
+
+    status, out = asyncio.run(ask("key-alpha", "how do i check my balance"))
+    assert status == 200 and out["mode"] in ("narrow", "broad")
+    if out["mode"] == "narrow":
+        assert set(out) == {"mode", "namespace", "confidence", "fallback"} and out["namespace"] == "banking"
+    status, out = asyncio.run(ask("key-beta", "how do i check my balance"))
+    assert status == 200 and (
+        out.get("namespace") in TENANT_NAMESPACES["beta"] or out["namespaces"] == TENANT_NAMESPACES["beta"]
+    )
+    assert asyncio.run(ask("key-gamma", "x"))[0] == 401
+
+
+def test_tagger_deployment_refuses_a_tampered_or_wrongly_keyed_artifact(
+    tagger_artifact, tmp_path, signing_key, monkeypatch
+):
+    from deployments.recall import NamespaceTagger
+
+    tampered = tmp_path / "tampered.kolm"
+    with zipfile.ZipFile(tagger_artifact) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "manifest.json":
+                manifest = json.loads(data)
+                manifest["description"] = "something else"
+                data = json.dumps(manifest).encode()
+            dst.writestr(item, data)
+    with pytest.raises(ArtifactError):
+        NamespaceTagger.func_or_class(str(tampered))
+    copy = tmp_path / "copy.kolm"
+    shutil.copy(tagger_artifact, copy)
+    monkeypatch.setenv("KOLM_SIGNING_KEY", "a-different-key")
+    with pytest.raises(ArtifactError):
+        NamespaceTagger.func_or_class(str(copy))
+
+
+def test_tagger_deployment_class_in_process(tagger_artifact, signing_key, monkeypatch):
+    """The deployment class itself, called without Serve: verified load, fast form, batched scoring."""
+    from deployments.recall import NamespaceTagger
+
+    monkeypatch.setenv("KOLM_SERVE_THREADS", "1")
+    tagger = NamespaceTagger.func_or_class(str(tagger_artifact))
+    assert tagger.device == "cpu" and tagger.backend in (
+        "onnx-int8",
+        "onnx-fp32",
+        "torch-inference",
+        "torch-eager",
+    )
+    out = tagger._score(["book a flight", "play a song"], [["travel", "banking"], ["music"]])
+    assert out[0]["namespace"] in ("travel", "banking") and out[1]["namespace"] == "music"
+    assert tagger.info()["backend"] == tagger.backend
+
+
+# --- Ray Serve, in process ---------------------------------------------------------------------------------
+
+
+def _wait_for(predicate, timeout: float, what: str, step: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_serve_route_contract_and_a_killed_tagger_replica(
+    tagger_artifact, tenants_file, free_port, monkeypatch
+):
+    """Real Serve: 401/422/200 shapes; a tagger replica killed under load -> broad with a reason, never a
+    5xx; the route recovers to tagger answers once Serve has replaced the replica."""
+    import ray
+    from ray import serve
+
+    from deployments.recall import Args, app_builder
+    from kolm_ray.bench import open_loop
+
+    monkeypatch.setenv("KOLM_SIGNING_KEY", recall_artifact.SIGNING_KEY)
+    monkeypatch.setenv("KOLM_SERVE_THREADS", "1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port})
+        app = app_builder(Args(artifact=str(tagger_artifact), tenants=str(tenants_file), budget_ms=100))
+        serve.run(app, name="recall", route_prefix="/")
+        url = f"http://127.0.0.1:{free_port}/v1/recall/route"
+        alpha = {"Authorization": "Bearer key-alpha"}
+        with httpx.Client(timeout=10) as c:
+            assert c.post(url, json={"query": "hi"}).status_code == 401
+            assert (
+                c.post(url, json={"query": "hi"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+            )
+            r = c.post(url, content=b"{oops", headers=alpha)
+            assert r.status_code == 422 and "not JSON" in r.json()["error"]
+            r = c.post(url, json={"query": ""}, headers=alpha)
+            assert r.status_code == 422 and "empty" in r.json()["error"]
+            r = c.post(url, json={"query": "x" * 5000}, headers=alpha)
+            assert r.status_code == 422 and "longer than" in r.json()["error"]
+            assert c.get(url.replace("/route", "/healthz")).json() == {"status": "ok"}
+            assert c.get(url, headers=alpha).status_code == 405
+            # The first answers may still be broad while the replica warms; wait for a tagger answer.
+            first = _wait_for(
+                lambda: (lambda b: b if "reason" not in b else None)(
+                    c.post(url, json={"query": "how do i check my balance"}, headers=alpha).json()
+                ),
+                60,
+                "a tagger answer",
+            )
+            assert (
+                first.get("namespace") in TENANT_NAMESPACES["alpha"]
+                or first["namespaces"] == TENANT_NAMESPACES["alpha"]
+            )
+            beta = c.post(
+                url, json={"query": "tell me about the song"}, headers={"Authorization": "Bearer key-beta"}
+            ).json()
+            assert (
+                beta.get("namespace") in TENANT_NAMESPACES["beta"]
+                or beta["namespaces"] == TENANT_NAMESPACES["beta"]
+            )
+
+        def kill_tagger() -> str:
+            actors = [
+                a for a in ray.util.list_named_actors(all_namespaces=True) if "NamespaceTagger" in a["name"]
+            ]
+            assert actors, "no NamespaceTagger replica found"
+            for a in actors:
+                ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+            return actors[0]["name"]
+
+        async def load_with_kill():
+            async with httpx.AsyncClient(timeout=10) as client:
+
+                async def send(query):
+                    r = await client.post(url, json={"query": query}, headers=alpha)
+                    return r.status_code, r.json()
+
+                loop = asyncio.get_running_loop()
+                killer = loop.call_later(3.0, lambda: loop.run_in_executor(None, kill_tagger))
+                try:
+                    return await open_loop(
+                        send, [r["input"] for r in recall_artifact.pairs()[:20]], 20, 10.0, 0.0
+                    )
+                finally:
+                    killer.cancel()
+
+        summary = asyncio.run(load_with_kill())
+        assert summary["errors"] == 0, summary["error_kinds"]  # no 5xx, no connection errors
+        assert summary["sent"] > 100
+        reasons = " ".join(summary["fallback_reasons"])
+        assert "unavailable" in reasons or "budget" in reasons, summary  # broad while the tagger was down
+
+        with httpx.Client(timeout=10) as c:  # recovery: Serve replaces the replica; tagger answers return
+            _wait_for(
+                lambda: "reason" not in c.post(url, json={"query": "book a flight"}, headers=alpha).json(),
+                180,
+                "the replacement tagger replica",
+                step=0.5,
+            )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# --- kolm serve, as a subprocess (what only a subprocess shows: signals and exit codes) ---------------------
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kolm_serve_runs_the_yaml_and_stops_cleanly_on_sigterm(
+    tagger_artifact, tenants_file, tmp_path, free_port
+):
+    config = yaml.safe_load((REPO / "deployments" / "recall.yaml").read_text())
+    config["http_options"]["port"] = free_port
+    config["applications"][0]["args"].update(artifact=str(tagger_artifact), tenants=str(tenants_file))
+    path = tmp_path / "recall.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "KOLM_SIGNING_KEY": recall_artifact.SIGNING_KEY, "KOLM_SERVE_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kolm_ray.cli", "serve", str(path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{free_port}/v1/recall/route"
+        body = _wait_for(
+            lambda: httpx.post(
+                url, json={"query": "play a song"}, headers={"Authorization": "Bearer key-beta"}, timeout=5
+            ).json(),
+            240,
+            "kolm serve to answer",
+            step=1.0,
+        )
+        assert body["mode"] in ("narrow", "broad")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=90)
+        assert rc == 0, proc.stderr.read().decode()[-3000:]
+        assert not _port_open(free_port)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
