@@ -64,8 +64,9 @@ def _recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", type=int, default=None, help="cluster id from `kolm cluster` (default: the largest)")
     p.add_argument("--out", default="./recipe-out")
     p.add_argument("--verified-only", action="store_true", help="use only observations verified true")
-    p.add_argument("--base", default="minilm-l6", help="base model written into recipe.yaml")
+    p.add_argument("--base", default=None, help="base written into recipe.yaml (default: minilm-l6 when every output field is categorical, else qwen2.5-coder-0.5b)")
     p.add_argument("--store", default=None)
+    p.add_argument("--num-workers", type=int, default=None, help="featurize actors for the clustering (default: one per CPU)")
 
 
 def _compile(p: argparse.ArgumentParser) -> None:
@@ -79,6 +80,7 @@ def _compile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k-floor", type=float, help="minimum K-score in [0, 1]")
     p.add_argument("--output", required=True, help="where to write the signed .kolm")
     p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (default per base kind; recipe.yaml training.lr)")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--deepspeed", help="DeepSpeed config JSON (configs/deepspeed/*.json)")

@@ -184,3 +184,12 @@ def torch_threads(cpus: int | None = None) -> int:
     except OSError:
         busy = False
     return 1 if busy else max(1, cpus or os.cpu_count() or 1)
+
+
+def quiet_deepspeed_on_cpu() -> None:
+    """Name DeepSpeed's accelerator on CUDA-less machines before anything imports it: transformers does, and
+    DeepSpeed's "Setting accelerator to CPU" warning goes to stdout, where `kolm` prints its answers."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

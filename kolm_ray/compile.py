@@ -1,0 +1,455 @@
+"""kolm compile: validate -> train (Ray Train) -> evaluate -> gate -> pack and sign. Nothing else.
+
+    kolm compile "recall query namespace router" --base minilm-l6 \\
+      --pairs ./query-namespace-pairs.jsonl --namespaces ./namespaces.json \\
+      --verifier closed-vocab,calibrated-brier=0.10 --k-floor 0.85 --output namespace-tagger.kolm
+    kolm compile --recipe ./recipe-out --output namespace-tagger.kolm [--base ...] [--epochs N] [--dry-run]
+
+Exit codes: 0 written; 2 bad flags/files/pairs (nothing written); 3 K-score below the floor or a
+set-level verifier (calibrated-brier) failed (nothing written); 4 artifact problems.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kolm_ray.bases import Base, resolve_base
+from kolm_ray.errors import GateError, KolmError
+from kolm_ray.spec import Spec, VerifierSpec, load_spec, validate_spec
+from kolm_ray.train.data import load_pairs, stratified_split
+from kolm_ray.verifiers import build, hard_failures, parse_verifier_list
+
+MIN_PAIRS = 20  # fewer labelled pairs than this cannot both train and measure a K-score
+MIN_EVAL = 4
+EVAL_FRACTION = 0.2  # held out (stratified by label) when neither --eval-pairs nor a split is given
+NAMESPACE = "namespace"
+DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+# Defaults per base kind; recipe.yaml `training:` and flags override them.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "encoder": {"epochs": 3, "lr": 1e-4, "head_lr": 2e-3, "batch_size": 32, "max_len": 64},
+    "causal-lm": {"epochs": 3, "lr": 2e-4, "batch_size": 8, "max_len": 256, "lora_r": 16, "lora_alpha": 32},
+}
+TRAINING_KEYS = {
+    "epochs", "lr", "head_lr", "batch_size", "max_len", "freeze_layers", "freeze_embeddings", "negative_weight",
+    "lora_r", "lora_alpha", "warmup", "weight_decay", "gradient_checkpointing", "seed", "num_workers",
+    "max_failures",
+}  # fmt: skip
+
+
+@dataclass
+class Plan:
+    """Everything compile needs, validated before any training starts."""
+
+    description: str
+    base: Base
+    spec: Spec
+    k_floor: float
+    output: Path
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    eval_negatives: list[str] = field(default_factory=list)
+    labels: dict[str, list[Any]] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    num_workers: int | None = None
+    max_failures: int = 1
+    use_gpu: bool | None = None
+    deepspeed: dict[str, Any] | None = None
+    deepspeed_path: str | None = None
+    bundle_base: bool = False
+
+
+# ---- validate ----------------------------------------------------------------------------------------------
+
+
+def _read_namespaces(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise KolmError(f"--namespaces {path}: no such file")
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise KolmError(f"--namespaces {path}: not JSON ({e})") from None
+    names = list(data) if isinstance(data, dict) else data
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise KolmError(
+            f"--namespaces {path}: expected a non-empty JSON array of names (or an object name -> description)"
+        )
+    if len(set(names)) != len(names):
+        raise KolmError(f"--namespaces {path}: duplicate names")
+    return names
+
+
+def _read_recipe(directory: Path) -> tuple[dict[str, Any], Spec, list[dict]]:
+    try:
+        from kolm_ray.recipe import validate_recipe_dir  # the recipe helper's own checks, when present
+    except ImportError:
+        validate_recipe_dir = None
+    if not directory.is_dir():
+        raise KolmError(f"--recipe {directory}: no such directory")
+    if validate_recipe_dir is not None:
+        validate_recipe_dir(directory)
+    missing = [n for n in ("recipe.yaml", "spec.json", "pairs.jsonl") if not (directory / n).is_file()]
+    if missing:
+        raise KolmError(f"--recipe {directory}: missing {', '.join(missing)}")
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((directory / "recipe.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise KolmError(f"{directory / 'recipe.yaml'}: not YAML ({e})") from None
+    if not isinstance(recipe, dict):
+        raise KolmError(f"{directory / 'recipe.yaml'}: expected a mapping")
+    return recipe, load_spec(directory / "spec.json"), load_pairs(directory / "pairs.jsonl")
+
+
+def _infer_spec(outputs: list[Any], verifiers: list[VerifierSpec], namespaces: list[str] | None) -> Spec:
+    """A spec for the pairs form: output kind and JSON schema from the outputs, --namespaces as the enum."""
+    from genson import SchemaBuilder
+
+    kind = "text" if outputs and all(isinstance(o, str) for o in outputs) else "json"
+    schema: dict[str, Any] = {}
+    if kind == "json":
+        builder = SchemaBuilder(schema_uri=False)
+        for o in outputs:
+            builder.add_object(o)
+        schema = builder.to_schema()
+        schema.pop("$schema", None)
+        if namespaces is not None and schema.get("type") == "object":
+            schema.setdefault("properties", {})[NAMESPACE] = {"enum": namespaces}
+    for v in verifiers:
+        if v.name == "closed-vocab" and namespaces is not None and v.fields is None:
+            v.fields = {NAMESPACE: namespaces}
+    data = {
+        "output_kind": kind,
+        "schema": schema,
+        "verifier": [v.model_dump(exclude_none=True) for v in verifiers],
+    }
+    return validate_spec(data, "the spec built from --pairs/--verifier")
+
+
+def _check_pairs(rows: list[dict], spec: Spec, source: str) -> None:
+    """Every labelled pair's gold output must pass the spec's hard verifiers; name offending lines."""
+    verifiers = [
+        v for v in build(spec) if v.name not in ("low-confidence-fallback-broad", "tenant-authorized")
+    ]
+    problems = []
+    for r in rows:
+        reasons = hard_failures(verifiers, r["output"], r["input"])
+        if reasons:
+            problems.append(f"line {r['line']}: {reasons[0]}")
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise KolmError(f"{source}: pairs break the spec: " + "; ".join(problems[:5]) + more)
+
+
+def _labels_for_encoder(spec: Spec, rows: list[dict], base: Base) -> dict[str, list[Any]]:
+    vocab = spec.vocab()
+    if spec.output_kind != "json" or spec.output_schema.get("type") != "object" or not vocab:
+        raise KolmError(
+            f"base {base.name!r} is an encoder classifier: it needs JSON-object outputs whose fields have a closed "
+            "vocabulary (--namespaces or schema enums); use a causal-LM base (qwen2.5-coder-*) for other outputs"
+        )
+    open_fields = sorted({k for r in rows if isinstance(r["output"], dict) for k in r["output"]} - set(vocab))
+    if open_fields:
+        raise KolmError(
+            f"base {base.name!r} is an encoder classifier but fields {open_fields} have no closed vocabulary; "
+            "close them (schema enums) or use a causal-LM base"
+        )
+    return vocab
+
+
+def _read_deepspeed(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file() and (DEEPSPEED_DIR / path).is_file():
+        p = DEEPSPEED_DIR / path
+    if not p.is_file():
+        raise KolmError(f"--deepspeed {path}: no such file (see configs/deepspeed/)")
+    try:
+        cfg = json.loads(p.read_text())
+    except ValueError as e:
+        raise KolmError(f"--deepspeed {path}: not JSON ({e})") from None
+    stage = cfg.get("zero_optimization", {}).get("stage")
+    if stage not in (0, 1, 2, 3):
+        raise KolmError(f"--deepspeed {path}: zero_optimization.stage must be 0-3")
+    return cfg
+
+
+def validate(args) -> Plan:
+    """Read flags or a recipe, check everything, and return the plan. Raises KolmError (exit 2)."""
+    recipe: dict[str, Any] = {}
+    problems: list[str] = []
+    if args.recipe:
+        recipe, spec0, pairs = _read_recipe(Path(args.recipe))
+        source = str(Path(args.recipe) / "pairs.jsonl")
+    else:
+        if not args.description:
+            problems.append('a DESCRIPTION is required ("what the model does")')
+        for flag, val in (
+            ("--base", args.base),
+            ("--pairs", args.pairs),
+            ("--verifier", args.verifier),
+            ("--k-floor", args.k_floor),
+        ):
+            if val is None:
+                problems.append(f"{flag} is required (or use --recipe DIR)")
+        if problems:
+            raise KolmError("; ".join(problems))
+        spec0, pairs, source = None, load_pairs(args.pairs), args.pairs
+
+    description = args.description or recipe.get("description") or ""
+    base = resolve_base(args.base or recipe.get("base") or "")
+    k_floor = args.k_floor if args.k_floor is not None else recipe.get("k_floor")
+    if not isinstance(k_floor, (int, float)) or not 0.0 <= float(k_floor) <= 1.0:
+        raise KolmError(f"--k-floor must be a number in [0, 1], got {k_floor!r}")
+    namespaces = _read_namespaces(args.namespaces) if args.namespaces else None
+    training = dict(recipe.get("training") or {})
+    unknown = set(training) - TRAINING_KEYS - {"use_gpu", "deepspeed"}
+    if unknown:
+        raise KolmError(
+            f"recipe.yaml training: unknown keys {sorted(unknown)}; known: {sorted(TRAINING_KEYS)}"
+        )
+
+    extra_eval = load_pairs(args.eval_pairs) if args.eval_pairs else []
+    if namespaces is not None:  # a bare string output with --namespaces means {"namespace": s}
+        for r in pairs + extra_eval:
+            if isinstance(r["output"], str):
+                r["output"] = {NAMESPACE: r["output"]}
+    labelled = [r for r in pairs if r["split"] != "negative"]
+
+    if spec0 is None:
+        spec = _infer_spec([r["output"] for r in labelled], parse_verifier_list(args.verifier), namespaces)
+    else:
+        data = spec0.to_json()
+        if args.verifier:
+            old = {v["name"]: v for v in data.get("verifier", [])}
+            data["verifier"] = [
+                {**old.get(v.name, {}), **v.model_dump(exclude_none=True)}
+                for v in parse_verifier_list(args.verifier)
+            ]
+        if namespaces is not None:
+            for v in data.get("verifier", []):
+                if v["name"] == "closed-vocab":
+                    v["fields"] = {**(v.get("fields") or {}), NAMESPACE: namespaces}
+            props = data.get("schema", {}).get("properties")
+            if isinstance(props, dict):
+                props[NAMESPACE] = {"enum": namespaces}
+        spec = validate_spec(data, f"{args.recipe}/spec.json")
+
+    _check_pairs(labelled, spec, source)
+    eval_labelled = [r for r in extra_eval if r["split"] != "negative"]
+    if eval_labelled:
+        _check_pairs(eval_labelled, spec, args.eval_pairs)
+    if len(labelled) < MIN_PAIRS:
+        raise KolmError(f"{source}: too few pairs: {len(labelled)} labelled (need at least {MIN_PAIRS})")
+
+    # split: --eval-pairs, else the pairs' own split, else a stratified hold-out
+    vocab = spec.vocab()
+    strata = (lambda r: {f: r["output"].get(f) for f in vocab}) if vocab else (lambda r: r["output"])
+    if eval_labelled:
+        train = [r for r in labelled if r["split"] != "eval"]
+        held = eval_labelled + [r for r in labelled if r["split"] == "eval"]
+    elif any(r["split"] == "eval" for r in labelled):
+        train = [r for r in labelled if r["split"] != "eval"]
+        held = [r for r in labelled if r["split"] == "eval"]
+    else:
+        train, held = stratified_split(
+            labelled, lambda r: strata(r) if isinstance(r["output"], dict) else r["output"], EVAL_FRACTION
+        )
+    if len(held) < MIN_EVAL or len(train) < MIN_EVAL:
+        raise KolmError(
+            f"{source}: too few pairs to split: {len(train)} train / {len(held)} eval (need {MIN_EVAL}+ each)"
+        )
+    negatives = [r for r in pairs if r["split"] == "negative"]
+    train_rows = [{"input": r["input"], "output": r["output"]} for r in train]
+    train_rows += [{"input": r["input"], "output": None, "negative": True} for r in negatives]
+
+    labels = _labels_for_encoder(spec, labelled, base) if base.kind == "encoder" else {}
+    for key in ("epochs", "lr"):
+        if getattr(args, key, None) is not None:
+            training[key] = getattr(args, key)
+    if training.get("epochs") is not None and int(training["epochs"]) < 1:
+        raise KolmError("--epochs must be at least 1")
+    if training.get("lr") is not None and not 0 < float(training["lr"]) < 1:
+        raise KolmError("--lr must be in (0, 1)")
+    num_workers = args.num_workers if args.num_workers is not None else training.pop("num_workers", None)
+    if num_workers is not None and num_workers < 1:
+        raise KolmError("--num-workers must be at least 1")
+    ds_path = args.deepspeed or training.pop("deepspeed", None)
+    use_gpu = True if args.use_gpu else training.pop("use_gpu", None)
+    return Plan(
+        description=description,
+        base=base,
+        spec=spec,
+        k_floor=float(k_floor),
+        output=Path(args.output),
+        train_rows=train_rows,
+        eval_rows=[{"input": r["input"], "output": r["output"]} for r in held],
+        eval_negatives=[r["input"] for r in extra_eval if r["split"] == "negative"],
+        labels=labels,
+        training={**DEFAULTS[base.kind], **(base.training or {}), **training},
+        num_workers=num_workers,
+        max_failures=int(training.pop("max_failures", 1)),
+        use_gpu=use_gpu,
+        deepspeed=_read_deepspeed(ds_path) if ds_path else None,
+        deepspeed_path=ds_path,
+        bundle_base=bool(getattr(args, "bundle_base", False)),
+    )
+
+
+# ---- train -------------------------------------------------------------------------------------------------
+
+
+def train(plan: Plan, workdir: Path):
+    """Fine-tune on Ray Train (GPU workers with DeepSpeed when the cluster has GPUs, else DDP on CPU)."""
+    from kolm_ray.placement import cluster_gpus, resolve_use_gpu
+    from kolm_ray.train.loop import TrainConfig
+    from kolm_ray.train.trainer import fit, ray_session
+
+    with ray_session():
+        gpu = resolve_use_gpu(plan.use_gpu)
+        workers = plan.num_workers or (max(1, int(cluster_gpus())) if gpu else 1)
+        ds = plan.deepspeed
+        if ds is None and gpu and plan.base.kind == "causal-lm":
+            ds = json.loads((DEEPSPEED_DIR / "zero2.json").read_text())  # ZeRO-2 when workers have GPUs
+        extra = {k: v for k, v in plan.training.items() if k not in ("num_workers", "max_failures")}
+        cfg = TrainConfig(
+            base=plan.base.source if plan.base.is_local else plan.base.name,
+            kind=plan.base.kind,
+            rows=plan.train_rows,
+            labels=plan.labels,
+            deepspeed=ds,
+            **extra,
+        )
+        print(
+            f"training {plan.base.name} ({plan.base.kind}) on {len(plan.train_rows)} pairs: "
+            f"{workers} Ray Train worker(s), {'GPU' if gpu else 'CPU'}"
+            f"{', DeepSpeed ZeRO-' + str(ds['zero_optimization']['stage']) if ds else ', DDP' if workers > 1 else ''}",
+            file=sys.stderr,
+        )
+        return fit(cfg, num_workers=workers, use_gpu=gpu, max_failures=plan.max_failures, workdir=workdir), ds
+
+
+def stage(plan: Plan, checkpoint_dir: Path, staging: Path) -> str:
+    """Write the artifact's files (weights, config, tokenizer, labels) into `staging`; returns its kind."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kolm_ray.models import EncoderTagger, add_lora
+    from kolm_ray.predictors import TAGGER_FILE
+    from kolm_ray.train.loop import WEIGHTS, load_trainable
+
+    tokenizer = plan.base.load_tokenizer()
+    if plan.base.kind == "encoder":
+        model = EncoderTagger(plan.base.load_model(), plan.labels)
+        load_trainable(model, checkpoint_dir / WEIGHTS)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        model.encoder.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        meta = {"labels": plan.labels, "max_len": int(plan.training.get("max_len", 64)), "pooling": "mean"}
+        (staging / TAGGER_FILE).write_text(json.dumps(meta, indent=2))
+        return "encoder-tagger"
+    lm = plan.base.load_model(dtype=torch.float32)
+    peft_model = add_lora(lm, r=int(plan.training["lora_r"]), alpha=int(plan.training["lora_alpha"]))
+    load_trainable(peft_model, checkpoint_dir / WEIGHTS)
+    tokenizer.save_pretrained(staging)
+    if plan.bundle_base:
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(staging, safe_serialization=True)
+        return "causal-lm"
+    peft_model.save_pretrained(staging, safe_serialization=True)
+    return "causal-lm-lora"
+
+
+# ---- evaluate, gate, pack ----------------------------------------------------------------------------------
+
+
+def evaluate_staged(plan: Plan, staging: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Load the staged files through the same Predictor `kolm run` uses, calibrate, and score."""
+    from kolm_ray.evaluate import evaluate
+    from kolm_ray.predictors import CALIBRATION_FILE, predictor_from_dir
+
+    predictor = predictor_from_dir(staging, manifest)
+    metrics = evaluate(predictor, plan.eval_rows, plan.spec, negatives=plan.eval_negatives, progress=True)
+    (staging / CALIBRATION_FILE).write_text(json.dumps({"temperature": predictor.temperature}, indent=2))
+    return metrics
+
+
+def gate(plan: Plan, metrics: dict[str, Any]) -> None:
+    """K-score below the floor, or a failed set-level verifier: GateError (exit 3)."""
+    k = metrics["k_score"]
+    if k < plan.k_floor:
+        raise GateError(f"K-score {k:.2f} below floor {plan.k_floor:.2f}")
+    for name, v in metrics.get("verifiers", {}).items():
+        if not v["passed"]:
+            raise GateError(f"{name} {v['value']:.3f} above threshold {v['threshold']} (K-score {k:.2f})")
+
+
+def build_artifact(
+    plan: Plan, checkpoint_dir: Path, training: dict[str, Any], workdir: str | Path | None = None
+) -> dict[str, Any]:
+    """stage -> evaluate -> gate -> pack from a training checkpoint; returns the metrics in the manifest."""
+    from kolm_ray.artifact import pack
+
+    staging = Path(tempfile.mkdtemp(prefix="staging-", dir=workdir))
+    try:
+        kind = stage(plan, Path(checkpoint_dir), staging)
+        manifest = {
+            "name": plan.output.stem,
+            "description": plan.description,
+            "kind": kind,
+            "base": plan.base.describe(),
+            "spec": plan.spec.to_json(),
+            "k_floor": plan.k_floor,
+        }
+        metrics = evaluate_staged(plan, staging, manifest)
+        metrics["training"] = {**training, "n_train": len(plan.train_rows), "settings": plan.training}
+        gate(plan, metrics)
+        pack(staging, plan.output, {**manifest, "metrics": metrics})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metrics
+
+
+def compile_command(args) -> int:
+    """kolm compile: validate -> train -> evaluate -> gate -> pack/sign. Prints `ok wrote OUT`."""
+    from kolm_ray.placement import quiet_deepspeed_on_cpu
+
+    quiet_deepspeed_on_cpu()
+    t0 = time.perf_counter()
+    plan = validate(args)
+    if args.dry_run:
+        print(
+            f"ok dry run: base {plan.base.name} ({plan.base.kind}), {len(plan.train_rows)} train / "
+            f"{len(plan.eval_rows)} eval pairs, verifiers {', '.join(v.name for v in plan.spec.verifier) or 'none'}, "
+            f"k_floor {plan.k_floor}; nothing written"
+        )
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="kolm-compile-"))
+    try:
+        result, ds = train(plan, workdir)
+        training = {
+            "seconds": round(result.seconds, 2),
+            "losses": result.metrics.get("losses"),
+            "examples_per_s": result.metrics.get("examples_per_s"),
+            "world_size": result.metrics.get("world_size"),
+            "deepspeed_stage": ds["zero_optimization"]["stage"] if ds else None,
+        }
+        metrics = build_artifact(plan, result.checkpoint_dir, training, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"ok wrote {plan.output}")
+    print(f"   k_score={metrics['k_score']:.2f}  signature=hmac-sha256")
+    print(
+        f"   accuracy={metrics['accuracy']:.3f}  brier={metrics['brier']:.4f}  ece={metrics['ece']:.4f}  "
+        f"eval={metrics['n_eval']}  train={len(plan.train_rows)}  seconds={time.perf_counter() - t0:.0f}",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,217 @@
+"""K-score, per-field accuracy and calibration (temperature, Brier, ECE), all through the Predictor.
+
+K-score (CONTRACT.md): the fraction of eval pairs whose predicted output passes every hard verifier of
+the spec AND equals the gold output field by field (exact for enums, booleans, integers and strings
+after whitespace normalisation; numbers within spec.tolerance). `confidence` is judged by calibration,
+never by equality; `fallback` is derived from confidence and never compared.
+
+Calibration: one temperature per calibration key (field, or the joint answer of a causal LM), fitted by
+LBFGS on the negative log-likelihood of a calibration slice of the eval pairs; Brier (the contract's
+confidence Brier: mean (confidence - 1[right])^2) and ECE are reported on the rest, so they are honest.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kolm_ray.spec import CONFIDENCE_FIELD, FALLBACK_FIELD, Spec
+from kolm_ray.verifiers import build, hard_failures
+
+CALIBRATION_FRACTION = 0.5  # of the eval pairs, used to fit temperatures (the rest scores calibration)
+MIN_CALIBRATION = 20  # below this many eval pairs, fit and score on all of them (and say so)
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.split())
+
+
+def values_equal(pred: Any, gold: Any, tol: float) -> bool:
+    """Equality per the K-score rules (recursive for objects and arrays)."""
+    if isinstance(gold, bool) or isinstance(pred, bool):
+        return pred is gold if isinstance(pred, bool) and isinstance(gold, bool) else False
+    if isinstance(gold, int) and isinstance(pred, int):
+        return pred == gold
+    if isinstance(gold, (int, float)) and isinstance(pred, (int, float)):
+        return math.isclose(float(pred), float(gold), rel_tol=0.0, abs_tol=tol)
+    if isinstance(gold, str) and isinstance(pred, str):
+        return _norm(pred) == _norm(gold)
+    if isinstance(gold, dict) and isinstance(pred, dict):
+        keys = (set(gold) | set(pred)) - {CONFIDENCE_FIELD, FALLBACK_FIELD}
+        return all(k in pred and k in gold and values_equal(pred[k], gold[k], tol) for k in keys)
+    if isinstance(gold, list) and isinstance(pred, list):
+        return len(gold) == len(pred) and all(
+            values_equal(p, g, tol) for p, g in zip(pred, gold, strict=True)
+        )
+    return pred == gold
+
+
+def unwrap(answer: dict[str, Any]) -> Any:
+    """A predictor answer -> the output value it claims ({"output": v} wraps non-object outputs)."""
+    keys = set(answer) - {CONFIDENCE_FIELD, FALLBACK_FIELD}
+    if keys == {"output"}:
+        return answer["output"]
+    return {k: v for k, v in answer.items() if k not in (CONFIDENCE_FIELD, FALLBACK_FIELD)}
+
+
+def field_correct(answer: dict[str, Any], gold: Any, tol: float) -> dict[str, bool]:
+    """Per-field equality (a single "output" entry for non-object outputs)."""
+    pred = unwrap(answer)
+    if isinstance(gold, dict):
+        return {
+            k: isinstance(pred, dict) and k in pred and values_equal(pred[k], v, tol) for k, v in gold.items()
+        }
+    return {"output": values_equal(pred, gold, tol)}
+
+
+def brier(confidences: Sequence[float], correct: Sequence[bool]) -> float:
+    """The contract's confidence Brier: mean (confidence - 1[right])^2."""
+    if not confidences:
+        return 0.0
+    return sum((c - float(r)) ** 2 for c, r in zip(confidences, correct, strict=True)) / len(confidences)
+
+
+def ece(confidences: Sequence[float], correct: Sequence[bool], bins: int = 10) -> float:
+    """Expected calibration error over `bins` equal-width confidence bins."""
+    n = len(confidences)
+    if n == 0:
+        return 0.0
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        idx = [i for i, c in enumerate(confidences) if (lo < c <= hi) or (b == 0 and c == 0.0)]
+        if idx:
+            acc = sum(correct[i] for i in idx) / len(idx)
+            conf = sum(confidences[i] for i in idx) / len(idx)
+            total += len(idx) / n * abs(acc - conf)
+    return total
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
+    """Temperature T minimising NLL of softmax(logits / T) on rows with a known target (LBFGS on log T)."""
+    keep = targets >= 0
+    logits, targets = logits[keep].float(), targets[keep]
+    finite = torch.isfinite(logits).all(dim=-1)
+    logits, targets = logits[finite], targets[finite]
+    if len(targets) == 0 or logits.shape[-1] < 2:
+        return 1.0
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    return t if math.isfinite(t) and 0.01 <= t <= 100 else 1.0
+
+
+def split_for_calibration(n: int, seed: int = 0) -> tuple[list[int], list[int], bool]:
+    """(calibration indices, scoring indices, disjoint?) for n eval pairs."""
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    if n < MIN_CALIBRATION:
+        return idx, idx, False
+    k = int(n * CALIBRATION_FRACTION)
+    return sorted(idx[:k]), sorted(idx[k:]), True
+
+
+def calibrate(predictor, inputs: Sequence[str], outputs: Sequence[Any]) -> dict[str, float]:
+    """Fit and set predictor.temperature from the given pairs; returns it."""
+    logits = predictor.calibration_logits(list(inputs))
+    targets = predictor.calibration_targets(list(outputs))
+    temps = {k: fit_temperature(lg, targets[k]) for k, lg in logits.items() if k in targets}
+    predictor.temperature = temps
+    return temps
+
+
+def evaluate(
+    predictor,
+    pairs: Sequence[dict[str, Any]],
+    spec: Spec,
+    *,
+    fit: bool = True,
+    negatives: Sequence[str] = (),
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Calibrate (when fit), predict every eval pair through the predictor, and score it.
+
+    Returns metrics for the manifest: k_score, n_eval, field_accuracy, temperature, brier, ece, the
+    set-level verifier scores, fallback_rate (on eval), negatives_broad (share of `negatives` routed
+    broad, when given), and up to 5 failure examples.
+    """
+    inputs = [p["input"] for p in pairs]
+    golds = [p["output"] for p in pairs]
+    cal_idx, score_idx, disjoint = split_for_calibration(len(pairs))
+    if not fit:  # temperatures already fixed (a finished artifact): score calibration on every pair
+        cal_idx, score_idx, disjoint = [], list(range(len(pairs))), True
+    temps = predictor.temperature
+    if fit:
+        temps = calibrate(predictor, [inputs[i] for i in cal_idx], [golds[i] for i in cal_idx])
+    answers: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(inputs), desc="evaluate", unit="pair", leave=False)
+    for i in range(0, len(inputs), batch_size):
+        answers.extend(predictor.predict(inputs[i : i + batch_size]))
+        if bar is not None:
+            bar.update(min(batch_size, len(inputs) - i))
+    if bar is not None:
+        bar.close()
+    verifiers = build(spec)
+    passed, right, failures = [], [], []
+    per_field: dict[str, list[bool]] = {}
+    for inp, gold, ans in zip(inputs, golds, answers, strict=True):
+        pred = unwrap(ans)
+        reasons = hard_failures(verifiers, ans if isinstance(pred, dict) else pred, inp)
+        fc = field_correct(ans, gold, spec.tolerance)
+        for k, ok in fc.items():
+            per_field.setdefault(k, []).append(ok)
+        ok_all = all(fc.values())
+        right.append(ok_all)
+        passed.append(ok_all and not reasons)
+        if not passed[-1] and len(failures) < 5:
+            failures.append({"input": inp, "gold": gold, "predicted": ans, "reasons": reasons})
+    confs = [float(a.get(CONFIDENCE_FIELD, 0.0)) for a in answers]
+    sc_conf = [confs[i] for i in score_idx]
+    sc_right = [right[i] for i in score_idx]
+    metrics: dict[str, Any] = {
+        "k_score": sum(passed) / len(passed) if passed else 0.0,
+        "n_eval": len(pairs),
+        "accuracy": sum(right) / len(right) if right else 0.0,
+        "field_accuracy": {k: sum(v) / len(v) for k, v in per_field.items()},
+        "temperature": temps,
+        "brier": brier(sc_conf, sc_right),
+        "ece": ece(sc_conf, sc_right),
+        "calibration": {"n_fit": len(cal_idx), "n_scored": len(score_idx), "disjoint": disjoint},
+        "failures": failures,
+    }
+    if predictor.fallback_threshold is not None:
+        metrics["fallback_rate"] = sum(a.get(FALLBACK_FIELD) == "broad" for a in answers) / max(
+            len(answers), 1
+        )
+    for v in verifiers:
+        if not v.hard:
+            value, ok = v.score(sc_conf, sc_right)
+            metrics.setdefault("verifiers", {})[v.name] = {
+                "value": value,
+                "threshold": v.vspec.threshold,
+                "passed": ok,
+            }
+    if negatives:
+        neg = []
+        for i in range(0, len(negatives), batch_size):
+            neg.extend(predictor.predict(list(negatives[i : i + batch_size])))
+        threshold = predictor.fallback_threshold or 0.7
+        metrics["negatives_broad"] = sum(a.get(CONFIDENCE_FIELD, 0.0) < threshold for a in neg) / len(neg)
+    return metrics

@@ -1,0 +1,364 @@
+"""The one inference path: artifact -> Predictor.predict(inputs, allowed=None). `kolm run`, the K-score
+evaluation in compile and the Serve router all call this, so the number the gate checks is the number
+users get.
+
+    p = open_predictor("namespace-tagger.kolm")          # verifies signature + hashes first
+    p.predict(["how do I restart the ingest worker?"], allowed=["runbooks", "incidents"])
+    # [{"namespace": "runbooks", "confidence": 0.94, "fallback": "narrow"}]
+
+A tagger's answer holds its fields, "confidence" (the product of each field's top probability after
+temperature scaling; for causal LMs the softmax over the allowed answers' log-likelihoods) and, when the
+spec has low-confidence-fallback-broad, "fallback": "broad" below the threshold, else "narrow".
+Non-object outputs come back as {"output": value, "confidence": c}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kolm_ray.errors import ArtifactError, KolmError
+from kolm_ray.spec import CONFIDENCE_FIELD, FALLBACK_FIELD, Spec, validate_spec
+from kolm_ray.verifiers import DEFAULT_THRESHOLD
+
+TAGGER_FILE = "tagger.json"  # encoder taggers: {"labels": {field: [values]}, "max_len": n}
+CALIBRATION_FILE = "calibration.json"  # {"temperature": {field or "__joint__": T}}
+JOINT = "__joint__"  # causal LMs calibrate one softmax over joint closed-vocab answers
+OUTPUT_KEY = "output"  # non-object outputs are wrapped as {"output": value}
+ALLOWED_FIELD = "namespace"  # the field `allowed` restricts
+
+
+def _threads() -> None:
+    from kolm_ray.placement import quiet_deepspeed_on_cpu, torch_threads
+
+    quiet_deepspeed_on_cpu()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(torch_threads())
+
+
+class Predictor:
+    """Common surface: spec, manifest, temperature, predict(), calibration hooks."""
+
+    kind: str = ""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], device: str | None = None):
+        from kolm_ray.placement import pick_device
+
+        self.dir = Path(directory)
+        self.manifest = manifest
+        self.spec: Spec = validate_spec(manifest["spec"], "artifact spec")
+        self.device = pick_device(device)
+        cal = self.dir / CALIBRATION_FILE
+        self.temperature: dict[str, float] = (
+            json.loads(cal.read_text())["temperature"] if cal.exists() else {}
+        )
+        fb = self.spec.get("low-confidence-fallback-broad")
+        self.fallback_threshold: float | None = None
+        if fb is not None:
+            self.fallback_threshold = fb.threshold if fb.threshold is not None else DEFAULT_THRESHOLD
+        self._opened = None  # the OpenedArtifact whose directory this predictor reads
+
+    # -- to implement ---------------------------------------------------------------------------------------
+    def calibration_logits(self, inputs: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Un-tempered logits per calibration key (field, or JOINT), shape (len(inputs), n_values)."""
+        raise NotImplementedError
+
+    def calibration_targets(self, outputs: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Gold index per calibration key (-1 when the gold value is not among the values)."""
+        raise NotImplementedError
+
+    def predict(self, inputs: Sequence[str], allowed: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------------------
+    def _finish(self, fields: dict[str, Any], confidence: float) -> dict[str, Any]:
+        out = dict(fields)
+        out[CONFIDENCE_FIELD] = round(float(confidence), 6)
+        if self.fallback_threshold is not None:
+            out[FALLBACK_FIELD] = "broad" if confidence < self.fallback_threshold else "narrow"
+        return out
+
+    def close(self) -> None:
+        if self._opened is not None:
+            self._opened.close()
+            self._opened = None
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class EncoderPredictor(Predictor):
+    """Encoder tagger: tokenizer + EncoderTagger (per-field logits) + per-field temperature."""
+
+    kind = "encoder-tagger"
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], device: str | None = None):
+        super().__init__(directory, manifest, device)
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        from kolm_ray.models import EncoderTagger
+
+        meta = json.loads((self.dir / TAGGER_FILE).read_text())
+        self.labels: dict[str, list[Any]] = meta["labels"]
+        self.max_len: int = meta.get("max_len", 64)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(self.dir)))
+        self.model = EncoderTagger(encoder, self.labels)
+        self.model.load_state_dict(load_file(str(self.dir / "model.safetensors")), strict=True)
+        self.model.to(self.device).eval()
+
+    @torch.no_grad()
+    def calibration_logits(self, inputs, masks=None, batch_size: int = 128):
+        outs: dict[str, list[torch.Tensor]] = {f: [] for f in self.labels}
+        for i in range(0, len(inputs), batch_size):
+            enc = self.tokenizer(
+                list(inputs[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_len,
+                return_tensors="pt",
+            ).to(self.device)
+            logits = self.model(enc["input_ids"], enc["attention_mask"], masks=masks)
+            for f, lg in logits.items():
+                outs[f].append(lg.float().cpu())
+        return {f: torch.cat(v) if v else torch.empty(0, len(self.labels[f])) for f, v in outs.items()}
+
+    def calibration_targets(self, outputs):
+        idx = {f: {json.dumps(v): i for i, v in enumerate(vals)} for f, vals in self.labels.items()}
+        targets = {f: [] for f in self.labels}
+        for o in outputs:
+            o = o if isinstance(o, dict) else {}
+            for f in self.labels:
+                targets[f].append(idx[f].get(json.dumps(o.get(f)), -1))
+        return {f: torch.tensor(v, dtype=torch.long) for f, v in targets.items()}
+
+    def allowed_masks(self, allowed: Sequence[str] | None) -> dict[str, torch.Tensor] | None:
+        if allowed is None or ALLOWED_FIELD not in self.labels:
+            return None
+        ok = set(allowed)
+        return {ALLOWED_FIELD: torch.tensor([v in ok for v in self.labels[ALLOWED_FIELD]], dtype=torch.bool)}
+
+    def predict(self, inputs, allowed=None):
+        inputs = list(inputs)
+        if not inputs:
+            return []
+        masks = self.allowed_masks(allowed)
+        if masks is not None and not masks[ALLOWED_FIELD].any():
+            # nothing this caller may see: no narrow answer is possible
+            return [self._finish({f: None for f in self.labels}, 0.0) for _ in inputs]
+        logits = self.calibration_logits(inputs, masks=masks)
+        probs = {f: torch.softmax(lg / self.temperature.get(f, 1.0), dim=-1) for f, lg in logits.items()}
+        answers = []
+        for i in range(len(inputs)):
+            fields, conf = {}, 1.0
+            for f, p in probs.items():
+                j = int(p[i].argmax())
+                fields[f] = self.labels[f][j]
+                conf *= float(p[i, j])
+            answers.append(self._finish(fields, conf))
+        return answers
+
+
+class CausalPredictor(Predictor):
+    """Causal LM (LoRA adapter on a pinned base, or merged weights): scores allowed answers, else generates."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], device: str | None = None):
+        super().__init__(directory, manifest, device)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.kind = manifest["kind"]
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        if self.kind == "causal-lm-lora":
+            from peft import PeftModel
+
+            base = _pinned_base(manifest["base"])
+            lm = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True)
+            self.model = PeftModel.from_pretrained(lm, str(self.dir), use_safetensors=True).merge_and_unload()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(self.dir), dtype=dtype, use_safetensors=True
+            )
+        self.model.to(self.device).eval()
+        self.vocab = self.spec.vocab() if self._object_output() else {}
+        self.max_new_tokens = int(manifest.get("max_new_tokens", 128))
+
+    def _object_output(self) -> bool:
+        return self.spec.output_kind == "json" and self.spec.output_schema.get("type") == "object"
+
+    def _scorable(self) -> bool:
+        """Every output field has a closed vocabulary: answer by scoring candidates."""
+        props = set(self.spec.output_schema.get("properties", {}))
+        return bool(self.vocab) and props <= set(self.vocab)
+
+    def _candidates(self, allowed=None):
+        from kolm_ray.models import candidate_answers
+
+        return candidate_answers(self.vocab, {ALLOWED_FIELD: list(allowed)} if allowed is not None else None)
+
+    def calibration_logits(self, inputs, allowed=None):
+        from kolm_ray.models import answer_text, score_candidates
+
+        cands = self._candidates(allowed)
+        if not self._scorable() or not cands:
+            return {}
+        return {
+            JOINT: score_candidates(self.model, self.tokenizer, list(inputs), [answer_text(c) for c in cands])
+        }
+
+    def calibration_targets(self, outputs):
+        if not self._scorable():
+            return {}
+        keys = [json.dumps(c, sort_keys=True) for c in self._candidates()]
+        pos = {k: i for i, k in enumerate(keys)}
+        gold = [
+            pos.get(json.dumps({f: o.get(f) for f in self.vocab}, sort_keys=True), -1)
+            if isinstance(o, dict)
+            else -1
+            for o in outputs
+        ]
+        return {JOINT: torch.tensor(gold, dtype=torch.long)}
+
+    def predict(self, inputs, allowed=None):
+        from kolm_ray.models import generate
+
+        inputs = list(inputs)
+        if not inputs:
+            return []
+        if self._scorable():
+            cands = self._candidates(allowed)
+            if not cands:
+                return [self._finish({f: None for f in self.vocab}, 0.0) for _ in inputs]
+            scores = self.calibration_logits(inputs, allowed)[JOINT]
+            probs = torch.softmax(scores / self.temperature.get(JOINT, 1.0), dim=-1)
+            best = probs.argmax(-1)
+            return [self._finish(dict(cands[int(b)]), float(probs[i, b])) for i, b in enumerate(best)]
+        answers = []
+        for text, conf in generate(self.model, self.tokenizer, inputs, self.max_new_tokens):
+            value: Any = text
+            if self.spec.output_kind == "json":
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    value = text  # not JSON: the json-schema verifier will say so
+            answers.append(
+                self._finish(value, conf)
+                if isinstance(value, dict)
+                else self._finish({OUTPUT_KEY: value}, conf)
+            )
+        return answers
+
+
+def _pinned_base(base: dict[str, Any]) -> str:
+    """Where to load a LoRA artifact's base from, refusing a local base whose weights changed."""
+    from kolm_ray.bases import resolve_base, weights_digest
+
+    source = base.get("source", "")
+    revision = base.get("revision")
+    if source and Path(source).is_dir():
+        if revision and revision.startswith("sha256:") and weights_digest(source) != revision:
+            raise ArtifactError(
+                f"base {source} changed since this adapter was compiled (weights hash differs)"
+            )
+        return source
+    try:
+        resolved = resolve_base(base.get("name", source))
+    except KolmError as e:
+        raise ArtifactError(f"cannot find this adapter's base {base.get('name')!r}: {e}") from None
+    if revision and revision.startswith("sha256:") and resolved.revision != revision:
+        raise ArtifactError(f"base {base.get('name')!r} differs from the one this adapter was compiled on")
+    return resolved.source
+
+
+def predictor_from_dir(
+    directory: str | Path, manifest: dict[str, Any], device: str | None = None
+) -> Predictor:
+    """Build a Predictor from an artifact's (already verified or freshly staged) files."""
+    _threads()
+    kind = manifest.get("kind")
+    if kind == "encoder-tagger":
+        return EncoderPredictor(Path(directory), manifest, device)
+    if kind in ("causal-lm-lora", "causal-lm"):
+        return CausalPredictor(Path(directory), manifest, device)
+    raise ArtifactError(f"unknown artifact kind {kind!r}")
+
+
+def open_predictor(path: str | Path, device: str | None = None) -> Predictor:
+    """Verify a .kolm (signature and every hash) and load it for inference."""
+    from kolm_ray.artifact import open_artifact
+
+    opened = open_artifact(path)
+    try:
+        p = predictor_from_dir(opened.dir, opened.manifest, device)
+    except BaseException:
+        opened.close()
+        raise
+    p._opened = opened
+    return p
+
+
+_CACHE: dict[tuple, Predictor] = {}
+
+
+def run(path: str | Path, text: str) -> dict[str, Any]:
+    """Run an artifact on one input (the predictor is cached per file version)."""
+    st = Path(path).stat() if Path(path).exists() else None
+    key = (str(Path(path).resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = open_predictor(path)
+    return _CACHE[key].predict([text])[0]
+
+
+def _read_inputs(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise KolmError(f"{path}: no such file")
+    inputs, problems = [], []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            problems.append(f"line {n}: not JSON ({e})")
+            continue
+        if isinstance(row, str):
+            inputs.append(row)
+        elif isinstance(row, dict) and isinstance(row.get("input"), str):
+            inputs.append(row["input"])
+        else:
+            problems.append(f'line {n}: expected {{"input": str}}')
+    if problems:
+        raise KolmError(f"{path}: " + "; ".join(problems[:5]))
+    return inputs
+
+
+def run_command(args) -> int:
+    """kolm run X.kolm "text" | --input-file in.jsonl: print one JSON answer per input."""
+    if (args.text is None) == (args.input_file is None):
+        raise KolmError('give either TEXT or --input-file (JSON lines {"input": ...}), not both')
+    inputs = [args.text] if args.text is not None else _read_inputs(args.input_file)
+    with open_predictor(args.artifact) as p:
+        for i in range(0, len(inputs), 256):
+            for answer in p.predict(inputs[i : i + 256]):
+                sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,54 @@
+"""Recipes: from a cluster of observations to pairs, a spec (schema + verifiers) and a K-floor.
+
+    kolm recipe --namespace support --out ./recipe-out            # the largest cluster
+    kolm recipe --namespace support --cluster 2 --verified-only
+
+    from kolm_ray.recipe import recipe_from_observations, validate_recipe_dir
+    info = recipe_from_observations(observations, out_dir="./recipe-out")
+    spec, settings, pairs = validate_recipe_dir(info["recipe_dir"])   # what compile --dry-run runs
+
+Modules: schema.py (shape, genson schema, verifier choice), purity.py (confident learning, near-duplicates,
+K-floor), split.py (grouped, stratified train/eval), files.py (write atomically, validate), synth.py (the
+phases in order).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kolm_ray.recipe.files import validate_recipe_dir
+from kolm_ray.recipe.synth import recipe_from_observations
+
+__all__ = ["recipe_from_observations", "validate_recipe_dir", "recipe_command"]
+
+
+def recipe_command(args: Any) -> int:
+    """kolm recipe: cluster the namespace (Ray Data), then write a recipe for one cluster; print its paths."""
+    from kolm_ray.clustering import cluster_members, cluster_namespace, ray_session
+    from kolm_ray.errors import KolmError
+    from kolm_ray.settings import store_url
+
+    url = store_url(args.store)
+    with ray_session():
+        result = cluster_namespace(url, args.namespace, num_workers=args.num_workers, summarize=False)
+        if not result.clusters:
+            raise KolmError(f"namespace {args.namespace!r} has no observations in {url}")
+        ids = [c["id"] for c in result.clusters]
+        cluster = args.cluster if args.cluster is not None else result.clusters[0]["id"]  # largest first
+        if cluster not in ids:
+            raise KolmError(
+                f"cluster {cluster} does not exist in namespace {args.namespace!r}; clusters: {ids}"
+            )
+        observations, embeddings = cluster_members(result, cluster)
+    info = recipe_from_observations(
+        observations,
+        out_dir=args.out,
+        verified_only=args.verified_only,
+        base=args.base,
+        embeddings=embeddings,
+        namespace=args.namespace,
+        cluster=cluster,
+    )
+    print(json.dumps(info, indent=2))
+    return 0

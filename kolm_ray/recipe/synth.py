@@ -1,0 +1,270 @@
+"""From a cluster's observations to a recipe directory. `recipe_from_observations` reads top to bottom:
+
+select usable pairs -> infer the shape (schema) -> choose verifiers, drop gold outputs they reject
+-> estimate purity -> K-floor -> split -> spec.json, pairs.jsonl, diagnostics.json, recipe.yaml
+-> validate the directory and rename it into place
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from kolm_ray.errors import KolmError
+from kolm_ray.recipe.files import (
+    DIAGNOSTICS_JSON,
+    ENCODER_BASES,
+    MIN_PAIRS,
+    PAIRS_JSONL,
+    RECIPE_YAML,
+    SPEC_JSON,
+    TRAINING,
+    render_recipe_yaml,
+    write_recipe_dir,
+)
+from kolm_ray.recipe.purity import estimate_purity, k_floor_from_purity, near_duplicate_groups
+from kolm_ray.recipe.schema import choose_verifiers, infer_shape, labels_for, strip_confidence
+from kolm_ray.recipe.split import split_pairs
+from kolm_ray.spec import CONFIDENCE_FIELD, validate_spec
+
+K_MARGIN = 0.03  # k_floor = purity - margin: a model as good as the data passes; |floor - purity| <= 0.05
+DEFAULT_CAUSAL_BASE = "qwen2.5-coder-0.5b"  # the smallest causal base for outputs a tagger cannot produce
+MAX_LISTED = 200  # dropped/flagged pairs listed one by one in diagnostics.json (all are counted)
+
+
+def _field(obs: Any, key: str) -> Any:
+    return obs.get(key) if isinstance(obs, dict) else getattr(obs, key, None)
+
+
+def _short(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def recipe_from_observations(
+    observations: list[Any],
+    out_dir: str = "./recipe-out",
+    *,
+    verified_only: bool = False,
+    base: str | None = None,
+    description: str | None = None,
+    embeddings: np.ndarray | None = None,
+    namespace: str | None = None,
+    cluster: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write a recipe directory from one cluster's observations (Observation objects or dicts).
+
+    Rejected observations (verified=false) are never used; unverified ones only without `verified_only`.
+    `embeddings` (MiniLM, aligned with `observations`) skips re-embedding when the clustering already did.
+    Returns {"recipe_dir", "pairs_jsonl", "spec_json", "k_floor", "diagnostics"}; raises KolmError with
+    nothing written when the observations cannot make a recipe.
+    """
+    observations = list(observations)
+    where = f"namespace {namespace!r}" if namespace else "the observations"
+    if not observations:
+        raise KolmError(f"{where}: no observations (is the namespace empty or misspelled?)")
+
+    # 1. usable pairs
+    keep, dropped = _select(observations, verified_only)
+    if len(keep) < MIN_PAIRS:
+        reasons = ", ".join(f"{r}: {c}" for r, c in Counter(d["reason"] for d in dropped).most_common())
+        raise KolmError(
+            f"{where}: {len(keep)} usable pairs of {len(observations)} observations"
+            + (f" (dropped {reasons})" if reasons else "")
+            + f"; a recipe needs at least {MIN_PAIRS}"
+        )
+    inputs = [_field(observations[i], "input") for i in keep]
+    outputs = [_field(observations[i], "output") for i in keep]
+
+    # 2. shape and schema; 3. verifiers, and gold outputs they reject
+    shape = infer_shape(outputs, inputs)
+    base, base_why = _choose_base(base, shape)
+    stripped = None
+    if base in ENCODER_BASES:
+        stripped, outputs = strip_confidence(shape, outputs)
+    specs, why = choose_verifiers(shape, model_confidence=stripped)
+    spec = validate_spec(_spec_dict(shape, specs), SPEC_JSON)
+    from kolm_ray.verifiers import build, hard_failures
+
+    verifiers = build(spec)
+    good = []
+    for j, (inp, out) in enumerate(zip(inputs, outputs, strict=True)):
+        reason = shape.conforms(out) or next(iter(hard_failures(verifiers, out, inp)), None)
+        if reason:
+            dropped.append({"id": _field(observations[keep[j]], "id"), "reason": reason})
+        else:
+            good.append(j)
+    conform_share = len(good) / len(keep)
+    if len(good) < MIN_PAIRS:
+        raise KolmError(
+            f"{where}: only {len(good)} of {len(keep)} outputs fit their common shape; "
+            f"a recipe needs at least {MIN_PAIRS} (see the dropped reasons: {dropped[-1]['reason']})"
+        )
+    idx = [keep[j] for j in good]
+    inputs = [inputs[j] for j in good]
+    outputs = [outputs[j] for j in good]
+
+    # 4. purity and K-floor
+    emb = _embeddings(embeddings, idx, inputs, len(observations))
+    labels = labels_for(shape, outputs)
+    report = estimate_purity(emb, labels, inputs, outputs, conform_share=conform_share, seed=seed)
+    k_floor = k_floor_from_purity(report.purity, K_MARGIN)
+    specs, why = choose_verifiers(shape, report.purity, stripped)  # calibrated-brier's threshold needs purity
+    spec = validate_spec(_spec_dict(shape, specs), SPEC_JSON)
+
+    # 5. split: near-duplicates together, stratified by label, flagged pairs never in eval
+    groups = near_duplicate_groups(emb, inputs)
+    strata = (
+        [json.dumps([vals[i] for vals in labels.values()], sort_keys=True) for i in range(len(outputs))]
+        if labels
+        else None
+    )
+    split = split_pairs(groups, strata, set(report.flagged), seed=seed)
+
+    # 6. files
+    kind = "encoder" if base in ENCODER_BASES else "causal-lm"
+    description = description or _describe(shape, namespace)
+    counts = Counter(split)
+    pairs_text = "".join(
+        json.dumps({"input": i, "output": o, "split": s}, ensure_ascii=False) + "\n"
+        for i, o, s in zip(inputs, outputs, split, strict=True)
+    )
+    flagged = [
+        {
+            "id": _field(observations[idx[i]], "id"),
+            "input": _short(inputs[i]),
+            "output": outputs[i],
+            "reason": r,
+        }
+        for i, r in sorted(report.flagged.items())
+    ]
+    floor_why = (
+        f"purity {report.purity:.4f} - {K_MARGIN} margin, clamped to [0.5, 0.95] (within 0.05 of purity)"
+    )
+    diagnostics = {
+        "namespace": namespace,
+        "cluster": cluster,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "cluster_size": len(observations),
+        "pairs": len(inputs),
+        "splits": {"train": counts["train"], "eval": counts["eval"]},
+        "purity": {"estimate": report.purity, "method": report.method, **report.details},
+        "k_floor": {"value": k_floor, "rule": floor_why},
+        "output_kind": shape.output_kind,
+        "output_types": shape.type_shares,
+        "confidence_field_removed": (
+            f"{stripped!r}: the tagger answers its own confidence, judged by calibrated-brier"
+            if stripped
+            else None
+        ),
+        "fields": {n: f.to_json() for n, f in shape.fields.items()},
+        "verifiers": [{"name": v.name, "why": why.get(v.name, "")} for v in spec.verifier],
+        "base": {"name": base, "why": base_why},
+        "dropped": {
+            "count": len(dropped),
+            "by_reason": dict(Counter(d["reason"].split(":")[0] for d in dropped).most_common()),
+            "observations": dropped[:MAX_LISTED],
+        },
+        "flagged_inconsistent": {
+            "count": len(flagged),
+            "note": "kept out of the eval split (they stay in train)",
+            "pairs": flagged[:MAX_LISTED],
+        },
+    }
+    verifier_lines = [
+        (v.name + (f"={v.threshold}" if v.name == "calibrated-brier" else ""), why.get(v.name, ""))
+        for v in spec.verifier
+    ]
+    yaml_text = render_recipe_yaml(
+        str(out_dir), description, base, base_why, k_floor, floor_why, verifier_lines,
+        TRAINING[kind], dict(counts), namespace, cluster,
+    )  # fmt: skip
+    files = {
+        SPEC_JSON: json.dumps(spec.to_json(), indent=2, ensure_ascii=False) + "\n",
+        PAIRS_JSONL: pairs_text,
+        DIAGNOSTICS_JSON: json.dumps(diagnostics, indent=2, ensure_ascii=False, default=str) + "\n",
+        RECIPE_YAML: yaml_text,
+    }
+    out = write_recipe_dir(out_dir, files)
+    return {
+        "recipe_dir": str(out),
+        "pairs_jsonl": str(out / PAIRS_JSONL),
+        "spec_json": str(out / SPEC_JSON),
+        "k_floor": k_floor,
+        "diagnostics": str(out / DIAGNOSTICS_JSON),
+    }
+
+
+def _select(observations: list[Any], verified_only: bool) -> tuple[list[int], list[dict[str, Any]]]:
+    keep, dropped = [], []
+    for i, obs in enumerate(observations):
+        verified, inp, out = _field(obs, "verified"), _field(obs, "input"), _field(obs, "output")
+        reason = None
+        if verified is False:
+            reason = "rejected (verified=false)"
+        elif verified is None and verified_only:
+            reason = "unverified (--verified-only)"
+        elif not isinstance(inp, str) or not inp.strip():
+            reason = "empty input"
+        elif out is None or (isinstance(out, str) and not out.strip()):
+            reason = "empty output"
+        if reason:
+            dropped.append({"id": _field(obs, "id"), "reason": reason})
+        else:
+            keep.append(i)
+    return keep, dropped
+
+
+def _spec_dict(shape, specs) -> dict[str, Any]:
+    return {
+        "output_kind": shape.output_kind,
+        "schema": shape.schema,
+        "verifier": [s.model_dump(exclude_none=True) for s in specs],
+        "tolerance": 1e-6,
+    }
+
+
+def _embeddings(given: np.ndarray | None, idx: list[int], inputs: list[str], n_obs: int) -> np.ndarray:
+    if given is not None:
+        given = np.asarray(given, dtype=np.float32)
+        if given.shape[0] != n_obs:
+            raise KolmError(f"embeddings has {given.shape[0]} rows for {n_obs} observations")
+        return given[idx]
+    from kolm_ray.clustering import embed_texts
+
+    return embed_texts(inputs)
+
+
+def _choose_base(base: str | None, shape) -> tuple[str, str]:
+    if base:
+        if base in ENCODER_BASES and not shape.closed:
+            raise KolmError(
+                f"base {base!r} is a classifier: it needs outputs whose fields are all categorical; "
+                f"these outputs are {shape.output_kind} ({shape.top_type}); use {DEFAULT_CAUSAL_BASE}"
+            )
+        return base, "chosen with --base"
+    if shape.closed:
+        fields = ", ".join(shape.categorical)
+        return (
+            "minilm-l6",
+            f"every output field is categorical ({fields}): an encoder tagger, one head per field",
+        )
+    return (
+        DEFAULT_CAUSAL_BASE,
+        "outputs need generation (free text, extracted spans or numbers): a causal LM with LoRA",
+    )
+
+
+def _describe(shape, namespace: str | None) -> str:
+    src = f" for namespace {namespace}" if namespace else ""
+    if shape.output_kind == "text":
+        return f"Answer in text{src}, as the observed frontier model did"
+    fields = (
+        ", ".join(f"{n} ({f.kind})" for n, f in shape.fields.items() if n != CONFIDENCE_FIELD)
+        or shape.top_type
+    )
+    return f"Produce JSON{src}: {fields}"

@@ -1,0 +1,136 @@
+"""Training data: read pairs files (errors named by line), split, and turn pairs into batches.
+
+A pairs line is `{"input": str, "output": value[, "split": "train"|"eval"|"negative"]}`. `negative`
+marks an input that belongs to none of the closed vocabulary ("none of these"): an encoder tagger is
+trained to spread its confidence evenly over the values for it, and it is never scored in the K-score.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kolm_ray.errors import KolmError
+
+SPLITS = ("train", "eval", "negative")
+MAX_REPORTED = 5  # problems listed in one error message before "and N more"
+
+
+def _summarise(problems: list[str], source: str) -> str:
+    head = "; ".join(problems[:MAX_REPORTED])
+    more = f"; and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+    return f"{source}: {head}{more}"
+
+
+def load_pairs(path: str | Path) -> list[dict[str, Any]]:
+    """Read a pairs JSON-lines file; every malformed line is named by its number in one KolmError."""
+    path = Path(path)
+    if not path.is_file():
+        raise KolmError(f"{path}: no such file")
+    pairs, problems = [], []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"line {n}: not JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"line {n}: expected an object with 'input' and 'output'")
+                continue
+            if not isinstance(row.get("input"), str) or not row["input"].strip():
+                problems.append(f"line {n}: 'input' must be a non-empty string")
+                continue
+            split = row.get("split")
+            if split is not None and split not in SPLITS:
+                problems.append(f"line {n}: split {split!r} is not one of {', '.join(SPLITS)}")
+                continue
+            if "output" not in row and split != "negative":
+                problems.append(f"line {n}: missing 'output'")
+                continue
+            pairs.append({"input": row["input"], "output": row.get("output"), "split": split, "line": n})
+    if problems:
+        raise KolmError(_summarise(problems, str(path)))
+    return pairs
+
+
+def stratified_split(
+    pairs: Sequence[dict], key: Callable[[dict], Any], eval_frac: float = 0.2, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """Hold out `eval_frac` of each stratum (at least one from strata with 2+ members) for evaluation."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for p in pairs:
+        groups[json.dumps(key(p), sort_keys=True, default=str)].append(p)
+    rng = random.Random(seed)
+    train, held = [], []
+    for name in sorted(groups):
+        rows = groups[name][:]
+        rng.shuffle(rows)
+        k = round(len(rows) * eval_frac) if len(rows) > 1 else 0
+        k = max(k, 1) if len(rows) > 1 else k
+        held.extend(rows[:k])
+        train.extend(rows[k:])
+    rng.shuffle(train)
+    rng.shuffle(held)
+    return train, held
+
+
+# ---- encoder taggers ----------------------------------------------------------------------------------------
+
+
+def encode_tagger_rows(
+    rows: Sequence[dict], tokenizer, labels: dict[str, list[Any]], max_len: int = 64
+) -> list[tuple[list[int], list[int], bool]]:
+    """(token ids, per-field value index or -1, is_negative) for every row."""
+    enc = tokenizer([r["input"] for r in rows], truncation=True, max_length=max_len)["input_ids"]
+    index = {f: {json.dumps(v): i for i, v in enumerate(vals)} for f, vals in labels.items()}
+    out = []
+    for ids, r in zip(enc, rows, strict=True):
+        neg = bool(r.get("negative"))
+        output = r.get("output") if isinstance(r.get("output"), dict) else {}
+        targets = [-1 if neg or f not in output else index[f].get(json.dumps(output[f]), -1) for f in labels]
+        out.append((list(ids), targets, neg))
+    return out
+
+
+def collate_tagger(
+    batch: Sequence[tuple[list[int], list[int], bool]], pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest row (dynamic padding keeps short queries cheap)."""
+    n = max(len(b[0]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, (seq, _, _) in enumerate(batch):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "targets": torch.tensor([b[1] for b in batch], dtype=torch.long),
+        "negative": torch.tensor([b[2] for b in batch], dtype=torch.bool),
+    }
+
+
+# ---- causal LMs ---------------------------------------------------------------------------------------------
+
+
+def encode_sft_rows(rows: Sequence[dict], tokenizer, max_len: int = 512) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per row, loss on the answer tokens only; negative rows are skipped."""
+    from kolm_ray.models import sft_example
+
+    return [sft_example(tokenizer, r["input"], r["output"], max_len) for r in rows if not r.get("negative")]
+
+
+def collate_sft(batch: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    from kolm_ray.models import pad_batch
+
+    ids, mask, labels = pad_batch([b[0] for b in batch], [b[1] for b in batch], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,450 @@
+"""The per-worker training function. A plain function of one dict: Ray Train's TorchTrainer runs it on
+every worker (DDP over gloo on CPU, NCCL on GPU, or DeepSpeed ZeRO when the config names one), and it
+runs as-is without Ray too (one process, or `torchrun` for several), so it can be checked on a GPU
+machine where Ray is not installed:
+
+    from kolm_ray.train.loop import train_loop_per_worker
+    train_loop_per_worker({"base": "tiny-encoder", "kind": "encoder", "rows": rows,
+                           "labels": {"namespace": ["a", "b"]}, "output_dir": "/tmp/run"})
+
+Checkpoints hold only the trainable weights (encoder layers that were not frozen + heads, or the LoRA
+adapter) as safetensors, the optimizer state as safetensors + JSON, and state.json (epoch, step).
+Under Ray they are reported with ray.train.report(checkpoint=...), and a restarted worker group (see
+FailureConfig in train/trainer.py) resumes from ray.train.get_checkpoint(); without Ray they are
+written to output_dir/epoch-N and `resume_from` resumes from one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from kolm_ray.train.data import collate_sft, collate_tagger, encode_sft_rows, encode_tagger_rows
+
+WEIGHTS = "model.safetensors"
+OPTIM = "optimizer.safetensors"
+OPTIM_META = "optimizer.json"
+STATE = "state.json"
+DS_DIR = "deepspeed"
+
+
+@dataclass
+class TrainConfig:
+    """Everything one worker needs; passed to TorchTrainer as a plain dict (asdict)."""
+
+    base: str
+    """Base name or local directory (bases.resolve_base)."""
+    kind: str
+    """"encoder" (a tagger with one head per field) or "causal-lm" (LoRA SFT)."""
+    rows: list[dict[str, Any]]
+    """Training rows {input, output, negative?}."""
+    labels: dict[str, list[Any]] = field(default_factory=dict)
+    """Encoder taggers: field -> its values, in head order."""
+    epochs: int = 3
+    batch_size: int = 32
+    """Per-worker micro-batch size."""
+    lr: float = 1e-4
+    """Peak learning rate of the base (encoder body or LoRA adapter); linear warm-up then linear decay."""
+    head_lr: float = 2e-3
+    """Encoder taggers: learning rate of the freshly initialised heads."""
+    warmup: float = 0.06
+    """Fraction of the steps spent warming up."""
+    weight_decay: float = 0.01
+    max_len: int = 64
+    """Tokens per input (encoder) or per prompt+answer (causal LM); longer ones are truncated."""
+    freeze_embeddings: bool = True
+    """Encoder taggers: keep the token embeddings fixed (most of MiniLM's weights; a dense gradient over
+    a 30k-token table costs more than the rest of a CPU step)."""
+    freeze_layers: int = 0
+    """Encoder taggers: also freeze this many lowest encoder layers (faster CPU epochs)."""
+    negative_weight: float = 1.0
+    """Weight of the "none of these" loss on negative rows."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    gradient_checkpointing: bool = False
+    deepspeed: dict[str, Any] | None = None
+    """A DeepSpeed config (configs/deepspeed/*.json, already read); None trains with plain DDP."""
+    seed: int = 0
+    threads: int | None = None
+    """torch intra-op threads per worker (default: what Ray or the OS gives)."""
+    progress: bool = True
+    in_ray: bool = False
+    """Set by train/trainer.py: report through ray.train instead of writing output_dir."""
+    output_dir: str | None = None
+    resume_from: str | None = None
+    kill_once: dict[str, Any] | None = None
+    """Test hook: {"rank": r, "after_epoch": e, "marker": path} SIGKILLs that worker once."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- model, data and optimizer -----------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
+    """The trainable model and its tokenizer, freshly initialised from the base (same seed on every rank)."""
+    from kolm_ray.bases import resolve_base
+    from kolm_ray.models import EncoderTagger, add_lora
+
+    base = resolve_base(cfg.base)
+    tokenizer = base.load_tokenizer()
+    torch.manual_seed(cfg.seed)
+    if cfg.kind == "encoder":
+        model = EncoderTagger(base.load_model(), cfg.labels)
+        model.freeze(embeddings=cfg.freeze_embeddings, layers=max(cfg.freeze_layers, 0))
+        return model, tokenizer
+    lm = base.load_model(dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+        lm.enable_input_require_grads()
+    return add_lora(lm, r=cfg.lora_r, alpha=cfg.lora_alpha), tokenizer
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights training changes (names as in the unwrapped model)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, path: str | Path) -> None:
+    """Load trainable weights saved by trainable_state into a freshly built model."""
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise RuntimeError(f"checkpoint has weights the model lacks: {unexpected[:3]}")
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("heads.")]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")]
+    groups = [{"params": body, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if heads:
+        groups.append({"params": heads, "lr": cfg.head_lr, "base_lr": cfg.head_lr})
+    return [g for g in groups if g["params"]]
+
+
+def _lr_factor(step: int, total: int, warmup: float) -> float:
+    w = max(1, int(total * warmup))
+    if step < w:
+        return (step + 1) / w
+    return max(0.0, (total - step) / max(1, total - w))
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
+    """Optimizer state without pickle: tensors to safetensors, the rest to JSON."""
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta["state"].setdefault(str(pid), {})[k] = v
+    save_file(tensors, str(directory / OPTIM))
+    (directory / OPTIM_META).write_text(json.dumps(meta))
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
+    meta = json.loads((directory / OPTIM_META).read_text())
+    state: dict[int, dict] = {}
+    for key, v in load_file(str(directory / OPTIM)).items():
+        pid, _, name = key.partition(".")
+        state.setdefault(int(pid), {})[name] = v
+    for pid, st in meta["state"].items():
+        state.setdefault(int(pid), {}).update(st)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ---- distributed set-up ------------------------------------------------------------------------------------
+
+
+def _rank_world(cfg: TrainConfig) -> tuple[int, int]:
+    if cfg.in_ray:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _init_plain_distributed(use_deepspeed: bool) -> None:
+    """Without Ray: join a process group when launched by torchrun (or DeepSpeed needs one of size 1)."""
+    if torch.distributed.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or use_deepspeed:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+
+
+def deepspeed_config(raw: dict[str, Any], cfg: TrainConfig, world: int, on_gpu: bool) -> dict[str, Any]:
+    """Fill a configs/deepspeed/*.json template: drop `_comment` keys and resolve "auto" values."""
+
+    def clean(obj):
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items() if not k.startswith("_")}
+        return obj
+
+    ds = clean(raw)
+    auto = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+    }
+    for k, v in auto.items():
+        if ds.get(k, "auto") == "auto":
+            ds[k] = v
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    bf16_ok = on_gpu and torch.cuda.is_bf16_supported()
+    for prec in ("bf16", "fp16"):
+        if isinstance(ds.get(prec), dict) and ds[prec].get("enabled") == "auto":
+            ds[prec]["enabled"] = bf16_ok if prec == "bf16" else False
+    opt = ds.get("optimizer")
+    if isinstance(opt, dict):
+        params = opt.setdefault("params", {})
+        if params.get("lr", "auto") == "auto":
+            params["lr"] = cfg.lr
+        if params.get("weight_decay", "auto") == "auto":
+            params["weight_decay"] = cfg.weight_decay
+        if not on_gpu:
+            params["torch_adam"] = True  # DeepSpeed's fused Adam is CUDA-only
+    return ds
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+
+
+def _compute_loss(model, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    from kolm_ray.models import encoder_loss
+
+    if cfg.kind == "encoder":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return encoder_loss(logits, batch["targets"], batch["negative"], cfg.negative_weight)
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
+
+
+def _write_checkpoint(directory: Path, model: nn.Module, opt, state: dict, rank: int, engine=None) -> None:
+    if engine is not None:
+        engine.save_checkpoint(str(directory / DS_DIR), tag="state")  # every rank writes its shard
+        from deepspeed import zero
+
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        with zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
+            if rank == 0:
+                save_file(trainable_state(engine.module), str(directory / WEIGHTS))
+    elif rank == 0:
+        save_file(trainable_state(model), str(directory / WEIGHTS))
+        _save_optimizer(opt, directory)
+    if rank == 0:
+        (directory / STATE).write_text(json.dumps(state))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Train one worker's share; under Ray Train report metrics + checkpoints each epoch.
+
+    Returns the last epoch's metrics (plus "checkpoint": the last checkpoint directory when run without Ray).
+    """
+    cfg = TrainConfig(**config)
+    if cfg.in_ray:  # one line per epoch from Ray Train is plenty; our progress bar says the rest
+        import logging
+
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not cfg.in_ray:
+        _init_plain_distributed(cfg.deepspeed is not None)
+    rank, world = _rank_world(cfg)
+    on_gpu = torch.cuda.is_available()
+    model, tokenizer = build_model(cfg)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    if cfg.kind == "encoder":
+        examples = encode_tagger_rows(cfg.rows, tokenizer, cfg.labels, cfg.max_len)
+        collate = lambda b: collate_tagger(b, pad)  # noqa: E731
+    else:
+        examples = encode_sft_rows(cfg.rows, tokenizer, cfg.max_len)
+        collate = lambda b: collate_sft(b, pad)  # noqa: E731
+    g = torch.Generator().manual_seed(cfg.seed)
+    sampler = None
+    if world > 1 and not cfg.in_ray:
+        sampler = DistributedSampler(examples, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(
+        examples,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        collate_fn=collate,
+        generator=g,
+    )
+
+    # Resume: Ray hands the latest reported checkpoint to a restarted worker group.
+    resume_dir, ckpt_ctx = None, None
+    if cfg.in_ray:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            ckpt_ctx = ckpt.as_directory()
+            resume_dir = Path(ckpt_ctx.__enter__())
+    elif cfg.resume_from:
+        resume_dir = Path(cfg.resume_from)
+    state = {"epoch": -1, "step": 0, "losses": []}
+    if resume_dir is not None:
+        state = json.loads((resume_dir / STATE).read_text())
+        load_trainable(model, resume_dir / WEIGHTS)
+
+    engine = None
+    if cfg.deepspeed is not None:
+        import deepspeed
+
+        model.to("cuda" if on_gpu else "cpu")
+        engine, opt, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=_param_groups(model, cfg),
+            config=deepspeed_config(cfg.deepspeed, cfg, world, on_gpu),
+        )
+        if resume_dir is not None and (resume_dir / DS_DIR).exists():
+            engine.load_checkpoint(str(resume_dir / DS_DIR), tag="state")
+        device = engine.device
+        if world > 1 and cfg.in_ray:
+            import ray.train.torch
+
+            loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+        train_model, step_model = engine, engine
+    else:
+        opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=cfg.weight_decay)
+        if resume_dir is not None and (resume_dir / OPTIM).exists():
+            _load_optimizer(opt, resume_dir)
+        if cfg.in_ray:
+            import ray.train.torch
+
+            model = ray.train.torch.prepare_model(
+                model, parallel_strategy_kwargs={"find_unused_parameters": False}
+            )
+            loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+            device = ray.train.torch.get_device()
+        else:
+            device = torch.device("cuda" if on_gpu else "cpu")
+            model.to(device)
+            if world > 1:
+                model = nn.parallel.DistributedDataParallel(model)
+        train_model, step_model = model, None
+    if ckpt_ctx is not None:
+        ckpt_ctx.__exit__(None, None, None)
+
+    start_epoch = state["epoch"] + 1
+    steps_per_epoch = len(loader)
+    total_steps = max(1, steps_per_epoch * cfg.epochs)
+    step = state["step"]
+    metrics: dict[str, Any] = {"start_epoch": start_epoch, "world_size": world}
+    unwrapped = engine.module if engine is not None else getattr(model, "module", model)
+    for epoch in range(start_epoch, cfg.epochs):
+        train_model.train()
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        total, seen, t0 = 0.0, 0, time.perf_counter()
+        bar = _progress(
+            steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and rank == 0
+        )
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            factor = _lr_factor(step, total_steps, cfg.warmup)
+            for group in (engine.optimizer if engine is not None else opt).param_groups:
+                group["lr"] = group.get("base_lr", cfg.lr) * factor
+            loss = _compute_loss(train_model, batch, cfg)
+            if step_model is not None:
+                step_model.backward(loss)
+                step_model.step()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            n = batch["input_ids"].shape[0]
+            total += loss.item() * n
+            seen += n
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        mean_loss = total / max(seen, 1)
+        if world > 1:
+            t = torch.tensor([total, float(seen)])
+            torch.distributed.all_reduce(t)
+            mean_loss = (t[0] / t[1].clamp(min=1)).item()
+        state = {"epoch": epoch, "step": step, "losses": [*state["losses"], mean_loss]}
+        metrics = {
+            "epoch": epoch,
+            "loss": mean_loss,
+            "losses": state["losses"],
+            "examples_per_s": seen * world / max(seconds, 1e-9),
+            "start_epoch": start_epoch,
+            "world_size": world,
+        }
+        metrics["checkpoint"] = _checkpoint(cfg, unwrapped, opt, state, rank, engine, epoch, metrics)
+        _maybe_kill(cfg, rank, epoch)
+    return metrics
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, mininterval=2.0)
+
+
+def _checkpoint(cfg: TrainConfig, model, opt, state, rank, engine, epoch, metrics) -> str | None:
+    """Report (Ray) or write (plain) this epoch's checkpoint; returns its directory in plain runs."""
+    if cfg.in_ray:
+        import ray.train
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_checkpoint(Path(tmp), model, opt, state, rank, engine)
+            has_files = any(Path(tmp).iterdir())
+            reported = {k: v for k, v in metrics.items() if k != "checkpoint"}
+            ray.train.report(reported, checkpoint=Checkpoint.from_directory(tmp) if has_files else None)
+        return None
+    out = Path(cfg.output_dir or tempfile.mkdtemp(prefix="kolm-train-")) / f"epoch-{epoch}"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_checkpoint(out, model, opt, state, rank, engine)
+    return str(out)
+
+
+def _maybe_kill(cfg: TrainConfig, rank: int, epoch: int) -> None:
+    k = cfg.kill_once
+    if not k or rank != k.get("rank", 0) or epoch != k.get("after_epoch", 0):
+        return
+    marker = Path(k["marker"])
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def steps_for(n_rows: int, batch_size: int, world: int) -> int:
+    """Optimizer steps per epoch for n_rows split across `world` workers."""
+    return math.ceil(math.ceil(n_rows / world) / batch_size)

@@ -1,0 +1,120 @@
+"""The .kolm artifact: signed, hashed, atomic; tampered, truncated or wrongly keyed files are refused."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from kolm_ray.artifact import MANIFEST, open_artifact, pack, verify
+from kolm_ray.cli import main
+from kolm_ray.errors import ArtifactError
+
+
+@pytest.fixture
+def artifact(tmp_path: Path) -> Path:
+    staging = tmp_path / "staging"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"\x00" * 1000)
+    (staging / "config.json").write_text('{"a": 1}')
+    (staging / "sub" / "tokenizer.json").write_text('{"t": 2}')
+    pack(
+        staging,
+        tmp_path / "x.kolm",
+        {"name": "x", "kind": "encoder-tagger", "spec": {}, "metrics": {"k_score": 0.9}},
+    )
+    return tmp_path / "x.kolm"
+
+
+def _rewrite(src: Path, dst: Path, change) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = change(info.filename, zin.read(info.filename))
+            if data is not None:
+                zout.writestr(info.filename, data)
+
+
+def test_manifest_fields_and_roundtrip(artifact: Path) -> None:
+    m = verify(artifact)
+    assert m["format"] == "kolm/1" and m["signature_alg"] == "hmac-sha256"
+    assert set(m["files"]) == {"model.safetensors", "config.json", "sub/tokenizer.json"}
+    assert {"created_at", "key_id", "name", "kind", "spec", "metrics"} <= set(m)
+    with open_artifact(artifact) as opened:
+        assert (opened.dir / "sub" / "tokenizer.json").read_text() == '{"t": 2}'
+    assert not opened.dir.exists()
+
+
+def test_tampered_member_refused(artifact: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.kolm"
+    _rewrite(artifact, bad, lambda n, d: b"\x01" + d[1:] if n == "model.safetensors" else d)
+    with pytest.raises(ArtifactError, match="does not match its hash"):
+        verify(bad)
+
+
+def test_tampered_manifest_refused(artifact: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.kolm"
+
+    def change(name, data):
+        if name != MANIFEST:
+            return data
+        m = json.loads(data)
+        m["metrics"]["k_score"] = 1.0
+        return json.dumps(m).encode()
+
+    _rewrite(artifact, bad, change)
+    with pytest.raises(ArtifactError, match="signature does not match"):
+        verify(bad)
+
+
+def test_extra_member_refused(artifact: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.kolm"
+    _rewrite(artifact, bad, lambda n, d: d)
+    with zipfile.ZipFile(bad, "a") as z:
+        z.writestr("evil.py", "print('hi')")
+    with pytest.raises(ArtifactError, match="extra"):
+        verify(bad)
+
+
+def test_truncated_refused(artifact: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "trunc.kolm"
+    data = artifact.read_bytes()
+    for cut in (len(data) // 2, len(data) - 10, 100):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ArtifactError):
+            verify(bad)
+
+
+def test_wrong_key_refused(artifact: Path, monkeypatch) -> None:
+    monkeypatch.setenv("KOLM_SIGNING_KEY", "a-different-key-of-reasonable-length")
+    with pytest.raises(ArtifactError, match="another key"):
+        verify(artifact)
+
+
+def test_not_a_zip_refused(tmp_path: Path) -> None:
+    p = tmp_path / "x.kolm"
+    p.write_text("hello")
+    with pytest.raises(ArtifactError, match="not a .kolm"):
+        verify(p)
+
+
+def test_cli_verify_and_inspect_exit_codes(artifact: Path, tmp_path: Path, capsys) -> None:
+    assert main(["verify", str(artifact)]) == 0
+    assert "signature valid" in capsys.readouterr().out
+    assert main(["inspect", str(artifact)]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "kolm/1"
+    bad = tmp_path / "bad.kolm"
+    bad.write_bytes(artifact.read_bytes()[:-40])
+    assert main(["verify", str(bad)]) == 4
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_failed_pack_leaves_no_file(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "a.json").write_text("{}")
+    out = tmp_path / "out.kolm"
+    with pytest.raises(TypeError):  # an unserialisable manifest fails mid-pack
+        pack(staging, out, {"metrics": object()})
+    assert not out.exists() and not list(tmp_path.glob(".out.kolm*"))

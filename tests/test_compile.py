@@ -1,0 +1,223 @@
+"""kolm compile end to end: validation errors (exit 2, nothing written), dry runs, a real Ray Train compile
+(exit 0), the K-score gate (exit 3, no file), a LoRA compile of a local tiny Qwen2 directory, subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from compile_helpers import WORDS, compile_argv, write_namespaces, write_pairs
+
+from kolm_ray.cli import main
+
+KEY = "compile-tests-signing-key-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def signing_key(monkeypatch) -> None:
+    monkeypatch.setenv("KOLM_SIGNING_KEY", KEY)
+    monkeypatch.setenv("KOLM_TORCH_THREADS", "1")
+
+
+def _err(capsys) -> str:
+    return capsys.readouterr().err
+
+
+def test_dry_run_validates_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    assert main(compile_argv(tmp_path, "--dry-run")) == 0
+    assert "ok dry run" in capsys.readouterr().out
+    assert not (tmp_path / "tagger.kolm").exists()
+
+
+def test_string_outputs_with_namespaces_are_accepted(tmp_path: Path, capsys) -> None:
+    argv = compile_argv(tmp_path, "--dry-run")
+    write_pairs(tmp_path / "pairs.jsonl", 60, as_string=True)
+    assert main(argv) == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda a, t: a.__setitem__(a.index("--base") + 1, "gpt-9"),
+            "'gpt-9' is not a supported base; known:",
+        ),
+        (
+            lambda a, t: a.__setitem__(a.index("--verifier") + 1, "closed-vocab,vibes"),
+            "unknown verifier 'vibes'; known:",
+        ),
+        (
+            lambda a, t: a.__setitem__(a.index("--pairs") + 1, str(t / "nope.jsonl")),
+            "nope.jsonl: no such file",
+        ),
+        (lambda a, t: a.__setitem__(a.index("--namespaces") + 1, str(t / "nope.json")), "no such file"),
+        (lambda a, t: a.__setitem__(a.index("--k-floor") + 1, "1.5"), "--k-floor must be a number in [0, 1]"),
+        (lambda a, t: a.remove("query namespace router"), "a DESCRIPTION is required"),
+        (lambda a, t: a.extend(["--deepspeed", str(t / "ds.json")]), "--deepspeed"),
+        (lambda a, t: a.extend(["--epochs", "0"]), "--epochs must be at least 1"),
+    ],
+)
+def test_bad_flags_exit_2(tmp_path: Path, capsys, change, message: str) -> None:
+    argv = compile_argv(tmp_path)
+    change(argv, tmp_path)
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert err.strip().splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "tagger.kolm").exists()
+
+
+def test_malformed_pairs_named_by_line(tmp_path: Path, capsys) -> None:
+    argv = compile_argv(tmp_path)
+    lines = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    lines[2] = "{not json"
+    lines[6] = json.dumps({"output": {"namespace": "billing"}})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(argv) == 2
+    err = _err(capsys)
+    assert "line 3: not JSON" in err and "line 7: 'input' must be a non-empty string" in err
+
+
+def test_pairs_breaking_the_spec(tmp_path: Path, capsys) -> None:
+    argv = compile_argv(tmp_path)
+    with (tmp_path / "pairs.jsonl").open("a") as f:
+        f.write(json.dumps({"input": "x", "output": {"namespace": "payroll"}}) + "\n")
+    assert main(argv) == 2
+    assert "line 91: closed-vocab: namespace='payroll' not in the closed vocabulary" in _err(capsys)
+
+
+def test_too_few_pairs(tmp_path: Path, capsys) -> None:
+    argv = compile_argv(tmp_path)
+    write_pairs(tmp_path / "pairs.jsonl", 10)
+    assert main(argv) == 2
+    assert "too few pairs: 10" in _err(capsys)
+
+
+def test_encoder_base_needs_closed_outputs(tmp_path: Path, capsys) -> None:
+    argv = compile_argv(tmp_path)
+    rows = [{"input": f"q{i}", "output": {"namespace": "billing", "summary": f"s{i}"}} for i in range(30)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(argv) == 2
+    assert "no closed vocabulary" in _err(capsys)
+
+
+def test_recipe_dir_dry_run(tmp_path: Path, capsys) -> None:
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    write_pairs(recipe / "pairs.jsonl", 240)
+    rows = [json.loads(x) for x in (recipe / "pairs.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["split"] = "eval" if i % 5 == 0 else "train"
+        r["input"] += f" (ticket {i})"  # recipes never hold one input in both splits
+    (recipe / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {
+        "output_kind": "json",
+        "schema": {
+            "type": "object",
+            "properties": {"namespace": {"enum": list(WORDS)}},
+            "required": ["namespace"],
+        },
+        "verifier": [{"name": "json-schema"}, {"name": "closed-vocab", "fields": {"namespace": list(WORDS)}}],
+    }
+    (recipe / "spec.json").write_text(json.dumps(spec))
+    (recipe / "recipe.yaml").write_text(
+        'description: "router"\nbase: tiny-encoder\nk_floor: 0.8\nverifiers: [json-schema, closed-vocab]\n'
+        "training:\n  epochs: 2\n  lr: 0.003\n"
+    )
+    out = tmp_path / "r.kolm"
+    assert main(["compile", "--recipe", str(recipe), "--output", str(out), "--dry-run"]) == 0
+    assert "192 train / 48 eval" in capsys.readouterr().out and not out.exists()
+    (recipe / "spec.json").write_text(json.dumps({**spec, "verifier": [{"name": "nope"}]}))
+    assert main(["compile", "--recipe", str(recipe), "--output", str(out), "--dry-run"]) == 2
+    assert "nope" in _err(capsys)
+
+
+def test_subprocess_exit_code_for_bad_pairs(tmp_path: Path) -> None:
+    argv = compile_argv(tmp_path)
+    with (tmp_path / "pairs.jsonl").open("a") as f:
+        f.write("[1, 2]\n")
+    env = {**os.environ, "KOLM_SIGNING_KEY": KEY}
+    r = subprocess.run(
+        [sys.executable, "-m", "kolm_ray.cli", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 2 and "line 91: expected an object" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "tagger.kolm").exists()
+
+
+# ---- real compiles on Ray Train (one local Ray for the module) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_compile_writes_signed_artifact_that_runs(ray_local, tmp_path: Path, capsys) -> None:
+    argv = compile_argv(tmp_path, "--epochs", "6")
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"ok wrote {tmp_path / 'tagger.kolm'}"
+    assert out[1].startswith("   k_score=") and out[1].endswith("  signature=hmac-sha256")
+    assert main(["verify", str(tmp_path / "tagger.kolm")]) == 0
+    m = json.loads(zip_read(tmp_path / "tagger.kolm", "manifest.json"))
+    assert m["kind"] == "encoder-tagger" and m["metrics"]["k_score"] >= 0.5
+    assert {"brier", "ece", "field_accuracy", "temperature"} <= set(m["metrics"])
+    losses = m["metrics"]["training"]["losses"]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "tagger.kolm"), "how do i refund invoice charge"]) == 0
+    assert json.loads(capsys.readouterr().out)["namespace"] == "billing"
+
+
+@pytest.mark.slow
+def test_gate_below_floor_exits_3_and_writes_nothing(ray_local, tmp_path: Path, capsys) -> None:
+    argv = compile_argv(tmp_path, "--epochs", "1", floor="0.95")
+    write_pairs(tmp_path / "pairs.jsonl", 90, shuffle_labels=True)  # labels carry no signal: K ~ 1/3
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "below floor 0.95" in err and err.strip().splitlines()[-1].startswith("error: K-score ")
+    assert not (tmp_path / "tagger.kolm").exists() and not list(tmp_path.glob(".tagger.kolm*"))
+
+
+@pytest.mark.slow
+def test_lora_compile_of_local_qwen2_dir(ray_local, tmp_path: Path, capsys) -> None:
+    from kolm_ray.bases import resolve_base
+
+    local = tmp_path / "my-qwen2"
+    shutil.copytree(resolve_base("tiny-causal-lm").source, local)
+    argv = compile_argv(tmp_path, "--epochs", "4", "--lr", "0.01", base=str(local), n=45, floor="0.3")
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    m = json.loads(zip_read(tmp_path / "tagger.kolm", "manifest.json"))
+    assert m["kind"] == "causal-lm-lora" and m["base"]["source"] == str(local)
+    assert "adapter_model.safetensors" in m["files"] and "model.safetensors" not in m["files"]
+    assert main(["run", str(tmp_path / "tagger.kolm"), "how do i restart deploy worker"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["namespace"] in WORDS and 0 < answer["confidence"] <= 1  # scored, so always in vocabulary
+
+
+def zip_read(path: Path, name: str) -> bytes:
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        return z.read(name)
+
+
+def test_namespaces_file_must_be_names(tmp_path: Path, capsys) -> None:
+    argv = compile_argv(tmp_path)
+    write_namespaces(tmp_path / "namespaces.json").write_text(
+        '{"billing": "money", "runbooks": "ops", "incidents": "x"}'
+    )
+    assert main([*argv, "--dry-run"]) == 0
+    (tmp_path / "namespaces.json").write_text("[1, 2]")
+    assert main(argv) == 2
+    assert "non-empty JSON array of names" in _err(capsys)

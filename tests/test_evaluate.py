@@ -1,0 +1,61 @@
+"""K-score equality rules, Brier/ECE arithmetic, temperature fitting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kolm_ray.evaluate import (
+    brier,
+    ece,
+    field_correct,
+    fit_temperature,
+    split_for_calibration,
+    unwrap,
+    values_equal,
+)
+
+
+def test_values_equal_rules() -> None:
+    assert values_equal("  hello   world ", "hello world", 1e-6)
+    assert values_equal(1.0000001, 1.0, 1e-3) and not values_equal(1.1, 1.0, 1e-3)
+    assert values_equal(3, 3, 0) and not values_equal(3, 4, 0)
+    assert not values_equal(True, 1, 0) and values_equal(False, False, 0)
+    assert values_equal({"a": [1, "x"]}, {"a": [1, "x"]}, 0) and not values_equal(
+        {"a": 1}, {"a": 1, "b": 2}, 0
+    )
+
+
+def test_confidence_and_fallback_never_compared() -> None:
+    answer = {"namespace": "billing", "confidence": 0.2, "fallback": "broad"}
+    assert unwrap(answer) == {"namespace": "billing"}
+    assert field_correct(answer, {"namespace": "billing"}, 0) == {"namespace": True}
+    assert field_correct({"output": "hi", "confidence": 1.0}, "hi", 0) == {"output": True}
+
+
+def test_brier_and_ece_by_hand() -> None:
+    conf, right = [0.9, 0.8, 0.3, 0.6], [True, True, False, False]
+    assert brier(conf, right) == pytest.approx((0.01 + 0.04 + 0.09 + 0.36) / 4)
+    # bins: 0.3 -> acc 0 conf .3; 0.6 -> acc 0 conf .6; 0.8 -> 1 vs .8; 0.9 -> 1 vs .9
+    assert ece(conf, right) == pytest.approx((0.3 + 0.6 + 0.2 + 0.1) / 4)
+    assert brier([], []) == 0.0 and ece([], []) == 0.0
+
+
+def test_fit_temperature_recovers_true_temperature() -> None:
+    g = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 5, generator=g) * 2.0
+    targets = torch.multinomial(torch.softmax(true_logits, -1), 1, generator=g).squeeze(1)
+    t = fit_temperature(true_logits * 3.0, targets)  # overconfident by 3x
+    assert t == pytest.approx(3.0, rel=0.1)
+
+
+def test_fit_temperature_ignores_unknown_targets_and_masked_rows() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [float("-inf"), 1.0]])
+    assert 0.01 <= fit_temperature(logits, torch.tensor([0, -1, 1])) <= 100
+
+
+def test_calibration_split_is_disjoint_when_large() -> None:
+    cal, score, disjoint = split_for_calibration(100)
+    assert disjoint and not set(cal) & set(score) and len(cal) + len(score) == 100
+    cal, score, disjoint = split_for_calibration(10)
+    assert not disjoint and cal == score

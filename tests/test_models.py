@@ -1,0 +1,112 @@
+"""EncoderTagger (heads, masks, the "none of these" loss) and the causal-LM pieces (SFT labels, candidate
+scoring, LoRA), on tiny config-built models."""
+
+from __future__ import annotations
+
+import torch
+
+from kolm_ray.bases import resolve_base
+from kolm_ray.models import (
+    IGNORE,
+    EncoderTagger,
+    add_lora,
+    answer_text,
+    candidate_answers,
+    encoder_loss,
+    score_candidates,
+    sft_example,
+)
+
+LABELS = {"namespace": ["billing", "runbooks", "incidents"], "urgent": [True, False]}
+
+
+def _tagger() -> tuple[EncoderTagger, object]:
+    base = resolve_base("tiny-encoder")
+    torch.manual_seed(0)
+    return EncoderTagger(base.load_model(), LABELS), base.load_tokenizer()
+
+
+def test_tagger_forward_shapes_and_mask() -> None:
+    model, tok = _tagger()
+    model.eval()
+    enc = tok(["restart the worker", "refund"], padding=True, return_tensors="pt")
+    out = model(enc["input_ids"], enc["attention_mask"])
+    assert out["namespace"].shape == (2, 3) and out["urgent"].shape == (2, 2)
+    mask = {"namespace": torch.tensor([False, True, True])}
+    probs = torch.softmax(model(enc["input_ids"], enc["attention_mask"], masks=mask)["namespace"], -1)
+    assert torch.all(probs[:, 0] == 0) and torch.allclose(probs.sum(-1), torch.ones(2))
+
+
+def test_padding_does_not_change_pooled_output() -> None:
+    model, tok = _tagger()
+    model.eval()
+    one = tok(["restart"], return_tensors="pt")
+    two = tok(["restart", "restart the ingest worker please now"], padding=True, return_tensors="pt")
+    a = model.pooled(one["input_ids"], one["attention_mask"])[0]
+    b = model.pooled(two["input_ids"], two["attention_mask"])[0]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_negative_rows_push_toward_uniform() -> None:
+    logits = {"namespace": torch.tensor([[5.0, 0.0, 0.0]], requires_grad=True)}
+    loss = encoder_loss(logits, torch.tensor([[-1]]), torch.tensor([True]))
+    loss.backward()
+    g = logits["namespace"].grad[0]
+    assert g[0] > 0 and g[1] < 0 and g[2] < 0  # descent lowers the dominant logit, raises the others
+    uniform = {"namespace": torch.zeros(1, 3)}
+    assert encoder_loss(uniform, torch.tensor([[-1]]), torch.tensor([True])) < loss
+
+
+def test_sft_labels_cover_answer_only() -> None:
+    tok = resolve_base("tiny-causal-lm").load_tokenizer()
+    ids, labels = sft_example(tok, "restart the worker", {"namespace": "runbooks"})
+    answer = [t for t in labels if t != IGNORE]
+    assert tok.decode(answer) == '{"namespace": "runbooks"}<|im_end|>'
+    assert labels[: len(ids) - len(answer)] == [IGNORE] * (len(ids) - len(answer))
+    assert answer_text("plain") == "plain"
+
+
+def test_candidate_answers_respect_allowed() -> None:
+    c = candidate_answers({"namespace": ["a", "b", "c"]}, {"namespace": ["b", "c", "zzz"]})
+    assert c == [{"namespace": "b"}, {"namespace": "c"}]
+    assert candidate_answers({"x": list(range(30)), "y": list(range(30))}) == []  # too many to score
+
+
+def test_lora_sft_loss_falls_and_scoring_prefers_trained_answer() -> None:
+    from kolm_ray.models import pad_batch
+
+    base = resolve_base("tiny-causal-lm")
+    tok = base.load_tokenizer()
+    torch.manual_seed(0)
+    model = add_lora(base.load_model(), r=8, alpha=16)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 0 < trainable < sum(p.numel() for p in model.parameters()) / 2
+    rows = [
+        ("restart the ingest worker", {"namespace": "runbooks"}),
+        ("refund my invoice", {"namespace": "billing"}),
+    ]
+    ex = [sft_example(tok, i, o) for i, o in rows]
+    ids, mask, labels = pad_batch([e[0] for e in ex], [e[1] for e in ex], tok.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5
+    model.eval()
+    cands = [answer_text({"namespace": n}) for n in ("billing", "runbooks", "incidents")]
+    scores = score_candidates(model, tok, ["restart the ingest worker", "refund my invoice"], cands)
+    assert scores.shape == (2, 3) and torch.all(scores <= 0)
+    assert scores[0].argmax() == 1 and scores[1].argmax() == 0
+
+
+def test_generate_returns_text_and_confidence() -> None:
+    from kolm_ray.models import generate
+
+    base = resolve_base("tiny-causal-lm")
+    tok = base.load_tokenizer()
+    out = generate(base.load_model().eval(), tok, ["restart the worker"], max_new_tokens=5)
+    assert len(out) == 1 and isinstance(out[0][0], str) and 0 < out[0][1] <= 1
