@@ -191,7 +191,7 @@ def main() -> int:
     embed_cpu = 1000 * (time.process_time() - c0) / len(sample)
     print(f"{len(observations)} observations, {len(namespaces)} namespaces, {len(TASKS)} tasks -> {work}")
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     timing = {}
     results = {}
     try:

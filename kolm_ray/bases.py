@@ -234,6 +234,8 @@ def tiny_dir(name: str) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
             builder(tmp)
+            if target.exists():  # a partial directory (no config.json): replace it whole
+                shutil.rmtree(target)
             os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -98,11 +98,17 @@ def test_deepspeed_configs_resolve(name: str) -> None:
 def test_ray_train_two_workers_killed_worker_resumes(tmp_path: Path) -> None:
     import ray
 
+    from kolm_ray.bases import resolve_base
     from kolm_ray.train.trainer import fit
 
     marker = tmp_path / "killed"
+    base = resolve_base(
+        "tiny-encoder"
+    ).source  # built here once; workers load the directory (as compile does)
     cfg = TrainConfig(
-        **_config(tmp_path, epochs=3, kill_once={"rank": 1, "after_epoch": 1, "marker": str(marker)})
+        **_config(
+            tmp_path, base=base, epochs=3, kill_once={"rank": 1, "after_epoch": 1, "marker": str(marker)}
+        )
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:

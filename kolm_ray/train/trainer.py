@@ -83,10 +83,10 @@ def fit(
     Must run inside ray_session() (or an initialised Ray). use_gpu=None: GPUs when the cluster has them.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from kolm_ray.placement import accelerator_type, resolve_use_gpu, torch_threads, worker_resources
+    from kolm_ray.placement import resolve_use_gpu, scaling_config, torch_threads
 
     gpu = resolve_use_gpu(use_gpu)
     cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -99,12 +99,8 @@ def fit(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.to_dict(),
-        scaling_config=ScalingConfig(
-            num_workers=num_workers,
-            use_gpu=gpu,
-            resources_per_worker=worker_resources(gpu, per_worker),
-            accelerator_type=accelerator_type() if gpu else None,
-        ),
+        # GPUs (pinned to KOLM_ACCELERATOR_TYPE when set) and never a Mac node: see cluster/README.md.
+        scaling_config=scaling_config(num_workers, gpu, cpus_per_worker=per_worker),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
