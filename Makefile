@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(PY) -m kolm_ray.demo
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q --timeout=900
+	$(VENV)/bin/pytest -q --timeout=900 --durations=20
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow" --timeout=300
