@@ -1,8 +1,8 @@
 """kolm-ray: turn frontier-API traffic into small models you own.
 
-    import kolm_ray
-    kolm_ray.recipe_from_observations(observations, out_dir="./recipe-out")
-    kolm_ray.run("namespace-tagger.kolm", "how do I restart the ingest worker?")
+import kolm_ray
+kolm_ray.recipe_from_observations(observations, out_dir="./recipe-out")
+kolm_ray.run("namespace-tagger.kolm", "how do I restart the ingest worker?")
 """
 
 from __future__ import annotations

@@ -29,9 +29,15 @@ Builder = Callable[[argparse.ArgumentParser], None]
 def _capture(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=8700, help="port to bind (default 8700)")
-    p.add_argument("--store", default=None, help="observation store URL (default $KOLM_STORE or SQLite in $KOLM_HOME)")
-    p.add_argument("--openai-upstream", default=None, help="OpenAI-compatible upstream (default https://api.openai.com)")
-    p.add_argument("--anthropic-upstream", default=None, help="Anthropic upstream (default https://api.anthropic.com)")
+    p.add_argument(
+        "--store", default=None, help="observation store URL (default $KOLM_STORE or SQLite in $KOLM_HOME)"
+    )
+    p.add_argument(
+        "--openai-upstream", default=None, help="OpenAI-compatible upstream (default https://api.openai.com)"
+    )
+    p.add_argument(
+        "--anthropic-upstream", default=None, help="Anthropic upstream (default https://api.anthropic.com)"
+    )
 
 
 def _observations(p: argparse.ArgumentParser) -> None:
@@ -41,7 +47,9 @@ def _observations(p: argparse.ArgumentParser) -> None:
     ls.add_argument("--tenant")
     ls.add_argument("--verified", choices=["true", "false", "null"])
     ls.add_argument("--limit", type=int, default=100)
-    imp = sub.add_parser("import", help="import a JSON list or JSON lines of {namespace, input, output, verified?, tenant?}")
+    imp = sub.add_parser(
+        "import", help="import a JSON list or JSON lines of {namespace, input, output, verified?, tenant?}"
+    )
     imp.add_argument("file")
     imp.add_argument("--namespace", help="namespace for rows that name none")
     exp = sub.add_parser("export", help="write a namespace's observations as JSON lines")
@@ -61,12 +69,23 @@ def _cluster(p: argparse.ArgumentParser) -> None:
 
 def _recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", required=True)
-    p.add_argument("--cluster", type=int, default=None, help="cluster id from `kolm cluster` (default: the largest)")
+    p.add_argument(
+        "--cluster", type=int, default=None, help="cluster id from `kolm cluster` (default: the largest)"
+    )
     p.add_argument("--out", default="./recipe-out")
     p.add_argument("--verified-only", action="store_true", help="use only observations verified true")
-    p.add_argument("--base", default=None, help="base written into recipe.yaml (default: minilm-l6 when every output field is categorical, else qwen2.5-coder-0.5b)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base written into recipe.yaml (default: minilm-l6 when every output field is categorical, else qwen2.5-coder-0.5b)",
+    )
     p.add_argument("--store", default=None)
-    p.add_argument("--num-workers", type=int, default=None, help="featurize actors for the clustering (default: one per CPU)")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="featurize actors for the clustering (default: one per CPU)",
+    )
 
 
 def _compile(p: argparse.ArgumentParser) -> None:
@@ -75,16 +94,22 @@ def _compile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="qwen2.5-coder-0.5b|1.5b|3b|7b, minilm-l6, or a local HF model directory")
     p.add_argument("--pairs", help="JSON lines {input, output[, split]}")
     p.add_argument("--eval-pairs", help="JSON lines held out for the K-score")
-    p.add_argument("--namespaces", help="JSON array (or object name->description) closing the `namespace` field")
+    p.add_argument(
+        "--namespaces", help="JSON array (or object name->description) closing the `namespace` field"
+    )
     p.add_argument("--verifier", help="comma-separated verifiers, e.g. closed-vocab,calibrated-brier=0.10")
     p.add_argument("--k-floor", type=float, help="minimum K-score in [0, 1]")
     p.add_argument("--output", required=True, help="where to write the signed .kolm")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate (default per base kind; recipe.yaml training.lr)")
+    p.add_argument(
+        "--lr", type=float, help="peak learning rate (default per base kind; recipe.yaml training.lr)"
+    )
     p.add_argument("--num-workers", type=int)
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--deepspeed", help="DeepSpeed config JSON (configs/deepspeed/*.json)")
-    p.add_argument("--bundle-base", action="store_true", help="LoRA bases: write merged weights, not just the adapter")
+    p.add_argument(
+        "--bundle-base", action="store_true", help="LoRA bases: write merged weights, not just the adapter"
+    )
     p.add_argument("--dry-run", action="store_true", help="validate everything, train nothing, write nothing")
 
 
@@ -116,13 +141,33 @@ def _bench(p: argparse.ArgumentParser) -> None:
 # name -> (handler "module:function", help, argument builder)
 COMMANDS: dict[str, tuple[str, str, Builder]] = {
     "capture": ("kolm_ray.observations.capture:capture_command", "run the capture proxy", _capture),
-    "observations": ("kolm_ray.observations.cli:observations_command", "list, import or export observations", _observations),
-    "cluster": ("kolm_ray.clustering:cluster_command", "cluster a namespace's observations by intent (Ray Data)", _cluster),
+    "observations": (
+        "kolm_ray.observations.cli:observations_command",
+        "list, import or export observations",
+        _observations,
+    ),
+    "cluster": (
+        "kolm_ray.clustering:cluster_command",
+        "cluster a namespace's observations by intent (Ray Data)",
+        _cluster,
+    ),
     "recipe": ("kolm_ray.recipe:recipe_command", "write a recipe (pairs, spec, verifiers, K-floor)", _recipe),
-    "spec-schema": ("kolm_ray.spec:spec_schema_command", "print the JSON Schema that spec.json follows", lambda p: None),
-    "compile": ("kolm_ray.compile:compile_command", "fine-tune on Ray Train, gate on K-score, sign a .kolm", _compile),
+    "spec-schema": (
+        "kolm_ray.spec:spec_schema_command",
+        "print the JSON Schema that spec.json follows",
+        lambda p: None,
+    ),
+    "compile": (
+        "kolm_ray.compile:compile_command",
+        "fine-tune on Ray Train, gate on K-score, sign a .kolm",
+        _compile,
+    ),
     "run": ("kolm_ray.predictors:run_command", "run a .kolm artifact offline", _run),
-    "verify": ("kolm_ray.artifact:verify_command", "check a .kolm's signature and file hashes", _artifact_only),
+    "verify": (
+        "kolm_ray.artifact:verify_command",
+        "check a .kolm's signature and file hashes",
+        _artifact_only,
+    ),
     "inspect": ("kolm_ray.artifact:inspect_command", "print a .kolm's manifest", _artifact_only),
     "serve": ("kolm_ray.serving:serve_command", "run the Ray Serve recall router", _serve),
     "bench": ("kolm_ray.bench:bench_command", "load-test a running router", _bench),
@@ -130,7 +175,9 @@ COMMANDS: dict[str, tuple[str, str, Builder]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kolm", description="Turn frontier-API traffic into small models you own.")
+    parser = argparse.ArgumentParser(
+        prog="kolm", description="Turn frontier-API traffic into small models you own."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text, build) in COMMANDS.items():
         build(sub.add_parser(name, help=help_text, description=help_text))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import shutil
 import signal
 import socket
@@ -71,28 +70,50 @@ def capture(out: Path, calls: int, store_url: str) -> dict:
     upstream_url, stop_upstream = start_upstream_in_thread(latency_ms=5)
     port = _free_port()
     proxy = subprocess.Popen(
-        [sys.executable, "-m", "kolm_ray.cli", "capture", "--port", str(port), "--store", store_url,
-         "--openai-upstream", upstream_url, "--anthropic-upstream", upstream_url],
-        stdout=subprocess.DEVNULL, stderr=open(out / "capture.log", "w"),
+        [
+            sys.executable,
+            "-m",
+            "kolm_ray.cli",
+            "capture",
+            "--port",
+            str(port),
+            "--store",
+            store_url,
+            "--openai-upstream",
+            upstream_url,
+            "--anthropic-upstream",
+            upstream_url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(out / "capture.log", "w"),
     )
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_http(f"{base}/v1/bridges/namespaces", proxy)
-        client = openai.OpenAI(base_url=f"{base}/v1/capture/openai", api_key="sk-demo-not-a-real-key",
-                               default_headers={"X-Kolm-Namespace": DEMO_NAMESPACE}, max_retries=0)
+        client = openai.OpenAI(
+            base_url=f"{base}/v1/capture/openai",
+            api_key="sk-demo-not-a-real-key",
+            default_headers={"X-Kolm-Namespace": DEMO_NAMESPACE},
+            max_retries=0,
+        )
         items = generate_workload(calls, seed=0)
 
         def ask(item) -> bool:
             r = client.chat.completions.create(
                 model="gpt-4o-mini",
-                messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": item.query}],
+                messages=[
+                    {"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": item.query},
+                ],
             )
             return r.choices[0].message.content is not None
 
         from tqdm import tqdm
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            answered = sum(tqdm(pool.map(ask, items), total=len(items), desc="openai SDK -> proxy", unit="call"))
+            answered = sum(
+                tqdm(pool.map(ask, items), total=len(items), desc="openai SDK -> proxy", unit="call")
+            )
     finally:
         proxy.send_signal(signal.SIGTERM)  # the proxy drains its write queue before it exits
         proxy.wait(timeout=60)
@@ -130,7 +151,11 @@ def compile_tagger(out: Path, recipe_dir: str) -> dict:
     from kolm_ray.artifact import open_artifact
 
     manifest = open_artifact(artifact).manifest
-    return {"artifact": str(artifact), "k_score": manifest["metrics"]["k_score"], "metrics": manifest["metrics"]}
+    return {
+        "artifact": str(artifact),
+        "k_score": manifest["metrics"]["k_score"],
+        "metrics": manifest["metrics"],
+    }
 
 
 def serve_and_route(out: Path, artifact: str, queries: int) -> dict:
@@ -147,8 +172,11 @@ def serve_and_route(out: Path, artifact: str, queries: int) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(app_builder({"artifact": artifact, "tenants": str(REPO / "configs/tenants.yaml")}),
-                  name="recall", route_prefix="/")
+        serve.run(
+            app_builder({"artifact": artifact, "tenants": str(REPO / "configs/tenants.yaml")}),
+            name="recall",
+            route_prefix="/",
+        )
         url = f"http://127.0.0.1:{port}/v1/recall/route"
         held_out = generate_workload(queries, seed=12345, noise=0.0)
         headers = {"Authorization": f"Bearer {DEMO_TENANT_KEY}"}
@@ -207,20 +235,32 @@ def main(argv: list[str] | None = None) -> int:
     route = serve_and_route(out, comp["artifact"], args.route_queries)
     route["seconds"] = time.perf_counter() - t
 
-    summary = {"capture": cap, "recipe": {k: rec[k] for k in ("recipe_dir", "k_floor", "seconds")},
-               "compile": {k: comp[k] for k in ("artifact", "k_score", "seconds")}, "route": route,
-               "total_seconds": time.perf_counter() - t_all}
+    summary = {
+        "capture": cap,
+        "recipe": {k: rec[k] for k in ("recipe_dir", "k_floor", "seconds")},
+        "compile": {k: comp[k] for k in ("artifact", "k_score", "seconds")},
+        "route": route,
+        "total_seconds": time.perf_counter() - t_all,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     print("\n== 5. summary")
     print(f"  observations captured  {cap['stored']} of {cap['answered']} answered calls")
     print(f"  recipe                 {rec['recipe_dir']}  (k_floor {rec['k_floor']:.2f})")
-    print(f"  compiled               {comp['artifact']}  (k_score {comp['k_score']:.3f}, signature hmac-sha256)")
-    print(f"  route accuracy         {route['narrow_accuracy']:.3f} on narrow answers, "
-          f"fallback (broad) {route['fallback_share']:.1%} of {route['queries']} held-out queries")
-    print(f"  route latency          p50 {route['p50_ms']:.1f} ms, p99 {route['p99_ms']:.1f} ms (sequential, via Serve)")
+    print(
+        f"  compiled               {comp['artifact']}  (k_score {comp['k_score']:.3f}, signature hmac-sha256)"
+    )
+    print(
+        f"  route accuracy         {route['narrow_accuracy']:.3f} on narrow answers, "
+        f"fallback (broad) {route['fallback_share']:.1%} of {route['queries']} held-out queries"
+    )
+    print(
+        f"  route latency          p50 {route['p50_ms']:.1f} ms, p99 {route['p99_ms']:.1f} ms (sequential, via Serve)"
+    )
     print(f"  total                  {summary['total_seconds']:.0f} s; summary in {out / 'summary.json'}")
-    print("\nnext: serve run deployments/recall.yaml   (then POST /v1/recall/route with 'Bearer demo-acme-key')")
+    print(
+        "\nnext: serve run deployments/recall.yaml   (then POST /v1/recall/route with 'Bearer demo-acme-key')"
+    )
     return 0
 
 

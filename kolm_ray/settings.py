@@ -42,7 +42,9 @@ def admin_token() -> str | None:
     if token is None:
         return None
     if token.strip().lower() in _PLACEHOLDERS:
-        raise KolmError("KOLM_ADMIN_TOKEN is set to an empty or placeholder value; set a real token or unset it")
+        raise KolmError(
+            "KOLM_ADMIN_TOKEN is set to an empty or placeholder value; set a real token or unset it"
+        )
     return token
 
 

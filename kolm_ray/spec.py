@@ -79,7 +79,9 @@ def validate_spec(data: Any, source: str = "spec") -> Spec:
     from kolm_ray.verifiers import check_verifier_specs
 
     validator = jsonschema.Draft202012Validator(spec_json_schema())
-    problems = [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in validator.iter_errors(data)]
+    problems = [
+        f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in validator.iter_errors(data)
+    ]
     if problems:
         raise KolmError(f"{source} is not a valid spec: " + "; ".join(sorted(problems)))
     spec = Spec.model_validate(data)

@@ -191,7 +191,9 @@ def check_verifier_specs(spec: Spec, source: str = "spec") -> None:
     if problems:
         raise KolmError(f"{source}: " + "; ".join(problems) + f"; known: {known()}")
     if spec.get("closed-vocab") and not spec.vocab():
-        raise KolmError(f"{source}: closed-vocab needs a vocabulary (--namespaces, `fields`, or schema enums)")
+        raise KolmError(
+            f"{source}: closed-vocab needs a vocabulary (--namespaces, `fields`, or schema enums)"
+        )
 
 
 def build(spec: Spec) -> list[Verifier]:

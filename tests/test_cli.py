@@ -38,9 +38,27 @@ def test_each_handler_imports(name):
 
 def test_unknown_verifier_is_one_line_exit_2():
     proc = subprocess.run(
-        [sys.executable, "-m", "kolm_ray.cli", "compile", "x", "--base", "minilm-l6", "--pairs", "nope.jsonl",
-         "--verifier", "closed-vocab,bogus", "--k-floor", "0.8", "--output", "x.kolm", "--dry-run"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "kolm_ray.cli",
+            "compile",
+            "x",
+            "--base",
+            "minilm-l6",
+            "--pairs",
+            "nope.jsonl",
+            "--verifier",
+            "closed-vocab,bogus",
+            "--k-floor",
+            "0.8",
+            "--output",
+            "x.kolm",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

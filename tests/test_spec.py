@@ -38,8 +38,12 @@ def test_parse_verifier_list():
 
 @pytest.mark.parametrize(
     "text, needle",
-    [("bogus", "unknown verifier 'bogus'"), ("calibrated-brier", "needs a threshold"),
-     ("calibrated-brier=x", "takes a number"), ("calibrated-brier=2", "not in [0, 1]")],
+    [
+        ("bogus", "unknown verifier 'bogus'"),
+        ("calibrated-brier", "needs a threshold"),
+        ("calibrated-brier=x", "takes a number"),
+        ("calibrated-brier=2", "not in [0, 1]"),
+    ],
 )
 def test_parse_verifier_list_errors(text, needle):
     with pytest.raises(KolmError, match=needle.replace("[", r"\[").replace("]", r"\]")) as e:
@@ -78,8 +82,13 @@ def test_byte_grounded_and_numeric_range():
     spec = validate_spec(
         {
             "output_kind": "json",
-            "schema": {"type": "object", "properties": {"name": {"type": "string"},
-                                                        "qty": {"type": "integer", "minimum": 1, "maximum": 9}}},
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "qty": {"type": "integer", "minimum": 1, "maximum": 9},
+                },
+            },
             "verifier": [{"name": "byte-grounded", "fields": ["name"]}, {"name": "numeric-range"}],
         }
     )
