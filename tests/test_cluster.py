@@ -573,7 +573,11 @@ def test_drill_node_lost_mid_training_resumes_from_checkpoint(sim, tmp_path, mon
     fit = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
     fit.start()
     deadline = time.monotonic() + 120
-    while not list(markers.glob("epoch1-*")):
+    # the node dies once epoch 1 ran and the controller has registered a checkpoint (its snapshot is on disk)
+    while not (
+        list(markers.glob("epoch1-*"))
+        and list(tmp_path.glob("ray_results/*/checkpoint_manager_snapshot.json"))
+    ):
         assert time.monotonic() < deadline and fit.is_alive(), "training never reached epoch 1"
         time.sleep(0.2)
     first_node = next(markers.glob("epoch1-*")).name.split("-", 1)[1]

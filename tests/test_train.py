@@ -107,7 +107,15 @@ def test_ray_train_two_workers_killed_worker_resumes(tmp_path: Path) -> None:
     ).source  # built here once; workers load the directory (as compile does)
     cfg = TrainConfig(
         **_config(
-            tmp_path, base=base, epochs=3, kill_once={"rank": 1, "after_epoch": 1, "marker": str(marker)}
+            tmp_path,
+            base=base,
+            epochs=3,
+            kill_once={
+                "rank": 1,
+                "after_epoch": 1,
+                "marker": str(marker),
+                "wait_for": str(tmp_path / "storage" / "*" / "checkpoint_manager_snapshot.json"),
+            },
         )
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False)

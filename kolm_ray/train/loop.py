@@ -85,7 +85,9 @@ class TrainConfig:
     output_dir: str | None = None
     resume_from: str | None = None
     kill_once: dict[str, Any] | None = None
-    """Test hook: {"rank": r, "after_epoch": e, "marker": path} SIGKILLs that worker once."""
+    """Test hook: {"rank": r, "after_epoch": e, "marker": path, "wait_for": glob} SIGKILLs that worker once,
+    after a file matching `wait_for` exists (e.g. Ray Train's checkpoint-manager snapshot), so the kill lands
+    after the controller has registered a checkpoint rather than racing it."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -441,6 +443,13 @@ def _maybe_kill(cfg: TrainConfig, rank: int, epoch: int) -> None:
     marker = Path(k["marker"])
     if marker.exists():
         return
+    if k.get("wait_for"):
+        import glob
+        import time
+
+        deadline = time.monotonic() + 120
+        while not glob.glob(k["wait_for"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
     marker.write_text(str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
 
