@@ -1,6 +1,6 @@
 """Quality and cost of a compiled namespace tagger on CLINC150, against frozen MiniLM + logistic regression.
 
-    .venv/bin/python benchmarks/compile_tagger.py [--epochs 2] [--num-workers 2] [--freeze-layers 2]
+    .venv/bin/python benchmarks/compile_tagger.py [--epochs 3] [--num-workers 2] [--freeze-layers 2]
 
 Data (../shared/datasets/clinc150, never copied): the 10 domains are the namespaces; `train` (15,000)
 trains, `val` (3,000) is the compile's eval set (temperature fitted on half, gate on all), and the
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -209,14 +210,19 @@ def plot(results: dict, curves: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument(
         "--freeze-layers", type=int, default=2, help="lowest MiniLM layers kept frozen (CPU time)"
     )
-    ap.add_argument("--negative-weight", type=float, default=2.0, help="weight of the out-of-scope loss")
+    ap.add_argument("--negative-weight", type=float, default=4.0, help="weight of the out-of-scope loss")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument(
+        "--artifact-out",
+        default=str(REPO / "bench-out" / "clinc-domains.kolm"),
+        help="where the compiled artifact is kept (benchmarks/recall.py serves it)",
+    )
     a = ap.parse_args()
     os.environ.setdefault("KOLM_HOME", tempfile.mkdtemp(prefix="kolm-bench-home-"))
     d = load(Path(a.data))
@@ -225,6 +231,9 @@ def main() -> int:
         results["kolm compile (minilm-l6)"], curves["kolm compile (minilm-l6)"] = run_compile(
             d, Path(tmp), a.epochs, a.num_workers, a.freeze_layers, a.negative_weight
         )
+        keep = Path(a.artifact_out)
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(tmp) / "clinc-domains.kolm", keep)
     if not a.skip_baseline:
         results["frozen MiniLM + logreg"], curves["frozen MiniLM + logreg"] = run_baseline(d)
     ours = results["kolm compile (minilm-l6)"]

