@@ -224,7 +224,8 @@ def main() -> int:
         help="where the compiled artifact is kept (benchmarks/recall.py serves it)",
     )
     a = ap.parse_args()
-    os.environ.setdefault("KOLM_HOME", tempfile.mkdtemp(prefix="kolm-bench-home-"))
+    # No private KOLM_HOME: the artifact is signed with the user's key, so benchmarks/recall.py and
+    # `kolm run` verify it (compile removes its Ray Train run directory when it is done).
     d = load(Path(a.data))
     results, curves = {}, {}
     with tempfile.TemporaryDirectory(prefix="kolm-bench-") as tmp:

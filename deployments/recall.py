@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +62,16 @@ def _resolve(path: str) -> str:
     # One replica per CPU it asks for; ONNX Runtime runs 1 intra-op thread per replica (KOLM_SERVE_THREADS),
     # so two replicas on a 2-core machine do not fight over cores.
     ray_actor_options={"num_cpus": 1},
-    # A replica holds at most two full batches (~72 ms of work, inside the budget): the next batch forms
-    # while one runs, and further requests wait in the caller's queue for a free replica (where the budget
+    # A CPU replica scores one query in ~4-5 ms (ONNX Runtime fp32, one thread), so 16 in flight is ~80 ms of
+    # work: about the budget. Further requests wait in the caller's queue for a free replica (where the budget
     # cuts them off and the route answers broad) instead of behind a backlog they cannot outlive.
     max_ongoing_requests=16,
     autoscaling_config={
         "min_replicas": 1,  # always one warm replica: a cold start (verify + ONNX export) takes seconds
         "max_replicas": 2,  # 2 cores here; raise with the cluster's CPUs (each replica takes num_cpus=1)
-        # Scale up when a replica averages more than 8 requests in flight: one full batch (8 queries take
-        # ~36 ms on one core with ONNX Runtime fp32), i.e. about a third of the budget spent queueing.
-        "target_ongoing_requests": 8,
+        # Scale up when a replica averages more than 4 requests in flight: ~20 ms of queueing, a fifth of
+        # the budget.
+        "target_ongoing_requests": 4,
         "upscale_delay_s": 3,  # react within a few seconds to a load step
         "downscale_delay_s": 60,  # keep the second replica through short lulls (restart costs seconds)
         "metrics_interval_s": 1,
@@ -103,7 +104,11 @@ class NamespaceTagger:
             self.backend = self.fast.backend
         else:
             self.backend = f"predictor:{self.predictor.kind}"
-        log.info("NamespaceTagger ready: device=%s backend=%s", self.device, self.backend)
+        self.batched = self.device != "cpu"
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagger")
+        log.info(
+            "NamespaceTagger ready: device=%s backend=%s batched=%s", self.device, self.backend, self.batched
+        )
 
     def _score(self, queries: list[str], namespaces: list[list[str]]) -> list[dict[str, Any]]:
         if self.fast is not None:
@@ -120,17 +125,32 @@ class NamespaceTagger:
                 out[i] = {"namespace": ans.get("namespace"), "confidence": ans.get("confidence", 0.0)}
         return out
 
-    # Dynamic batching: up to 8 queries (from any tenants) per forward pass. On CPU a batch saves little per
-    # query (6.6 ms alone vs ~4.5 ms each in a batch of 8) but a batch of 16 takes ~70 ms, which a query
-    # arriving just after it started must wait out: 8 keeps that wait near a third of the 100 ms budget.
-    # Wait at most 2 ms for the batch to fill; a lone request pays those 2 ms, nothing more.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def score(self, queries: list[str], namespaces: list[list[str]]) -> list[dict[str, Any]]:
-        # In a thread (ONNX Runtime and torch release the GIL) so the next batch can queue meanwhile.
-        return await asyncio.to_thread(self._score, queries, namespaces)
+    async def score(self, query: str, namespaces: list[str]) -> dict[str, Any]:
+        """One caller's query against its own namespaces."""
+        if self.batched:
+            return await self._score_batch(query, namespaces)
+        return (await self._run(self._score, [query], [namespaces]))[0]
+
+    # Dynamic batching, on GPUs only. Measured on the 2-core CPU machine (benchmarks/recall.py), a batch buys
+    # nothing there: ONNX Runtime takes 3.7-4.9 ms for one query and 28-45 ms for eight, and @serve.batch
+    # itself adds ~4.5 ms at p50 to a lone request (HAProxy + throughput-optimized Serve: 10.5 ms for an
+    # ingress -> batched no-op tagger vs 5.9 ms unbatched). On a GPU a batch of 16 costs about what one does.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _score_batch(self, queries: list[str], namespaces: list[list[str]]) -> list[dict[str, Any]]:
+        return await self._run(self._score, queries, namespaces)
+
+    async def _run(self, fn, *args):
+        # One inference thread (ONNX Runtime and torch release the GIL): the event loop keeps taking requests
+        # and health checks; queued calls whose caller gave up (budget) are cancelled before they run.
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def info(self) -> dict[str, Any]:
-        return {"device": self.device, "backend": self.backend, "report": self.report}
+        return {
+            "device": self.device,
+            "backend": self.backend,
+            "batched": self.batched,
+            "report": self.report,
+        }
 
 
 @serve.deployment(

@@ -27,6 +27,7 @@ from kolm_ray.errors import KolmError
 
 ROUTE = "/v1/recall/route"
 DEMO_KEY = "demo-acme-key"  # the documented demo tenant (configs/tenants.yaml); never a real secret
+SATURATED_MS = 1000  # a rate whose median waits this long is past saturation: stop offering more
 BUDGET_MS = 100.0
 Send = Callable[[str], Awaitable[tuple[int, dict[str, Any]]]]
 
@@ -141,6 +142,9 @@ async def run_rates(
             f"errors {row['errors']}  fallback {row['fallback_share']}",
             flush=True,
         )
+        if row["p50"] is None or row["p50"] > SATURATED_MS:
+            print(f"  saturated at {rps:.0f} rps (p50 over {SATURATED_MS} ms): higher rates skipped", flush=True)
+            break
     return rows
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import shutil
 import signal
 import socket
@@ -166,9 +167,12 @@ def serve_and_route(out: Path, artifact: str, queries: int) -> dict:
     from ray import serve
 
     from deployments.recall import app_builder
+    from kolm_ray.serving import fast_serve_env
     from kolm_ray.simulate import generate_workload
 
     port = _free_port()
+    if not os.environ.get("RAY_ADDRESS"):
+        fast_serve_env()  # HAProxy + throughput-optimized Serve, as `kolm serve` starts it
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
