@@ -143,7 +143,9 @@ async def run_rates(
             flush=True,
         )
         if row["p50"] is None or row["p50"] > SATURATED_MS:
-            print(f"  saturated at {rps:.0f} rps (p50 over {SATURATED_MS} ms): higher rates skipped", flush=True)
+            print(
+                f"  saturated at {rps:.0f} rps (p50 over {SATURATED_MS} ms): higher rates skipped", flush=True
+            )
             break
     return rows
 
