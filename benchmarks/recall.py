@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -63,9 +64,7 @@ def clinc_queries(n: int, seed: int = 0) -> tuple[list[str], list[str], list[str
     if not (CLINC / "data_full.json").exists():
         return [], [], []
     data = json.loads((CLINC / "data_full.json").read_text())
-    domain = {
-        i: d for d, intents in json.loads((CLINC / "domains.json").read_text()).items() for i in intents
-    }
+    domain = {i: d for d, intents in _clinc_domains().items() for i in intents}
     rng = random.Random(seed)
     test = rng.sample(data["test"], min(n, len(data["test"])))
     oos = [t for t, _ in rng.sample(data["oos_test"], min(n // 5, len(data["oos_test"])))]
@@ -88,9 +87,11 @@ def held_out_queries(labels: list[str], n: int, seed: int = 0) -> tuple[list[str
     return [w.query for w in items], [w.namespace for w in items], oos, "stand-in workload (fresh seed)"
 
 
-def _clinc_domains() -> list[str]:
+@functools.cache
+def _clinc_domains() -> dict[str, list[str]]:
+    """CLINC150 domain -> its intents ({} when the data set is absent)."""
     path = CLINC / "domains.json"
-    return list(json.loads(path.read_text())) if path.exists() else []
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def bench_tenants(labels: list[str], directory: Path) -> Path:

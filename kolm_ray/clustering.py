@@ -236,7 +236,10 @@ class MiniLMEmbedder:
             # masks): a featurize actor starts without importing transformers, which took ~4 s of its start.
             self.tokenizer = Tokenizer.from_file(str(Path(_model_dir()) / "tokenizer.json"))
             self.tokenizer.enable_truncation(MAX_LENGTH)
-            self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch
+            pad = (
+                self.tokenizer.padding
+            )  # the file pads to a fixed 128: keep its pad token, pad to the longest
+            self.tokenizer.enable_padding(pad_id=pad["pad_id"], pad_token=pad["pad_token"])
 
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads or 0

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kolm_ray.bases import Base, resolve_base
-from kolm_ray.errors import GateError, KolmError
+from kolm_ray.errors import GateError, KolmError, read_json_file
 from kolm_ray.spec import Spec, VerifierSpec, load_spec, validate_spec
 from kolm_ray.train.data import load_pairs, stratified_split
 from kolm_ray.verifiers import build, hard_failures, parse_verifier_list
@@ -69,13 +69,7 @@ class Plan:
 
 
 def _read_namespaces(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise KolmError(f"--namespaces {path}: no such file")
-    try:
-        data = json.loads(p.read_text())
-    except ValueError as e:
-        raise KolmError(f"--namespaces {path}: not JSON ({e})") from None
+    data = read_json_file(path, f"--namespaces {path}")
     names = list(data) if isinstance(data, dict) else data
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise KolmError(
@@ -171,10 +165,7 @@ def _read_deepspeed(path: str) -> dict[str, Any]:
         p = DEEPSPEED_DIR / path
     if not p.is_file():
         raise KolmError(f"--deepspeed {path}: no such file (see configs/deepspeed/)")
-    try:
-        cfg = json.loads(p.read_text())
-    except ValueError as e:
-        raise KolmError(f"--deepspeed {path}: not JSON ({e})") from None
+    cfg = read_json_file(p, f"--deepspeed {path}")
     stage = cfg.get("zero_optimization", {}).get("stage")
     if stage not in (0, 1, 2, 3):
         raise KolmError(f"--deepspeed {path}: zero_optimization.stage must be 0-3")

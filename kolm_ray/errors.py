@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI turns each into one readable line and its exit code."""
 
+from __future__ import annotations
+
 
 class KolmError(Exception):
     """A user mistake (bad flag, bad file, bad input): exit 2, nothing written."""
@@ -17,3 +19,18 @@ class ArtifactError(KolmError):
     """A .kolm file is tampered, truncated, wrongly keyed or not an artifact: exit 4."""
 
     exit_code = 4
+
+
+def read_json_file(path, label: str | None = None):
+    """A user's JSON file, or a KolmError naming it (`label`, default the path): missing or not JSON."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    label = label or str(path)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise KolmError(f"{label}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise KolmError(f"{label}: not JSON ({e.msg} at line {e.lineno})") from None

@@ -181,45 +181,35 @@ class FastTagger:
 # --- the forms ---------------------------------------------------------------------------------------------
 
 
-def _torch_eager(parts: EncoderParts, threads: int, workdir: str) -> Callable:
+def _torch_runner(module: Callable, grad_off: Callable) -> Callable:
+    """run(enc) for a torch module (plain or compiled) under a no-grad context."""
     import torch
 
     def run(enc: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.no_grad():
-            return parts.module(
-                torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
-            ).numpy()
+        with grad_off():
+            return module(torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])).numpy()
 
     return run
+
+
+def _torch_eager(parts: EncoderParts, threads: int, workdir: str) -> Callable:
+    import torch
+
+    return _torch_runner(parts.module, torch.no_grad)
 
 
 def _torch_inference(parts: EncoderParts, threads: int, workdir: str) -> Callable:
     import torch
 
     torch.set_num_threads(threads)
-
-    def run(enc: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            return parts.module(
-                torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
-            ).numpy()
-
-    return run
+    return _torch_runner(parts.module, torch.inference_mode)
 
 
 def _torch_compile(parts: EncoderParts, threads: int, workdir: str) -> Callable:
     import torch
 
     torch.set_num_threads(threads)
-    compiled = torch.compile(parts.module, dynamic=True)
-
-    def run(enc: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            return compiled(
-                torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
-            ).numpy()
-
-    return run
+    return _torch_runner(torch.compile(parts.module, dynamic=True), torch.inference_mode)
 
 
 def export_onnx(parts: EncoderParts, path: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field
 
-from kolm_ray.errors import KolmError
+from kolm_ray.errors import KolmError, read_json_file
 
 SCHEMA_FILE = "kolm-verifier-spec.schema.json"
 CONFIDENCE_FIELD = "confidence"  # judged by calibration, never by equality
@@ -90,14 +90,7 @@ def validate_spec(data: Any, source: str = "spec") -> Spec:
 
 
 def load_spec(path: str | Path) -> Spec:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KolmError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise KolmError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
-    return validate_spec(data, str(path))
+    return validate_spec(read_json_file(path), str(path))
 
 
 def spec_schema_command(args) -> int:
