@@ -5,8 +5,10 @@
 Data (../shared/datasets/clinc150, never copied): the 10 domains are the namespaces; `train` (15,000)
 trains, `val` (3,000) is the compile's eval set (temperature fitted on half, gate on all), and the
 finished artifact is scored on `test` (4,500) through open_predictor, the path `kolm run` and Serve use.
-oos_train + oos_val (200 queries that belong to no domain) are "none of these" rows trained toward a
-uniform answer; oos_test (1,000) measures how many out-of-scope queries fall back to broad at 0.7.
+oos_train (100 queries that belong to no domain) are "none of these" rows trained toward a uniform
+answer; oos_val (100) are the eval's negative rows (half fit the temperature beside the in-scope half of
+val, see kolm_ray/evaluate.py); oos_test (1,000) measures how many out-of-scope queries fall back to broad
+at 0.7.
 
 Baseline in the same run: frozen all-MiniLM-L6-v2 sentence embeddings (mean pooled, L2-normalised) +
 scikit-learn LogisticRegression, its predict_proba max as the confidence.
@@ -50,7 +52,8 @@ def load(data_dir: Path) -> dict:
         "train": rows("train"),
         "val": rows("val"),
         "test": rows("test"),
-        "oos_train": [t for t, _ in full["oos_train"]] + [t for t, _ in full["oos_val"]],
+        "oos_train": [t for t, _ in full["oos_train"]],
+        "oos_val": [t for t, _ in full["oos_val"]],
         "oos_test": [t for t, _ in full["oos_test"]],
     }
 
@@ -85,7 +88,10 @@ def run_compile(
         for t in d["oos_train"]:
             f.write(json.dumps({"input": t, "output": None, "split": "negative"}) + "\n")
     evals = work / "eval.jsonl"
-    evals.write_text("".join(json.dumps(r) + "\n" for r in d["val"]))
+    evals.write_text(
+        "".join(json.dumps(r) + "\n" for r in d["val"])
+        + "".join(json.dumps({"input": t, "output": None, "split": "negative"}) + "\n" for t in d["oos_val"])
+    )
     ns = work / "namespaces.json"
     ns.write_text(json.dumps(d["namespaces"]))
     out = work / "clinc-domains.kolm"
@@ -118,6 +124,8 @@ def run_compile(
         val_k_score=manifest_metrics["k_score"],
         val_brier=manifest_metrics["brier"],
         temperature=manifest_metrics["temperature"],
+        val_negatives_broad=manifest_metrics.get("negatives_broad"),
+        calibration=manifest_metrics.get("calibration"),
         losses=result.metrics.get("losses"),
         settings={**plan.training, "num_workers": workers},
     )

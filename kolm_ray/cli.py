@@ -61,7 +61,12 @@ def _observations(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--namespace", required=True)
+    p.add_argument(
+        "--namespace",
+        required=True,
+        action="append",
+        help="namespace to cluster; repeat it to cluster several in one pass (one featurize pool)",
+    )
     p.add_argument("--store", default=None)
     p.add_argument("--num-workers", type=int, default=None, help="featurize actors (default: one per CPU)")
     p.add_argument("--json", action="store_true", help="print the clusters as JSON")

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 TRAINING_KEYS = {
     "epochs", "lr", "head_lr", "batch_size", "max_len", "freeze_layers", "freeze_embeddings", "negative_weight",
+    "mix_weight", "calibration_negative_weight",
     "lora_r", "lora_alpha", "warmup", "weight_decay", "gradient_checkpointing", "seed", "num_workers",
     "max_failures",
 }  # fmt: skip
@@ -284,7 +285,7 @@ def validate(args) -> Plan:
         eval_rows=[{"input": r["input"], "output": r["output"]} for r in held],
         eval_negatives=[r["input"] for r in extra_eval if r["split"] == "negative"],
         labels=labels,
-        training={**DEFAULTS[base.kind], **(base.training or {}), **training},
+        training={**DEFAULTS[base.kind], **_router_defaults(spec, base), **(base.training or {}), **training},
         num_workers=num_workers,
         max_failures=int(training.pop("max_failures", 1)),
         use_gpu=use_gpu,
@@ -292,6 +293,14 @@ def validate(args) -> Plan:
         deepspeed_path=ds_path,
         bundle_base=bool(getattr(args, "bundle_base", False)),
     )
+
+
+def _router_defaults(spec: Spec, base: Base) -> dict[str, Any]:
+    """A tagger that falls back to broad below a confidence must not be confident off its classes: train
+    it on mixed-representation pseudo-outliers too (models.encoder_loss)."""
+    if base.kind == "encoder" and spec.get("low-confidence-fallback-broad") is not None:
+        return {"mix_weight": 0.25}
+    return {}
 
 
 # ---- train -------------------------------------------------------------------------------------------------
@@ -364,11 +373,18 @@ def stage(plan: Plan, checkpoint_dir: Path, staging: Path) -> str:
 
 def evaluate_staged(plan: Plan, staging: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Load the staged files through the same Predictor `kolm run` uses, calibrate, and score."""
-    from kolm_ray.evaluate import evaluate
+    from kolm_ray.evaluate import NEGATIVE_CALIBRATION_WEIGHT, evaluate
     from kolm_ray.predictors import CALIBRATION_FILE, predictor_from_dir
 
     predictor = predictor_from_dir(staging, manifest)
-    metrics = evaluate(predictor, plan.eval_rows, plan.spec, negatives=plan.eval_negatives, progress=True)
+    metrics = evaluate(
+        predictor,
+        plan.eval_rows,
+        plan.spec,
+        negatives=plan.eval_negatives,
+        negative_weight=float(plan.training.get("calibration_negative_weight", NEGATIVE_CALIBRATION_WEIGHT)),
+        progress=True,
+    )
     (staging / CALIBRATION_FILE).write_text(json.dumps({"temperature": predictor.temperature}, indent=2))
     return metrics
 

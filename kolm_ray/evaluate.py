@@ -8,6 +8,13 @@ never by equality; `fallback` is derived from confidence and never compared.
 Calibration: one temperature per calibration key (field, or the joint answer of a causal LM), fitted by
 LBFGS on the negative log-likelihood of a calibration slice of the eval pairs; Brier (the contract's
 confidence Brier: mean (confidence - 1[right])^2) and ECE are reported on the rest, so they are honest.
+When the eval has negative rows (inputs no value answers), the temperature is instead the one minimising
+the confidence Brier over both populations: (1 - w) * Brier on labelled pairs + w * mean confidence^2 on
+negatives (on a negative every answer is wrong, so its ideal confidence is 0). NLL on labelled pairs alone
+never sees those inputs and leaves them confident, and the fallback threshold exists for them. w (training
+setting `calibration_negative_weight`, default 0.1) moves along a trade-off: on the CLINC150 tagger,
+w = 0.1 / 0.2 / 0.5 gave test Brier 0.019 / 0.024 / 0.059 and out-of-scope -> broad 0.78 / 0.82 / 0.90
+(benchmarks/compile_tagger.py). Half the negatives fit, the other half score `negatives_broad`.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from kolm_ray.verifiers import build, hard_failures
 
 CALIBRATION_FRACTION = 0.5  # of the eval pairs, used to fit temperatures (the rest scores calibration)
 MIN_CALIBRATION = 20  # below this many eval pairs, fit and score on all of them (and say so)
+NEGATIVE_CALIBRATION_WEIGHT = 0.1  # share of the temperature objective given to negative rows
 
 
 def _norm(s: str) -> str:
@@ -113,6 +121,33 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
     return t if math.isfinite(t) and 0.01 <= t <= 100 else 1.0
 
 
+def fit_temperature_with_negatives(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    negative_logits: torch.Tensor,
+    weight: float = NEGATIVE_CALIBRATION_WEIGHT,
+) -> float:
+    """Temperature minimising (1 - weight) * Brier(confidence, right) on labelled rows + weight *
+    mean(confidence^2) on negative rows, confidence being the top softmax probability (a 1-D search
+    over log T)."""
+    keep = (targets >= 0) & torch.isfinite(logits).all(dim=-1)
+    logits, targets = logits[keep].float(), targets[keep]
+    negative_logits = negative_logits.float()
+    if len(targets) == 0 or len(negative_logits) == 0 or logits.shape[-1] < 2:
+        return fit_temperature(logits, targets)
+    right = (logits.argmax(dim=-1) == targets).float()
+
+    def loss(t: torch.Tensor) -> torch.Tensor:  # t: (m,) candidate temperatures -> (m,) losses
+        conf = torch.softmax(logits[None] / t[:, None, None], dim=-1).amax(dim=-1)
+        neg = torch.softmax(negative_logits[None] / t[:, None, None], dim=-1).amax(dim=-1)
+        return (1 - weight) * ((conf - right) ** 2).mean(dim=-1) + weight * (neg**2).mean(dim=-1)
+
+    grid = torch.logspace(-2, 2, 401)  # T in [0.01, 100], 1% steps; then one finer pass around the best
+    best = float(grid[int(loss(grid).argmin())])
+    fine = torch.linspace(best * 0.98, best * 1.02, 81)
+    return float(fine[int(loss(fine).argmin())])
+
+
 def split_for_calibration(n: int, seed: int = 0) -> tuple[list[int], list[int], bool]:
     """(calibration indices, scoring indices, disjoint?) for n eval pairs."""
     idx = list(range(n))
@@ -123,11 +158,24 @@ def split_for_calibration(n: int, seed: int = 0) -> tuple[list[int], list[int], 
     return sorted(idx[:k]), sorted(idx[k:]), True
 
 
-def calibrate(predictor, inputs: Sequence[str], outputs: Sequence[Any]) -> dict[str, float]:
-    """Fit and set predictor.temperature from the given pairs; returns it."""
+def calibrate(
+    predictor,
+    inputs: Sequence[str],
+    outputs: Sequence[Any],
+    negatives: Sequence[str] = (),
+    negative_weight: float = NEGATIVE_CALIBRATION_WEIGHT,
+) -> dict[str, float]:
+    """Fit and set predictor.temperature from the given pairs (and negatives); returns it."""
     logits = predictor.calibration_logits(list(inputs))
     targets = predictor.calibration_targets(list(outputs))
-    temps = {k: fit_temperature(lg, targets[k]) for k, lg in logits.items() if k in targets}
+    neg = predictor.calibration_logits(list(negatives)) if negatives else {}
+    temps = {
+        k: fit_temperature_with_negatives(lg, targets[k], neg[k], negative_weight)
+        if k in neg
+        else fit_temperature(lg, targets[k])
+        for k, lg in logits.items()
+        if k in targets
+    }
     predictor.temperature = temps
     return temps
 
@@ -139,6 +187,7 @@ def evaluate(
     *,
     fit: bool = True,
     negatives: Sequence[str] = (),
+    negative_weight: float = NEGATIVE_CALIBRATION_WEIGHT,
     batch_size: int = 256,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -151,11 +200,19 @@ def evaluate(
     inputs = [p["input"] for p in pairs]
     golds = [p["output"] for p in pairs]
     cal_idx, score_idx, disjoint = split_for_calibration(len(pairs))
+    neg_cal, neg_score, _ = split_for_calibration(len(negatives), seed=1)
     if not fit:  # temperatures already fixed (a finished artifact): score calibration on every pair
         cal_idx, score_idx, disjoint = [], list(range(len(pairs))), True
+        neg_cal, neg_score = [], list(range(len(negatives)))
     temps = predictor.temperature
     if fit:
-        temps = calibrate(predictor, [inputs[i] for i in cal_idx], [golds[i] for i in cal_idx])
+        temps = calibrate(
+            predictor,
+            [inputs[i] for i in cal_idx],
+            [golds[i] for i in cal_idx],
+            [negatives[i] for i in neg_cal],
+            negative_weight,
+        )
     answers: list[dict] = []
     bar = None
     if progress:
@@ -193,7 +250,13 @@ def evaluate(
         "temperature": temps,
         "brier": brier(sc_conf, sc_right),
         "ece": ece(sc_conf, sc_right),
-        "calibration": {"n_fit": len(cal_idx), "n_scored": len(score_idx), "disjoint": disjoint},
+        "calibration": {
+            "n_fit": len(cal_idx),
+            "n_scored": len(score_idx),
+            "disjoint": disjoint,
+            "n_negatives_fit": len(neg_cal),
+            "objective": f"brier-with-negatives (weight {negative_weight})" if neg_cal else "nll",
+        },
         "failures": failures,
     }
     if predictor.fallback_threshold is not None:
@@ -209,9 +272,10 @@ def evaluate(
                 "passed": ok,
             }
     if negatives:
+        scored = [negatives[i] for i in neg_score]
         neg = []
-        for i in range(0, len(negatives), batch_size):
-            neg.extend(predictor.predict(list(negatives[i : i + batch_size])))
+        for i in range(0, len(scored), batch_size):
+            neg.extend(predictor.predict(scored[i : i + batch_size]))
         threshold = predictor.fallback_threshold or 0.7
         metrics["negatives_broad"] = sum(a.get(CONFIDENCE_FIELD, 0.0) < threshold for a in neg) / len(neg)
     return metrics

@@ -60,9 +60,20 @@ class EncoderTagger(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         masks: dict[str, torch.Tensor] | None = None,
+        mix_partner: torch.Tensor | None = None,
+        mix_lambda: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-field logits (batch, n_values); values where masks[field] is False get -inf."""
-        pooled = self.dropout(self.pooled(input_ids, attention_mask))
+        """Per-field logits (batch, n_values); values where masks[field] is False get -inf.
+
+        Training with mix_partner (batch,) and mix_lambda (batch,): `batch` more rows follow the real ones,
+        row i's pooled vector mixed with row mix_partner[i]'s (lambda * a + (1 - lambda) * b), for
+        encoder_loss's pseudo-outliers.
+        """
+        pooled = self.pooled(input_ids, attention_mask)
+        if mix_partner is not None and mix_lambda is not None:
+            lam = mix_lambda.to(pooled.dtype).unsqueeze(-1)
+            pooled = torch.cat([pooled, lam * pooled + (1 - lam) * pooled[mix_partner]])
+        pooled = self.dropout(pooled)
         out = {}
         for field, head in zip(self.fields, self.heads, strict=True):
             logits = head(pooled)
@@ -77,23 +88,37 @@ def encoder_loss(
     targets: torch.Tensor,
     negative: torch.Tensor,
     negative_weight: float = 1.0,
+    mix_partner: torch.Tensor | None = None,
+    mix_weight: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy per field for labelled rows; for `negative` rows ("none of these"), the KL divergence
     from the uniform distribution, which pushes their confidence down toward 1/n_values.
 
+    With mix_partner (the logits then hold the forward's mixed rows after the real ones): the same KL on
+    each mixed row whose two sources have different values for the field. These pseudo-outliers sit
+    between the classes, where out-of-scope inputs tend to land; trained toward "none of these", they
+    keep the head from being confident there (Zhan et al., ACL 2021, mix in-domain representations the
+    same way for out-of-scope intent detection).
+
     targets: (batch, n_fields) value index, -1 where a row has no label for that field.
     """
     total = torch.zeros((), device=targets.device)
+    n = targets.shape[0]
     for i, lg in enumerate(logits.values()):
         logp = torch.log_softmax(lg.float(), dim=-1)
+        # KL(uniform || p) = cross-entropy to uniform - log(n): same gradient, and 0 when p is uniform
+        kl = -logp.mean(dim=-1) - math.log(lg.shape[-1])
         t = targets[:, i]
         pos = (t >= 0) & ~negative
         if pos.any():
-            total = total + nn.functional.nll_loss(logp[pos], t[pos])
+            total = total + nn.functional.nll_loss(logp[:n][pos], t[pos])
         if negative.any():
-            # KL(uniform || p) = cross-entropy to uniform - log(n): same gradient, and 0 when p is uniform
-            kl = -logp[negative].mean(dim=-1) - math.log(lg.shape[-1])
-            total = total + negative_weight * kl.mean()
+            total = total + negative_weight * kl[:n][negative].mean()
+        if mix_partner is not None and mix_weight > 0:
+            other = t[mix_partner]
+            apart = pos & (other >= 0) & ~negative[mix_partner] & (t != other)
+            if apart.any():
+                total = total + mix_weight * kl[n:][apart].mean()
     return total
 
 

@@ -186,3 +186,35 @@ def test_empty_namespace_is_a_clear_error(ray_local, store_url, capsys):
         from kolm_ray.clustering import cluster_namespace
 
         cluster_namespace("sqlite:////nonexistent/dir/obs.db", "x")
+
+
+@pytest.mark.slow
+def test_one_pass_over_several_namespaces_keeps_them_apart(ray_local, store_url, tmp_path, capsys):
+    from kolm_ray.cli import main
+    from kolm_ray.clustering import cluster_members, cluster_namespaces
+    from kolm_ray.observations.model import Observation
+    from kolm_ray.observations.store import open_store
+
+    # a second namespace beside "support": the extractor task again, under other ids
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    store = open_store(url)
+    store.append_many([Observation(**{**o, "namespace": "support"}) for o in rd.categorical(120, seed=3)[0]])
+    store.append_many(
+        [Observation(**{**o, "id": "b" + o["id"], "namespace": "billing"}) for o in rd.extractive(80, seed=4)]
+    )
+    store.close()
+    results = cluster_namespaces(url, ["support", "billing"], num_workers=2, summarize=False)
+    assert results["support"].rows == 120 and results["billing"].rows == 80
+    for ns, want in (("support", 120), ("billing", 80)):
+        res = results[ns]
+        assert sum(c["size"] for c in res.clusters) == want
+        ids = [m["id"] for c in res.clusters for m in cluster_members(res, c["id"])[0]]
+        assert len(ids) == want and all(i.startswith("b") == (ns == "billing") for i in ids)
+
+    argv = ["cluster", "--namespace", "support", "--namespace", "billing", "--store", url, "--json"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [d["namespace"] for d in printed["namespaces"]] == ["support", "billing"]
+    assert [sum(c["size"] for c in d["clusters"]) for d in printed["namespaces"]] == [120, 80]
+    assert main(["cluster", "--namespace", "support", "--namespace", "nobody", "--store", url]) == 2
+    assert "'nobody' has no observations" in capsys.readouterr().err

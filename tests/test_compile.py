@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from compile_helpers import WORDS, compile_argv, write_namespaces, write_pairs
+from compile_helpers import WORDS, build_artifact_without_ray, compile_argv, write_namespaces, write_pairs
 
 from kolm_ray.cli import main
 
@@ -221,3 +221,25 @@ def test_namespaces_file_must_be_names(tmp_path: Path, capsys) -> None:
     (tmp_path / "namespaces.json").write_text("[1, 2]")
     assert main(argv) == 2
     assert "non-empty JSON array of names" in _err(capsys)
+
+
+def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_path: Path) -> None:
+    from kolm_ray.cli import build_parser
+    from kolm_ray.compile import validate
+    from kolm_ray.evaluate import evaluate
+    from kolm_ray.predictors import open_predictor
+
+    artifact, _ = build_artifact_without_ray(tmp_path)
+    evals = write_pairs(tmp_path / "eval.jsonl", 30, seed=5)
+    with evals.open("a") as f:
+        for i in range(40):
+            f.write(json.dumps({"input": f"weather on mars {i}", "output": None, "split": "negative"}) + "\n")
+    plan = validate(build_parser().parse_args(compile_argv(tmp_path, "--eval-pairs", str(evals))))
+    assert plan.training["mix_weight"] == 0.25  # a router (fallback verifier): pseudo-outliers on
+    assert len(plan.eval_negatives) == 40 and len(plan.eval_rows) == 30
+
+    with open_predictor(artifact) as p:
+        metrics = evaluate(p, plan.eval_rows, plan.spec, negatives=plan.eval_negatives)
+    cal = metrics["calibration"]
+    assert cal["n_negatives_fit"] == 20 and cal["objective"].startswith("brier-with-negatives")
+    assert 0.0 <= metrics["negatives_broad"] <= 1.0

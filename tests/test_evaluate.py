@@ -10,6 +10,7 @@ from kolm_ray.evaluate import (
     ece,
     field_correct,
     fit_temperature,
+    fit_temperature_with_negatives,
     split_for_calibration,
     unwrap,
     values_equal,
@@ -59,3 +60,20 @@ def test_calibration_split_is_disjoint_when_large() -> None:
     assert disjoint and not set(cal) & set(score) and len(cal) + len(score) == 100
     cal, score, disjoint = split_for_calibration(10)
     assert not disjoint and cal == score
+
+
+def test_temperature_with_negatives_trades_labelled_brier_for_low_negative_confidence() -> None:
+    g = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(2000, 5, generator=g) * 2.0
+    targets = torch.multinomial(torch.softmax(true_logits, -1), 1, generator=g).squeeze(1)
+    negatives = torch.randn(500, 5, generator=g) * 2.0  # out-of-scope rows the model is as sure about
+
+    def neg_conf(t: float) -> float:
+        return float(torch.softmax(negatives / t, -1).amax(-1).mean())
+
+    nll_t = fit_temperature(true_logits, targets)
+    low, high = (fit_temperature_with_negatives(true_logits, targets, negatives, w) for w in (0.1, 0.5))
+    assert nll_t < low < high  # more weight on negatives: a flatter softmax
+    assert neg_conf(high) < neg_conf(low) < neg_conf(nll_t)
+    # no negatives: the NLL fit
+    assert fit_temperature_with_negatives(true_logits, targets, torch.empty(0, 5)) == pytest.approx(nll_t)

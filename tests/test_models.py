@@ -110,3 +110,23 @@ def test_generate_returns_text_and_confidence() -> None:
     tok = base.load_tokenizer()
     out = generate(base.load_model().eval(), tok, ["restart the worker"], max_new_tokens=5)
     assert len(out) == 1 and isinstance(out[0][0], str) and 0 < out[0][1] <= 1
+
+
+def test_mixed_rows_count_only_between_different_labels() -> None:
+    model, tok = _tagger()
+    model.eval()
+    enc = tok(["refund", "restart the worker", "page on-call"], padding=True, return_tensors="pt")
+    partner, lam = torch.tensor([1, 0, 2]), torch.tensor([0.5, 0.5, 0.5])
+    out = model(enc["input_ids"], enc["attention_mask"], mix_partner=partner, mix_lambda=lam)
+    assert out["namespace"].shape == (6, 3)  # the real rows, then one mixed row per real row
+    pooled = model.pooled(enc["input_ids"], enc["attention_mask"])
+    mixed = model.heads[0](0.5 * pooled[0] + 0.5 * pooled[1])
+    assert torch.allclose(out["namespace"][3], mixed, atol=1e-5)
+
+    targets, negative = torch.tensor([[0, 0], [1, 0], [2, 1]]), torch.zeros(3, dtype=torch.bool)
+    plain = encoder_loss({k: v[:3] for k, v in out.items()}, targets, negative)
+    with_mix = encoder_loss(out, targets, negative, mix_partner=partner, mix_weight=1.0)
+    # namespace: rows 0 and 1 mix different labels (counted), row 2 mixes with itself (not counted);
+    # urgent: rows 0 and 1 share False, so no mixed row counts for that field
+    kl = -torch.log_softmax(out["namespace"][3:5], -1).mean(-1) - torch.log(torch.tensor(3.0))
+    assert torch.allclose(with_mix - plain, kl.mean(), atol=1e-5)

@@ -72,6 +72,9 @@ class TrainConfig:
     """Encoder taggers: also freeze this many lowest encoder layers (faster CPU epochs)."""
     negative_weight: float = 1.0
     """Weight of the "none of these" loss on negative rows."""
+    mix_weight: float = 0.0
+    """Encoder taggers: weight of the "none of these" loss on pseudo-outliers, pooled vectors of two rows
+    with different labels mixed (lambda in [0.3, 0.7]); compile turns it on for routers (fallback verifier)."""
     lora_r: int = 16
     lora_alpha: int = 32
     gradient_checkpointing: bool = False
@@ -238,8 +241,16 @@ def _compute_loss(model, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> to
     from kolm_ray.models import encoder_loss
 
     if cfg.kind == "encoder":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return encoder_loss(logits, batch["targets"], batch["negative"], cfg.negative_weight)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if cfg.mix_weight <= 0:
+            logits = model(input_ids=ids, attention_mask=mask)
+            return encoder_loss(logits, batch["targets"], batch["negative"], cfg.negative_weight)
+        partner = torch.randperm(len(ids)).to(ids.device)
+        lam = torch.empty(len(ids)).uniform_(0.3, 0.7).to(ids.device)
+        logits = model(input_ids=ids, attention_mask=mask, mix_partner=partner, mix_lambda=lam)
+        return encoder_loss(
+            logits, batch["targets"], batch["negative"], cfg.negative_weight, partner, cfg.mix_weight
+        )
     return model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
     ).loss
