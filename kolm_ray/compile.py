@@ -42,6 +42,7 @@ TRAINING_KEYS = {
     "lora_r", "lora_alpha", "warmup", "weight_decay", "gradient_checkpointing", "seed", "num_workers",
     "max_failures",
 }  # fmt: skip
+COMPILE_ONLY_KEYS = ("num_workers", "max_failures", "calibration_negative_weight")  # not TrainConfig fields
 
 
 @dataclass
@@ -306,10 +307,23 @@ def _router_defaults(spec: Spec, base: Base) -> dict[str, Any]:
 # ---- train -------------------------------------------------------------------------------------------------
 
 
+def train_config(plan: Plan, deepspeed: dict[str, Any] | None = None):
+    """The per-worker TrainConfig: the plan's training settings minus those compile itself uses."""
+    from kolm_ray.train.loop import TrainConfig
+
+    return TrainConfig(
+        base=plan.base.source if plan.base.is_local else plan.base.name,
+        kind=plan.base.kind,
+        rows=plan.train_rows,
+        labels=plan.labels,
+        deepspeed=deepspeed,
+        **{k: v for k, v in plan.training.items() if k not in COMPILE_ONLY_KEYS},
+    )
+
+
 def train(plan: Plan, workdir: Path):
     """Fine-tune on Ray Train (GPU workers with DeepSpeed when the cluster has GPUs, else DDP on CPU)."""
     from kolm_ray.placement import cluster_gpus, resolve_use_gpu
-    from kolm_ray.train.loop import TrainConfig
     from kolm_ray.train.trainer import fit, ray_session
 
     with ray_session():
@@ -318,15 +332,7 @@ def train(plan: Plan, workdir: Path):
         ds = plan.deepspeed
         if ds is None and gpu and plan.base.kind == "causal-lm":
             ds = json.loads((DEEPSPEED_DIR / "zero2.json").read_text())  # ZeRO-2 when workers have GPUs
-        extra = {k: v for k, v in plan.training.items() if k not in ("num_workers", "max_failures")}
-        cfg = TrainConfig(
-            base=plan.base.source if plan.base.is_local else plan.base.name,
-            kind=plan.base.kind,
-            rows=plan.train_rows,
-            labels=plan.labels,
-            deepspeed=ds,
-            **extra,
-        )
+        cfg = train_config(plan, ds)
         print(
             f"training {plan.base.name} ({plan.base.kind}) on {len(plan.train_rows)} pairs: "
             f"{workers} Ray Train worker(s), {'GPU' if gpu else 'CPU'}"

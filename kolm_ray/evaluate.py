@@ -99,12 +99,15 @@ def ece(confidences: Sequence[float], correct: Sequence[bool], bins: int = 10) -
     return total
 
 
+def _labelled(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows with a known target and no masked (-inf) value, as float32."""
+    keep = (targets >= 0) & torch.isfinite(logits).all(dim=-1)
+    return logits[keep].float(), targets[keep]
+
+
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
     """Temperature T minimising NLL of softmax(logits / T) on rows with a known target (LBFGS on log T)."""
-    keep = targets >= 0
-    logits, targets = logits[keep].float(), targets[keep]
-    finite = torch.isfinite(logits).all(dim=-1)
-    logits, targets = logits[finite], targets[finite]
+    logits, targets = _labelled(logits, targets)
     if len(targets) == 0 or logits.shape[-1] < 2:
         return 1.0
     log_t = torch.zeros(1, requires_grad=True)
@@ -130,17 +133,19 @@ def fit_temperature_with_negatives(
     """Temperature minimising (1 - weight) * Brier(confidence, right) on labelled rows + weight *
     mean(confidence^2) on negative rows, confidence being the top softmax probability (a 1-D search
     over log T)."""
-    keep = (targets >= 0) & torch.isfinite(logits).all(dim=-1)
-    logits, targets = logits[keep].float(), targets[keep]
+    logits, targets = _labelled(logits, targets)
     negative_logits = negative_logits.float()
     if len(targets) == 0 or len(negative_logits) == 0 or logits.shape[-1] < 2:
         return fit_temperature(logits, targets)
     right = (logits.argmax(dim=-1) == targets).float()
 
-    def loss(t: torch.Tensor) -> torch.Tensor:  # t: (m,) candidate temperatures -> (m,) losses
-        conf = torch.softmax(logits[None] / t[:, None, None], dim=-1).amax(dim=-1)
-        neg = torch.softmax(negative_logits[None] / t[:, None, None], dim=-1).amax(dim=-1)
-        return (1 - weight) * ((conf - right) ** 2).mean(dim=-1) + weight * (neg**2).mean(dim=-1)
+    def loss(temps: torch.Tensor) -> torch.Tensor:  # (m,) candidate temperatures -> (m,) losses
+        out = []
+        for t in temps.split(8):  # 8 at a time: (8, rows, values) stays small for 512-answer scorers
+            conf = torch.softmax(logits[None] / t[:, None, None], dim=-1).amax(dim=-1)
+            neg = torch.softmax(negative_logits[None] / t[:, None, None], dim=-1).amax(dim=-1)
+            out.append((1 - weight) * ((conf - right) ** 2).mean(dim=-1) + weight * (neg**2).mean(dim=-1))
+        return torch.cat(out)
 
     grid = torch.logspace(-2, 2, 401)  # T in [0.01, 100], 1% steps; then one finer pass around the best
     best = float(grid[int(loss(grid).argmin())])

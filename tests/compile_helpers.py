@@ -49,16 +49,15 @@ def compile_argv(
 
 def build_artifact_without_ray(tmp: Path, epochs: int = 6, base: str = "tiny-encoder") -> tuple[Path, dict]:
     """validate -> train_loop_per_worker (plain, no Ray) -> build_artifact: the compile phases minus Ray."""
+    from dataclasses import replace
+
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile import build_artifact, validate
-    from kolm_ray.train.loop import TrainConfig, train_loop_per_worker
+    from kolm_ray.compile import build_artifact, train_config, validate
+    from kolm_ray.train.loop import train_loop_per_worker
 
     args = build_parser().parse_args(compile_argv(tmp, "--epochs", str(epochs), base=base))
     plan = validate(args)
-    cfg = TrainConfig(
-        base=plan.base.source, kind=plan.base.kind, rows=plan.train_rows, labels=plan.labels,
-        output_dir=str(tmp / "run"), progress=False, **plan.training,
-    )  # fmt: skip
+    cfg = replace(train_config(plan), output_dir=str(tmp / "run"), progress=False)
     metrics = train_loop_per_worker(cfg.to_dict())
     build_artifact(plan, Path(metrics["checkpoint"]), {"losses": metrics["losses"]}, tmp)
     return plan.output, metrics

@@ -243,3 +243,13 @@ def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_
     cal = metrics["calibration"]
     assert cal["n_negatives_fit"] == 20 and cal["objective"].startswith("brier-with-negatives")
     assert 0.0 <= metrics["negatives_broad"] <= 1.0
+
+
+def test_calibration_weight_is_a_compile_setting_not_a_train_one(tmp_path: Path) -> None:
+    from kolm_ray.cli import build_parser
+    from kolm_ray.compile import train_config, validate
+
+    plan = validate(build_parser().parse_args(compile_argv(tmp_path)))
+    plan.training.update(calibration_negative_weight=0.3, max_failures=2, num_workers=2)
+    cfg = train_config(plan)
+    assert cfg.mix_weight == 0.25 and not hasattr(cfg, "calibration_negative_weight")

@@ -242,11 +242,10 @@ def _compute_loss(model, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> to
 
     if cfg.kind == "encoder":
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        if cfg.mix_weight <= 0:
-            logits = model(input_ids=ids, attention_mask=mask)
-            return encoder_loss(logits, batch["targets"], batch["negative"], cfg.negative_weight)
-        partner = torch.randperm(len(ids)).to(ids.device)
-        lam = torch.empty(len(ids)).uniform_(0.3, 0.7).to(ids.device)
+        partner = lam = None
+        if cfg.mix_weight > 0:  # pseudo-outliers: each row's pooled vector mixed with a random other's
+            partner = torch.randperm(len(ids)).to(ids.device)
+            lam = torch.empty(len(ids)).uniform_(0.3, 0.7).to(ids.device)
         logits = model(input_ids=ids, attention_mask=mask, mix_partner=partner, mix_lambda=lam)
         return encoder_loss(
             logits, batch["targets"], batch["negative"], cfg.negative_weight, partner, cfg.mix_weight
