@@ -6,9 +6,9 @@ Data (../shared/datasets/clinc150, never copied): the 10 domains are the namespa
 trains, `val` (3,000) is the compile's eval set (temperature fitted on half, gate on all), and the
 finished artifact is scored on `test` (4,500) through open_predictor, the path `kolm run` and Serve use.
 oos_train (100 queries that belong to no domain) are "none of these" rows trained toward a uniform
-answer; oos_val (100) are the eval's negative rows (half fit the temperature beside the in-scope half of
-val, see kolm_ray/evaluate.py); oos_test (1,000) measures how many out-of-scope queries fall back to broad
-at 0.7.
+answer; oos_val (100) are the eval's negative rows (half fit the temperature and the class-distance "none
+of these" logit beside the in-scope half of val, see kolm_ray/evaluate.py); oos_test (1,000) measures how
+many out-of-scope queries fall back to broad at 0.7.
 
 Baseline in the same run: frozen all-MiniLM-L6-v2 sentence embeddings (mean pooled, L2-normalised) +
 scikit-learn LogisticRegression, its predict_proba max as the confidence.

@@ -347,7 +347,7 @@ def stage(plan: Plan, checkpoint_dir: Path, staging: Path) -> str:
     import torch
     from safetensors.torch import save_file
 
-    from kolm_ray.models import EncoderTagger, add_lora
+    from kolm_ray.models import EncoderTagger, add_lora, fit_gaussians
     from kolm_ray.predictors import TAGGER_FILE
     from kolm_ray.train.loop import WEIGHTS, load_trainable
 
@@ -355,6 +355,8 @@ def stage(plan: Plan, checkpoint_dir: Path, staging: Path) -> str:
     if plan.base.kind == "encoder":
         model = EncoderTagger(plan.base.load_model(), plan.labels)
         load_trainable(model, checkpoint_dir / WEIGHTS)
+        if plan.eval_negatives:  # "none of these" inputs to calibrate a distance against: keep class shapes
+            fit_gaussians(model, tokenizer, plan.train_rows, int(plan.training.get("max_len", 64)))
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         model.encoder.config.save_pretrained(staging)
@@ -391,7 +393,7 @@ def evaluate_staged(plan: Plan, staging: Path, manifest: dict[str, Any]) -> dict
         negative_weight=float(plan.training.get("calibration_negative_weight", NEGATIVE_CALIBRATION_WEIGHT)),
         progress=True,
     )
-    (staging / CALIBRATION_FILE).write_text(json.dumps({"temperature": predictor.temperature}, indent=2))
+    (staging / CALIBRATION_FILE).write_text(json.dumps(predictor.calibration(), indent=2))
     return metrics
 
 

@@ -8,13 +8,16 @@ never by equality; `fallback` is derived from confidence and never compared.
 Calibration: one temperature per calibration key (field, or the joint answer of a causal LM), fitted by
 LBFGS on the negative log-likelihood of a calibration slice of the eval pairs; Brier (the contract's
 confidence Brier: mean (confidence - 1[right])^2) and ECE are reported on the rest, so they are honest.
-When the eval has negative rows (inputs no value answers), the temperature is instead the one minimising
-the confidence Brier over both populations: (1 - w) * Brier on labelled pairs + w * mean confidence^2 on
+When the eval has negative rows (inputs no value answers), the calibration instead minimises the
+confidence Brier over both populations: (1 - w) * Brier on labelled pairs + w * mean confidence^2 on
 negatives (on a negative every answer is wrong, so its ideal confidence is 0). NLL on labelled pairs alone
-never sees those inputs and leaves them confident, and the fallback threshold exists for them. w (training
-setting `calibration_negative_weight`, default 0.1) moves along a trade-off: on the CLINC150 tagger,
-w = 0.1 / 0.2 / 0.5 gave test Brier 0.019 / 0.024 / 0.059 and out-of-scope -> broad 0.78 / 0.82 / 0.90
-(benchmarks/compile_tagger.py). Half the negatives fit, the other half score `negatives_broad`.
+never sees those inputs and leaves them confident, and the fallback threshold exists for them. For an
+encoder router with class distances (models.ClassGaussians), it fits a "none of these" logit beside the
+temperature (fit_outlier_calibration); otherwise the temperature alone. Half the negatives fit, the other
+half score `negatives_broad`. w (training setting `calibration_negative_weight`, default 0.06) moves along a
+trade-off; on the CLINC150 tagger (benchmarks/compile_tagger.py, test Brier / out-of-scope -> broad):
+temperature alone, w = 0.1 / 0.2 / 0.5: 0.019 / 0.78, 0.024 / 0.82, 0.059 / 0.90; with the distance logit,
+w = 0.04 / 0.05 / 0.06 / 0.07: 0.0172 / 0.787, 0.0179 / 0.805, 0.0186 / 0.816, 0.0192 / 0.821.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from kolm_ray.verifiers import build, hard_failures
 
 CALIBRATION_FRACTION = 0.5  # of the eval pairs, used to fit temperatures (the rest scores calibration)
 MIN_CALIBRATION = 20  # below this many eval pairs, fit and score on all of them (and say so)
-NEGATIVE_CALIBRATION_WEIGHT = 0.1  # share of the temperature objective given to negative rows
+NEGATIVE_CALIBRATION_WEIGHT = 0.06  # share of the calibration objective given to negative rows
 
 
 def _norm(s: str) -> str:
@@ -153,6 +156,48 @@ def fit_temperature_with_negatives(
     return float(fine[int(loss(fine).argmin())])
 
 
+def fit_outlier_calibration(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    distances: torch.Tensor,
+    negative_logits: torch.Tensor,
+    negative_distances: torch.Tensor,
+    weight: float = NEGATIVE_CALIBRATION_WEIGHT,
+) -> tuple[float, dict[str, float]]:
+    """Temperature T and the "none of these" logit weight * (nearest class distance - offset) minimising
+    the same objective as fit_temperature_with_negatives, with confidence from models.outlier_probs.
+
+    Three parameters, bounded (T in [0.05, 20], weight in [0, 10], offset in [0, 20], distances being in
+    units of a typical in-scope distance), fitted by L-BFGS-B from a small grid of starts: with few
+    negatives the objective has flat stretches and a single start can stall on one. weight 0 is plain
+    temperature scaling, so the fit can only do as well or better on this objective.
+    """
+    from scipy.optimize import minimize
+
+    from kolm_ray.models import outlier_probs
+
+    keep = (targets >= 0) & torch.isfinite(logits).all(dim=-1)
+    logits, targets, distances = logits[keep].double(), targets[keep], distances[keep].double()
+    negative_logits, negative_distances = negative_logits.double(), negative_distances.double()
+    right = (logits.argmax(dim=-1) == targets).double()
+
+    def objective(p) -> float:
+        t, outlier = math.exp(p[0]), {"weight": float(p[1]), "offset": float(p[2])}
+        conf = outlier_probs(logits, t, distances, outlier).amax(dim=-1).double()
+        neg = outlier_probs(negative_logits, t, negative_distances, outlier).amax(dim=-1).double()
+        return float((1 - weight) * ((conf - right) ** 2).mean() + weight * (neg**2).mean())
+
+    t0 = fit_temperature_with_negatives(logits, targets, negative_logits, weight)
+    starts = [(math.log(t0), 0.0, 0.0)] + [
+        (math.log(t0), w, c) for w in (0.5, 2.0, 8.0) for c in (1.0, 2.0, 4.0)
+    ]
+    bounds = [(math.log(0.05), math.log(20.0)), (0.0, 10.0), (0.0, 20.0)]
+    best = min(
+        (minimize(objective, s, method="L-BFGS-B", bounds=bounds) for s in starts), key=lambda r: r.fun
+    )
+    return float(math.exp(best.x[0])), {"weight": float(best.x[1]), "offset": float(best.x[2])}
+
+
 def split_for_calibration(n: int, seed: int = 0) -> tuple[list[int], list[int], bool]:
     """(calibration indices, scoring indices, disjoint?) for n eval pairs."""
     idx = list(range(n))
@@ -170,18 +215,25 @@ def calibrate(
     negatives: Sequence[str] = (),
     negative_weight: float = NEGATIVE_CALIBRATION_WEIGHT,
 ) -> dict[str, float]:
-    """Fit and set predictor.temperature from the given pairs (and negatives); returns it."""
-    logits = predictor.calibration_logits(list(inputs))
+    """Fit and set predictor.temperature (and predictor.outlier, for keys with class distances and given
+    negatives) from the given pairs; returns the temperatures."""
+    logits, dists = predictor.calibration_scores(list(inputs))
     targets = predictor.calibration_targets(list(outputs))
-    neg = predictor.calibration_logits(list(negatives)) if negatives else {}
-    temps = {
-        k: fit_temperature_with_negatives(lg, targets[k], neg[k], negative_weight)
-        if k in neg
-        else fit_temperature(lg, targets[k])
-        for k, lg in logits.items()
-        if k in targets
-    }
+    neg, neg_dists = predictor.calibration_scores(list(negatives)) if negatives else ({}, {})
+    temps, outliers = {}, {}
+    for k, lg in logits.items():
+        if k not in targets:
+            continue
+        if k in neg and k in dists and k in neg_dists:
+            temps[k], outliers[k] = fit_outlier_calibration(
+                lg, targets[k], dists[k], neg[k], neg_dists[k], negative_weight
+            )
+        elif k in neg:
+            temps[k] = fit_temperature_with_negatives(lg, targets[k], neg[k], negative_weight)
+        else:
+            temps[k] = fit_temperature(lg, targets[k])
     predictor.temperature = temps
+    predictor.outlier = outliers
     return temps
 
 
@@ -261,6 +313,7 @@ def evaluate(
             "disjoint": disjoint,
             "n_negatives_fit": len(neg_cal),
             "objective": f"brier-with-negatives (weight {negative_weight})" if neg_cal else "nll",
+            "outlier": predictor.outlier,
         },
         "failures": failures,
     }

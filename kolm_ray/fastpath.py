@@ -73,6 +73,9 @@ class EncoderParts:
     labels: list[str]
     temperature: float = 1.0
     max_length: int = MAX_LENGTH
+    outlier: dict[str, float] | None = None
+    """The "none of these" logit {"weight", "offset"} when the module also returns class distances: its
+    output is then [batch, 2 * len(labels)], logits then distances (models.ClassGaussians)."""
 
     @classmethod
     def from_predictor(cls, predictor: Any, field_name: str = NAMESPACE_FIELD) -> EncoderParts:
@@ -82,9 +85,11 @@ class EncoderParts:
         t = float(temperature.get(field_name, 1.0)) if isinstance(temperature, dict) else float(temperature)
         fields = list(predictor.labels)
         max_length = int(getattr(predictor, "max_len", MAX_LENGTH) or MAX_LENGTH)
-        return cls(
-            predictor.tokenizer, FieldLogits(predictor.model, field_name, fields), labels, t, max_length
-        )
+        outlier = (getattr(predictor, "outlier", {}) or {}).get(field_name)
+        if getattr(predictor.model, "gaussians", None) is None:
+            outlier = None
+        module = FieldLogits(predictor.model, field_name, fields, distances=outlier is not None)
+        return cls(predictor.tokenizer, module, labels, t, max_length, outlier)
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Tokenize a batch (padded to its longest query) into int64 numpy arrays."""
@@ -97,8 +102,9 @@ class EncoderParts:
         }
 
 
-def FieldLogits(model: Any, field_name: str, fields: Sequence[str]) -> Any:  # noqa: N802 (a module factory)
-    """Wrap a tagger module returning per-field logits (dict, tuple or tensor) into one returning `field`'s."""
+def FieldLogits(model: Any, field_name: str, fields: Sequence[str], distances: bool = False) -> Any:  # noqa: N802 (a module factory)
+    """Wrap a tagger module returning per-field logits (dict, tuple or tensor) into one returning `field`'s;
+    with `distances` (an EncoderTagger with ClassGaussians), its logits and class distances side by side."""
     import torch
 
     class _FieldLogits(torch.nn.Module):
@@ -107,6 +113,9 @@ def FieldLogits(model: Any, field_name: str, fields: Sequence[str]) -> Any:  # n
             self.inner = model
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            if distances:
+                logits, dists = self.inner.scores(input_ids, attention_mask)
+                return torch.cat([logits[field_name], dists[field_name]], dim=-1)
             out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
             if isinstance(out, dict):
                 return out[field_name]
@@ -117,16 +126,29 @@ def FieldLogits(model: Any, field_name: str, fields: Sequence[str]) -> Any:  # n
     return _FieldLogits().eval()
 
 
-def masked_softmax(logits: np.ndarray, allowed: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+def masked_softmax(
+    logits: np.ndarray,
+    allowed: np.ndarray,
+    temperature: float = 1.0,
+    distances: np.ndarray | None = None,
+    outlier: dict[str, float] | None = None,
+) -> np.ndarray:
     """Softmax over each row's allowed labels only: disallowed logits become -inf BEFORE the softmax.
 
-    logits [B, L] float, allowed [B, L] bool. A row with no allowed label comes back all zeros.
+    logits [B, L] float, allowed [B, L] bool. A row with no allowed label comes back all zeros. With class
+    `distances` [B, L] and `outlier`, the "none of these" logit weight * (nearest ALLOWED distance - offset)
+    joins the softmax and is dropped (models.outlier_probs, the torch twin): rows far from every allowed
+    class sum to less than 1.
     """
     z = np.where(allowed, logits.astype(np.float64) / temperature, -np.inf)
-    zmax = np.max(z, axis=1, keepdims=True)
+    none = np.full((len(z), 1), -np.inf)
+    if distances is not None and outlier and outlier.get("weight"):
+        nearest = np.where(allowed, distances.astype(np.float64), np.inf).min(axis=1, keepdims=True)
+        none = np.where(np.isfinite(nearest), outlier["weight"] * (nearest - outlier["offset"]), -np.inf)
+    zmax = np.maximum(np.max(z, axis=1, keepdims=True), none)
     zmax = np.where(np.isfinite(zmax), zmax, 0.0)
     e = np.where(allowed, np.exp(z - zmax), 0.0)
-    total = e.sum(axis=1, keepdims=True)
+    total = e.sum(axis=1, keepdims=True) + np.exp(none - zmax)  # exp(-inf) = 0 without a none logit
     return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
 
 
@@ -153,28 +175,41 @@ class FastTagger:
         self, texts: Sequence[str], allowed: Sequence[Sequence[str]] | None = None
     ) -> np.ndarray:
         """Calibrated probabilities [B, L]; with `allowed`, each row is masked to its own list first."""
-        logits = self.logits(texts)
+        return self.ranked(texts, allowed)[1]
+
+    def ranked(
+        self, texts: Sequence[str], allowed: Sequence[Sequence[str]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(best allowed label per row, -1 where none is allowed; calibrated probabilities [B, L]).
+
+        The best label is the top allowed logit, not the top probability: far from every class the
+        "none of these" logit can leave every probability at 0.0, and the answer must not depend on that.
+        """
+        out = self.logits(texts)
+        n = len(self.parts.labels)
+        logits, distances = out[:, :n], (out[:, n:] if self.parts.outlier is not None else None)
         mask = np.ones_like(logits, dtype=bool)
         if allowed is not None:
             mask = np.zeros_like(logits, dtype=bool)
             for row, names in enumerate(allowed):
                 idx = [self._index[n] for n in names if n in self._index]
                 mask[row, idx] = True
-        return masked_softmax(logits, mask, self.parts.temperature)
+        probs = masked_softmax(logits, mask, self.parts.temperature, distances, self.parts.outlier)
+        best = np.where(mask.any(axis=1), np.where(mask, logits, -np.inf).argmax(axis=1), -1)
+        return best, probs
 
     def score(self, texts: Sequence[str], allowed: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
         """For each query, the most likely namespace among that caller's `allowed` ones and its probability.
 
         {"namespace": None, "confidence": 0.0} when none of the caller's namespaces is known to the tagger.
         """
-        probs = self.probabilities(texts, allowed)
+        best, probs = self.ranked(texts, allowed)
         out = []
-        for row in probs:
-            if row.sum() <= 0:
+        for b, row in zip(best, probs, strict=True):
+            if b < 0:
                 out.append({NAMESPACE_FIELD: None, "confidence": 0.0})
                 continue
-            best = int(row.argmax())
-            out.append({NAMESPACE_FIELD: self.parts.labels[best], "confidence": float(row[best])})
+            out.append({NAMESPACE_FIELD: self.parts.labels[b], "confidence": float(row[b])})
         return out
 
 
@@ -343,7 +378,7 @@ def _measure(
     rows: list[dict[str, Any]] = []
     taggers: dict[str, FastTagger] = {}
     with tempfile.TemporaryDirectory(prefix="kolm-fastpath-") as workdir:
-        reference = FastTagger(parts, _torch_eager(parts, threads, workdir), "torch-eager").probabilities(
+        ref_best, reference = FastTagger(parts, _torch_eager(parts, threads, workdir), "torch-eager").ranked(
             probes, everyone
         )
         for name in backends:
@@ -351,13 +386,13 @@ def _measure(
             try:
                 t0 = time.perf_counter()
                 tagger = FastTagger(parts, _BUILDERS[name](parts, threads, workdir), name)
-                probs = tagger.probabilities(probes, everyone)
+                best, probs = tagger.ranked(probes, everyone)
                 row["build_s"] = round(time.perf_counter() - t0, 2)
                 taggers[name] = tagger
             except Exception as e:  # a form that cannot be built here is reported, not fatal
                 rows.append({**row, "agrees": False, "error": f"{type(e).__name__}: {e}"})
                 continue
-            top1 = float((probs.argmax(1) == reference.argmax(1)).mean())
+            top1 = float((best == ref_best).mean())
             diff = float(np.abs(probs - reference).max())
             row.update(
                 top1_agreement=top1, max_prob_diff=round(diff, 5), agrees=top1 == 1.0 and diff <= tolerance

@@ -4,6 +4,12 @@ EncoderTagger (encoder bases such as minilm-l6): the encoder, mean pooling over 
 linear head per closed-vocab field. forward() returns {field: logits}; a boolean mask of allowed values
 per field is applied to the logits before any softmax, so a masked value can never be the answer.
 
+Routers trained with "none of these" inputs also carry, per field, the class means and a shared precision
+of the L2-normalised pooled vectors (ClassGaussians): the Mahalanobis distance to the nearest allowed class
+says how far an input is from everything the tagger was trained on, which the softmax alone cannot
+(Podolskiy et al., AAAI 2021, measured it on CLINC150's out-of-scope queries). Calibration turns it into a
+"none of these" logit beside the classes (evaluate.fit_outlier_calibration).
+
 Causal LMs (qwen2.5-coder-*, local causal directories): LoRA (PEFT) supervised fine-tuning on the chat
 template with the loss on the answer tokens only. At inference a closed-vocab answer is chosen by
 scoring every allowed completion's log-likelihood, so the answer is always in the vocabulary and the
@@ -25,8 +31,53 @@ IGNORE = -100  # label id the loss skips (prompt tokens, padding)
 MAX_CANDIDATES = 512  # above this many joint closed-vocab answers, generate instead of scoring each
 
 
+class ClassGaussians(nn.Module):
+    """One field's class means and shared precision over L2-normalised pooled vectors.
+
+    forward(pooled) -> (batch, n_classes) squared Mahalanobis distance to each class mean, divided by
+    `scale` (the median distance of the training rows to their own class), so 1.0 is a typical in-scope input.
+    """
+
+    def __init__(self, n_classes: int, hidden: int):
+        super().__init__()
+        self.register_buffer("means", torch.zeros(n_classes, hidden))
+        self.register_buffer("precision", torch.eye(hidden))
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.normalize(pooled.float(), dim=-1)
+        xp = x @ self.precision
+        mp = self.means @ self.precision
+        d = (xp * x).sum(-1, keepdim=True) - 2 * xp @ self.means.T + (mp * self.means).sum(-1)
+        return d.clamp(min=0) / self.scale
+
+    @classmethod
+    def fit(cls, pooled: torch.Tensor, targets: torch.Tensor, n_classes: int) -> ClassGaussians:
+        """Means per class and a shrunk shared covariance from (rows, hidden) vectors and their class ids.
+
+        Shrinkage toward a scaled identity with weight hidden / (hidden + rows): a covariance of 384
+        dimensions from a few hundred rows is singular without it, and almost untouched from 15,000.
+        """
+        x = nn.functional.normalize(pooled.double(), dim=-1)
+        hidden = x.shape[1]
+        g = cls(n_classes, hidden)
+        means = torch.zeros(n_classes, hidden, dtype=torch.float64)
+        for k in range(n_classes):
+            if (targets == k).any():
+                means[k] = x[targets == k].mean(0)
+        resid = x - means[targets]
+        cov = resid.T @ resid / max(len(x), 1)
+        alpha = hidden / (hidden + len(x))
+        cov = (1 - alpha) * cov + alpha * cov.trace() / hidden * torch.eye(hidden, dtype=torch.float64)
+        g.means.copy_(means.float())
+        g.precision.copy_(torch.linalg.inv(cov).float())
+        own = g(pooled.float()).gather(1, targets[:, None]).squeeze(1) if len(x) else torch.ones(1)
+        g.scale.copy_(own.median().clamp(min=1e-6))
+        return g
+
+
 class EncoderTagger(nn.Module):
-    """Encoder + mean pooling + one linear head per closed-vocab field."""
+    """Encoder + mean pooling + one linear head per closed-vocab field (+ optional ClassGaussians per field)."""
 
     def __init__(self, encoder: nn.Module, labels: dict[str, list[Any]], dropout: float = 0.1):
         super().__init__()
@@ -39,6 +90,14 @@ class EncoderTagger(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # Heads are keyed by position: field names may hold characters ModuleDict refuses ('.').
         self.heads = nn.ModuleList([nn.Linear(hidden, len(v)) for v in self.labels.values()])
+        self.gaussians: nn.ModuleList | None = None  # per field, by position; set by compile for routers
+
+    def add_gaussians(self, gaussians: Sequence[ClassGaussians] | None = None) -> None:
+        """Attach one ClassGaussians per field (fresh ones, to load a saved state dict into, when None)."""
+        hidden = self.encoder.config.hidden_size
+        self.gaussians = nn.ModuleList(
+            gaussians or [ClassGaussians(len(v), hidden) for v in self.labels.values()]
+        )
 
     def freeze(self, embeddings: bool = True, layers: int = 0) -> None:
         """Freeze the embeddings and the lowest `layers` encoder layers (fewer gradients, faster CPU epochs)."""
@@ -81,6 +140,78 @@ class EncoderTagger(nn.Module):
                 logits = logits.masked_fill(~masks[field].to(logits.device), float("-inf"))
             out[field] = logits
         return out
+
+    def scores(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        masks: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Inference: per-field logits and, with gaussians, per-field class distances (masked values +inf)."""
+        pooled = self.pooled(input_ids, attention_mask)
+        logits, dists = {}, {}
+        for i, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
+            lg = head(pooled)
+            d = self.gaussians[i](pooled) if self.gaussians is not None else None
+            if masks is not None and field in masks:
+                allowed = masks[field].to(lg.device)
+                lg = lg.masked_fill(~allowed, float("-inf"))
+                d = d.masked_fill(~allowed, float("inf")) if d is not None else None
+            logits[field] = lg
+            if d is not None:
+                dists[field] = d
+        return logits, dists
+
+
+def outlier_probs(
+    logits: torch.Tensor, temperature: float, distance: torch.Tensor | None = None, outlier=None
+) -> torch.Tensor:
+    """Calibrated probabilities over the field's values (batch, n_values).
+
+    With `distance` (batch, n_values; +inf where masked) and outlier {"weight": b, "offset": c}: a "none of
+    these" logit b * (nearest allowed distance - c) joins the softmax and is then dropped, so the values'
+    probabilities sum to less than 1 far from every class. The answer (argmax) is unchanged.
+    """
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # float64 stays (fitting)
+    if distance is None or not outlier or not outlier.get("weight"):
+        return torch.softmax(z, dim=-1)
+    nearest = distance.to(z.dtype).amin(dim=-1)
+    none = outlier["weight"] * (nearest - outlier["offset"])
+    none = torch.where(torch.isfinite(nearest), none, torch.full_like(none, float("-inf")))
+    return torch.softmax(torch.cat([z, none[:, None]], dim=-1), dim=-1)[:, :-1]
+
+
+@torch.no_grad()
+def fit_gaussians(
+    model: EncoderTagger, tokenizer, rows: Sequence[dict], max_len: int, limit: int = 3000, batch: int = 128
+) -> None:
+    """Fit and attach ClassGaussians per field from labelled rows (a random `limit` of them)."""
+    import random
+
+    labelled = [r for r in rows if r.get("split") != "negative" and isinstance(r.get("output"), dict)]
+    random.Random(0).shuffle(labelled)
+    labelled = labelled[:limit]
+    model.eval()
+    pooled = []
+    for i in range(0, len(labelled), batch):
+        enc = tokenizer(
+            [r["input"] for r in labelled[i : i + batch]],
+            padding=True,
+            truncation=True,
+            max_length=max_len,
+            return_tensors="pt",
+        )
+        pooled.append(model.pooled(enc["input_ids"], enc["attention_mask"]).float())
+    x = torch.cat(pooled) if pooled else torch.empty(0, model.encoder.config.hidden_size)
+    gaussians = []
+    for field, values in model.labels.items():
+        index = {json.dumps(v): j for j, v in enumerate(values)}
+        t = torch.tensor(
+            [index.get(json.dumps(r["output"].get(field)), -1) for r in labelled], dtype=torch.long
+        )
+        keep = t >= 0
+        gaussians.append(ClassGaussians.fit(x[keep], t[keep], len(values)))
+    model.add_gaussians(gaussians)
 
 
 def encoder_loss(

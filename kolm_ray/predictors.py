@@ -7,7 +7,8 @@ users get.
     # [{"namespace": "runbooks", "confidence": 0.94, "fallback": "narrow"}]
 
 A tagger's answer holds its fields, "confidence" (the product of each field's top probability after
-temperature scaling; for causal LMs the softmax over the allowed answers' log-likelihoods) and, when the
+temperature scaling, and for a router trained with "none of these" inputs after its distance-based "none"
+logit, models.outlier_probs; for causal LMs the softmax over the allowed answers' log-likelihoods) and, when the
 spec has low-confidence-fallback-broad, "fallback": "broad" below the threshold, else "narrow".
 Non-object outputs come back as {"output": value, "confidence": c}.
 """
@@ -27,7 +28,7 @@ from kolm_ray.spec import CONFIDENCE_FIELD, FALLBACK_FIELD, Spec, validate_spec
 from kolm_ray.verifiers import DEFAULT_THRESHOLD
 
 TAGGER_FILE = "tagger.json"  # encoder taggers: {"labels": {field: [values]}, "max_len": n}
-CALIBRATION_FILE = "calibration.json"  # {"temperature": {field or "__joint__": T}}
+CALIBRATION_FILE = "calibration.json"  # {"temperature": {field or "__joint__": T}, "outlier": {field: {...}}}
 JOINT = "__joint__"  # causal LMs calibrate one softmax over joint closed-vocab answers
 OUTPUT_KEY = "output"  # non-object outputs are wrapped as {"output": value}
 ALLOWED_FIELD = "namespace"  # the field `allowed` restricts
@@ -54,9 +55,10 @@ class Predictor:
         self.spec: Spec = validate_spec(manifest["spec"], "artifact spec")
         self.device = pick_device(device)
         cal = self.dir / CALIBRATION_FILE
-        self.temperature: dict[str, float] = (
-            json.loads(cal.read_text())["temperature"] if cal.exists() else {}
-        )
+        calibration = json.loads(cal.read_text()) if cal.exists() else {}
+        self.temperature: dict[str, float] = calibration.get("temperature", {})
+        # Routers with ClassGaussians: {field: {"weight": b, "offset": c}} of the "none of these" logit.
+        self.outlier: dict[str, dict[str, float]] = calibration.get("outlier", {})
         fb = self.spec.get("low-confidence-fallback-broad")
         self.fallback_threshold: float | None = None
         if fb is not None:
@@ -67,6 +69,16 @@ class Predictor:
     def calibration_logits(self, inputs: Sequence[str]) -> dict[str, torch.Tensor]:
         """Un-tempered logits per calibration key (field, or JOINT), shape (len(inputs), n_values)."""
         raise NotImplementedError
+
+    def calibration_scores(
+        self, inputs: Sequence[str]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Logits and, for keys with class distances (models.ClassGaussians), those distances."""
+        return self.calibration_logits(inputs), {}
+
+    def calibration(self) -> dict[str, Any]:
+        """What calibration.json holds: the fitted temperatures (and outlier logits, if any)."""
+        return {"temperature": self.temperature} | ({"outlier": self.outlier} if self.outlier else {})
 
     def calibration_targets(self, outputs: Sequence[Any]) -> dict[str, torch.Tensor]:
         """Gold index per calibration key (-1 when the gold value is not among the values)."""
@@ -119,12 +131,16 @@ class EncoderPredictor(Predictor):
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(self.dir)))
         self.model = EncoderTagger(encoder, self.labels)
-        self.model.load_state_dict(load_file(str(self.dir / "model.safetensors")), strict=True)
+        state = load_file(str(self.dir / "model.safetensors"))
+        if any(k.startswith("gaussians.") for k in state):
+            self.model.add_gaussians()
+        self.model.load_state_dict(state, strict=True)
         self.model.to(self.device).eval()
 
     @torch.no_grad()
-    def calibration_logits(self, inputs, masks=None, batch_size: int = 128):
-        outs: dict[str, list[torch.Tensor]] = {f: [] for f in self.labels}
+    def calibration_scores(self, inputs, masks=None, batch_size: int = 128):
+        logits: dict[str, list[torch.Tensor]] = {f: [] for f in self.labels}
+        dists: dict[str, list[torch.Tensor]] = {}
         for i in range(0, len(inputs), batch_size):
             enc = self.tokenizer(
                 list(inputs[i : i + batch_size]),
@@ -133,10 +149,19 @@ class EncoderPredictor(Predictor):
                 max_length=self.max_len,
                 return_tensors="pt",
             ).to(self.device)
-            logits = self.model(enc["input_ids"], enc["attention_mask"], masks=masks)
-            for f, lg in logits.items():
-                outs[f].append(lg.float().cpu())
-        return {f: torch.cat(v) if v else torch.empty(0, len(self.labels[f])) for f, v in outs.items()}
+            lg, d = self.model.scores(enc["input_ids"], enc["attention_mask"], masks=masks)
+            for f in self.labels:
+                logits[f].append(lg[f].float().cpu())
+                if f in d:
+                    dists.setdefault(f, []).append(d[f].float().cpu())
+        empty = {f: torch.empty(0, len(self.labels[f])) for f in self.labels}
+        return (
+            {f: torch.cat(v) if v else empty[f] for f, v in logits.items()},
+            {f: torch.cat(v) for f, v in dists.items()},
+        )
+
+    def calibration_logits(self, inputs, masks=None, batch_size: int = 128):
+        return self.calibration_scores(inputs, masks, batch_size)[0]
 
     def calibration_targets(self, outputs):
         idx = {f: {json.dumps(v): i for i, v in enumerate(vals)} for f, vals in self.labels.items()}
@@ -161,13 +186,18 @@ class EncoderPredictor(Predictor):
         if masks is not None and not masks[ALLOWED_FIELD].any():
             # nothing this caller may see: no narrow answer is possible
             return [self._finish({f: None for f in self.labels}, 0.0) for _ in inputs]
-        logits = self.calibration_logits(inputs, masks=masks)
-        probs = {f: torch.softmax(lg / self.temperature.get(f, 1.0), dim=-1) for f, lg in logits.items()}
+        from kolm_ray.models import outlier_probs
+
+        logits, dists = self.calibration_scores(inputs, masks=masks)
+        probs = {
+            f: outlier_probs(lg, self.temperature.get(f, 1.0), dists.get(f), self.outlier.get(f))
+            for f, lg in logits.items()
+        }
         answers = []
         for i in range(len(inputs)):
             fields, conf = {}, 1.0
             for f, p in probs.items():
-                j = int(p[i].argmax())
+                j = int(logits[f][i].argmax())  # the top logit: far off, every probability can be 0.0
                 fields[f] = self.labels[f][j]
                 conf *= float(p[i, j])
             answers.append(self._finish(fields, conf))

@@ -47,7 +47,18 @@ def compile_argv(
     ]  # fmt: skip
 
 
-def build_artifact_without_ray(tmp: Path, epochs: int = 6, base: str = "tiny-encoder") -> tuple[Path, dict]:
+def write_eval_with_negatives(path: Path, n: int = 30, negatives: int = 40) -> Path:
+    """Eval pairs plus "none of these" rows (split: negative) far from every namespace's words."""
+    write_pairs(path, n, seed=5)
+    with path.open("a") as f:
+        for i in range(negatives):
+            f.write(json.dumps({"input": f"weather on mars {i}", "output": None, "split": "negative"}) + "\n")
+    return path
+
+
+def build_artifact_without_ray(
+    tmp: Path, epochs: int = 6, base: str = "tiny-encoder", extra: tuple[str, ...] = ()
+) -> tuple[Path, dict]:
     """validate -> train_loop_per_worker (plain, no Ray) -> build_artifact: the compile phases minus Ray."""
     from dataclasses import replace
 
@@ -55,7 +66,7 @@ def build_artifact_without_ray(tmp: Path, epochs: int = 6, base: str = "tiny-enc
     from kolm_ray.compile import build_artifact, train_config, validate
     from kolm_ray.train.loop import train_loop_per_worker
 
-    args = build_parser().parse_args(compile_argv(tmp, "--epochs", str(epochs), base=base))
+    args = build_parser().parse_args(compile_argv(tmp, "--epochs", str(epochs), *extra, base=base))
     plan = validate(args)
     cfg = replace(train_config(plan), output_dir=str(tmp / "run"), progress=False)
     metrics = train_loop_per_worker(cfg.to_dict())

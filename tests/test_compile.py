@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from compile_helpers import WORDS, build_artifact_without_ray, compile_argv, write_namespaces, write_pairs
+from compile_helpers import (
+    WORDS,
+    build_artifact_without_ray,
+    compile_argv,
+    write_eval_with_negatives,
+    write_namespaces,
+    write_pairs,
+)
 
 from kolm_ray.cli import main
 
@@ -230,10 +237,7 @@ def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_
     from kolm_ray.predictors import open_predictor
 
     artifact, _ = build_artifact_without_ray(tmp_path)
-    evals = write_pairs(tmp_path / "eval.jsonl", 30, seed=5)
-    with evals.open("a") as f:
-        for i in range(40):
-            f.write(json.dumps({"input": f"weather on mars {i}", "output": None, "split": "negative"}) + "\n")
+    evals = write_eval_with_negatives(tmp_path / "eval.jsonl")
     plan = validate(build_parser().parse_args(compile_argv(tmp_path, "--eval-pairs", str(evals))))
     assert plan.training["mix_weight"] == 0.25  # a router (fallback verifier): pseudo-outliers on
     assert len(plan.eval_negatives) == 40 and len(plan.eval_rows) == 30
@@ -253,3 +257,38 @@ def test_calibration_weight_is_a_compile_setting_not_a_train_one(tmp_path: Path)
     plan.training.update(calibration_negative_weight=0.3, max_failures=2, num_workers=2)
     cfg = train_config(plan)
     assert cfg.mix_weight == 0.25 and not hasattr(cfg, "calibration_negative_weight")
+
+
+def test_router_with_eval_negatives_ships_class_distances_the_fast_path_reproduces(tmp_path: Path) -> None:
+    import zipfile
+
+    import numpy as np
+
+    from kolm_ray.fastpath import EncoderParts, build_fast_tagger
+    from kolm_ray.predictors import open_predictor
+
+    evals = write_eval_with_negatives(tmp_path / "eval.jsonl")
+    artifact, _ = build_artifact_without_ray(tmp_path, extra=("--eval-pairs", str(evals)))
+    with zipfile.ZipFile(artifact) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        calibration = json.loads(z.read("calibration.json"))
+    outlier = manifest["metrics"]["calibration"]["outlier"]["namespace"]
+    assert calibration["outlier"]["namespace"] == outlier and set(outlier) == {"weight", "offset"}
+    queries = ["how do i refund invoice card", "weather on mars 99", "restart deploy worker"]
+    with open_predictor(artifact) as p:
+        assert p.model.gaussians is not None and p.outlier == calibration["outlier"]
+        answers = p.predict(queries, allowed=["billing", "incidents"])
+        fast, report = build_fast_tagger(EncoderParts.from_predictor(p), candidates=("onnx-fp32",))
+    assert {r["backend"]: r["agrees"] for r in report}["onnx-fp32"], report
+    scored = fast.score(queries, [["billing", "incidents"]] * len(queries))
+    assert [s["namespace"] for s in scored] == [a["namespace"] for a in answers], (scored, answers)
+    assert np.allclose([s["confidence"] for s in scored], [a["confidence"] for a in answers], atol=1e-4)
+    assert all(a["namespace"] in ("billing", "incidents") for a in answers)
+
+
+def test_router_without_eval_negatives_has_no_class_distances(tmp_path: Path) -> None:
+    from kolm_ray.predictors import open_predictor
+
+    artifact, _ = build_artifact_without_ray(tmp_path, epochs=1)
+    with open_predictor(artifact) as p:
+        assert p.model.gaussians is None and p.outlier == {}

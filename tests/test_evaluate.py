@@ -9,6 +9,7 @@ from kolm_ray.evaluate import (
     brier,
     ece,
     field_correct,
+    fit_outlier_calibration,
     fit_temperature,
     fit_temperature_with_negatives,
     split_for_calibration,
@@ -77,3 +78,21 @@ def test_temperature_with_negatives_trades_labelled_brier_for_low_negative_confi
     assert neg_conf(high) < neg_conf(low) < neg_conf(nll_t)
     # no negatives: the NLL fit
     assert fit_temperature_with_negatives(true_logits, targets, torch.empty(0, 5)) == pytest.approx(nll_t)
+
+
+def test_outlier_calibration_lowers_far_negatives_that_temperature_alone_cannot() -> None:
+    from kolm_ray.models import outlier_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1000, 4, generator=g) * 3.0
+    targets = logits.argmax(-1)  # in scope: confident and right
+    dist = 1.0 + 0.3 * torch.rand(1000, 4, generator=g)  # near the classes
+    neg_logits = torch.randn(200, 4, generator=g) * 3.0  # out of scope: just as confident...
+    neg_dist = 6.0 + torch.rand(200, 4, generator=g)  # ...but far from every class
+    t, outlier = fit_outlier_calibration(logits, targets, dist, neg_logits, neg_dist, weight=0.1)
+    assert outlier["weight"] > 0
+    plain_t = fit_temperature_with_negatives(logits, targets, neg_logits, weight=0.1)
+    neg_conf = outlier_probs(neg_logits, t, neg_dist, outlier).amax(-1).mean()
+    assert neg_conf < 0.5 * torch.softmax(neg_logits / plain_t, -1).amax(-1).mean()
+    in_conf = outlier_probs(logits, t, dist, outlier).amax(-1)
+    assert float(((in_conf - 1.0) ** 2).mean()) < 0.05  # in scope stays confident

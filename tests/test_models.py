@@ -8,11 +8,13 @@ import torch
 from kolm_ray.bases import resolve_base
 from kolm_ray.models import (
     IGNORE,
+    ClassGaussians,
     EncoderTagger,
     add_lora,
     answer_text,
     candidate_answers,
     encoder_loss,
+    outlier_probs,
     score_candidates,
     sft_example,
 )
@@ -130,3 +132,38 @@ def test_mixed_rows_count_only_between_different_labels() -> None:
     # urgent: rows 0 and 1 share False, so no mixed row counts for that field
     kl = -torch.log_softmax(out["namespace"][3:5], -1).mean(-1) - torch.log(torch.tensor(3.0))
     assert torch.allclose(with_mix - plain, kl.mean(), atol=1e-5)
+
+
+def test_class_gaussians_measure_distance_from_the_classes() -> None:
+    g = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1) * 4
+    targets = torch.arange(300) % 3
+    x = centers[targets] + 0.3 * torch.randn(300, 16, generator=g)
+    gauss = ClassGaussians.fit(x, targets, 3)
+    own = gauss(x).gather(1, targets[:, None]).squeeze(1)
+    assert abs(float(own.median()) - 1.0) < 1e-4  # scaled: a typical in-scope row sits at 1
+    assert (gauss(x).argmin(1) == targets).float().mean() > 0.95
+    far = torch.randn(50, 16, generator=g)  # directions no class points to
+    assert float(gauss(far).amin(1).median()) > 5 * float(own.median())
+
+
+def test_outlier_probs_lower_confidence_far_from_the_allowed_classes_only() -> None:
+    logits = torch.tensor([[4.0, 0.0, 0.0], [4.0, 0.0, 0.0]])
+    dist = torch.tensor([[1.0, 9.0, 9.0], [20.0, 20.0, 20.0]])  # row 0 near class 0, row 1 near none
+    outlier = {"weight": 1.0, "offset": 2.0}
+    plain = outlier_probs(logits, 1.0)
+    assert torch.allclose(plain, torch.softmax(logits, -1))
+    assert torch.allclose(outlier_probs(logits, 1.0, dist, {"weight": 0.0, "offset": 2.0}), plain)
+    p = outlier_probs(logits, 1.0, dist, outlier)
+    assert (p.argmax(-1) == plain.argmax(-1)).all()  # the answer never changes, only its confidence
+    assert torch.allclose(p[0], plain[0], atol=0.01)  # near its class: about the softmax
+    assert p[1].sum() < 0.01  # far from every class
+    # a caller who may not see class 0: row 0's nearest ALLOWED class is far, so its confidence drops
+    hidden = torch.tensor([True, False, False])
+    p0 = outlier_probs(
+        logits[:1].masked_fill(hidden, float("-inf")),
+        1.0,
+        dist[:1].masked_fill(hidden, float("inf")),
+        outlier,
+    )
+    assert p0[0, 0] == 0 and float(p0.sum()) < 0.01

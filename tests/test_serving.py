@@ -215,6 +215,30 @@ def test_masked_softmax_gives_zero_to_masked_labels_even_with_huge_logits():
     assert p[2, 1] == 0.0 and abs(p[2, 0] - 0.5) < 1e-9
 
 
+def test_masked_softmax_with_distances_matches_the_predictors_torch_form():
+    import torch
+
+    from kolm_ray.models import outlier_probs
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 5)) * 3
+    dist = rng.uniform(0.5, 8, size=(64, 5))
+    allowed = rng.random((64, 5)) < 0.6
+    allowed[:, 0] = True
+    outlier = {"weight": 0.7, "offset": 1.5}
+    fast = masked_softmax(logits, allowed, 1.3, dist, outlier)
+    ref = outlier_probs(
+        torch.from_numpy(np.where(allowed, logits, -np.inf)),
+        1.3,
+        torch.from_numpy(np.where(allowed, dist, np.inf)),
+        outlier,
+    ).numpy()
+    assert np.allclose(fast, ref, atol=1e-9) and (fast[~allowed] == 0).all()
+    assert (fast.sum(1) < 1).all()  # the "none of these" share is dropped, never given to a namespace
+    nothing = masked_softmax(logits[:1], np.zeros((1, 5), bool), 1.0, dist[:1], outlier)
+    assert (nothing == 0).all()
+
+
 # --- property: the answer never leaves the caller's namespaces ---------------------------------------------
 
 NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8)
