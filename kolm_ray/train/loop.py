@@ -151,18 +151,27 @@ def _probe(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float) -> tuple[tor
     return w.detach(), b.detach()
 
 
+PROBE_ROWS = 2048  # rows the probe is fitted on at most: a head's start needs no more, a forward pass costs
+
+
 @torch.no_grad()
-def init_heads(model: nn.Module, examples: list, pad: int, l2: float = 0.1, batch_size: int = 64) -> None:
+def init_heads(
+    model: nn.Module, examples: list, pad: int, l2: float = 0.1, batch_size: int = 64, limit: int = PROBE_ROWS
+) -> None:
     """Fit each head as a logistic regression on the pretrained encoder's pooled vectors of the labelled rows.
 
     Fine-tuning from a random head first spends its steps, and distorts the pretrained features, undoing
     the head's random start; from a linear probe it starts at the probe's accuracy (LP-FT, Kumar et al.,
     ICLR 2022). The L2 keeps the probe from memorising label noise: at 1e-3 it fit a 10%-noise intent
     recipe's train split exactly and fine-tuning then lost 4 points there. One forward pass over the
-    train rows, a fraction of one epoch's cost.
+    train rows (a seeded sample of `limit` of them, the same on every rank), a fraction of one epoch's cost.
     """
+    import random
+
     from kolm_ray.train.data import collate_tagger
 
+    if len(examples) > limit:
+        examples = random.Random(0).sample(examples, limit)
     was_training = model.training
     model.eval()
     batches = [collate_tagger(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
