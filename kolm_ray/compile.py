@@ -349,6 +349,7 @@ def stage(plan: Plan, checkpoint_dir: Path, staging: Path) -> str:
 
     from kolm_ray.models import EncoderTagger, add_lora, fit_gaussians
     from kolm_ray.predictors import TAGGER_FILE
+    from kolm_ray.train.data import encode_tagger_rows
     from kolm_ray.train.loop import WEIGHTS, load_trainable
 
     tokenizer = plan.base.load_tokenizer()
@@ -356,7 +357,10 @@ def stage(plan: Plan, checkpoint_dir: Path, staging: Path) -> str:
         model = EncoderTagger(plan.base.load_model(), plan.labels)
         load_trainable(model, checkpoint_dir / WEIGHTS)
         if plan.eval_negatives:  # "none of these" inputs to calibrate a distance against: keep class shapes
-            fit_gaussians(model, tokenizer, plan.train_rows, int(plan.training.get("max_len", 64)))
+            examples = encode_tagger_rows(
+                plan.train_rows, tokenizer, plan.labels, int(plan.training["max_len"])
+            )
+            fit_gaussians(model, examples, tokenizer.pad_token_id or 0)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         model.encoder.config.save_pretrained(staging)

@@ -182,35 +182,33 @@ def outlier_probs(
 
 
 @torch.no_grad()
-def fit_gaussians(
-    model: EncoderTagger, tokenizer, rows: Sequence[dict], max_len: int, limit: int = 3000, batch: int = 128
-) -> None:
-    """Fit and attach ClassGaussians per field from labelled rows (a random `limit` of them)."""
+def pooled_sample(
+    model: EncoderTagger, examples: Sequence, pad: int, limit: int, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled vectors (eval mode) of a seeded sample of at most `limit` encoded tagger rows
+    (train.data.encode_tagger_rows), with their targets (rows, fields) and a labelled-row mask."""
     import random
 
-    labelled = [r for r in rows if r.get("split") != "negative" and isinstance(r.get("output"), dict)]
-    random.Random(0).shuffle(labelled)
-    labelled = labelled[:limit]
+    from kolm_ray.train.data import collate_tagger
+
+    if len(examples) > limit:
+        examples = random.Random(0).sample(list(examples), limit)
+    was_training = model.training
     model.eval()
-    pooled = []
-    for i in range(0, len(labelled), batch):
-        enc = tokenizer(
-            [r["input"] for r in labelled[i : i + batch]],
-            padding=True,
-            truncation=True,
-            max_length=max_len,
-            return_tensors="pt",
-        )
-        pooled.append(model.pooled(enc["input_ids"], enc["attention_mask"]).float())
-    x = torch.cat(pooled) if pooled else torch.empty(0, model.encoder.config.hidden_size)
+    batches = [collate_tagger(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
+    x = torch.cat([model.pooled(b["input_ids"], b["attention_mask"]) for b in batches]).float()
+    model.train(was_training)
+    targets = torch.cat([b["targets"] for b in batches])
+    return x, targets, ~torch.cat([b["negative"] for b in batches])
+
+
+def fit_gaussians(model: EncoderTagger, examples: Sequence, pad: int, limit: int = 3000) -> None:
+    """Fit and attach ClassGaussians per field from the labelled ones of `limit` sampled encoded rows."""
+    x, targets, labelled = pooled_sample(model, examples, pad, limit)
     gaussians = []
-    for field, values in model.labels.items():
-        index = {json.dumps(v): j for j, v in enumerate(values)}
-        t = torch.tensor(
-            [index.get(json.dumps(r["output"].get(field)), -1) for r in labelled], dtype=torch.long
-        )
-        keep = t >= 0
-        gaussians.append(ClassGaussians.fit(x[keep], t[keep], len(values)))
+    for i, values in enumerate(model.labels.values()):
+        keep = labelled & (targets[:, i] >= 0)
+        gaussians.append(ClassGaussians.fit(x[keep], targets[keep, i], len(values)))
     model.add_gaussians(gaussians)
 
 

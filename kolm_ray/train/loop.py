@@ -166,19 +166,9 @@ def init_heads(
     recipe's train split exactly and fine-tuning then lost 4 points there. One forward pass over the
     train rows (a seeded sample of `limit` of them, the same on every rank), a fraction of one epoch's cost.
     """
-    import random
+    from kolm_ray.models import pooled_sample
 
-    from kolm_ray.train.data import collate_tagger
-
-    if len(examples) > limit:
-        examples = random.Random(0).sample(examples, limit)
-    was_training = model.training
-    model.eval()
-    batches = [collate_tagger(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
-    x = torch.cat([model.pooled(b["input_ids"], b["attention_mask"]) for b in batches]).float()
-    targets = torch.cat([b["targets"] for b in batches])
-    labelled = ~torch.cat([b["negative"] for b in batches])
-    model.train(was_training)
+    x, targets, labelled = pooled_sample(model, examples, pad, limit, batch_size)
     for i, head in enumerate(model.heads):
         keep = labelled & (targets[:, i] >= 0)
         if keep.any():
