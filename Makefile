@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/recipe.py
 	$(PY) benchmarks/compile_tagger.py
 	$(PY) benchmarks/recall.py
+	$(PY) benchmarks/causal_scorer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-out

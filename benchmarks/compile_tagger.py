@@ -1,6 +1,6 @@
 """Quality and cost of a compiled namespace tagger on CLINC150, against frozen MiniLM + logistic regression.
 
-    .venv/bin/python benchmarks/compile_tagger.py [--epochs 3] [--num-workers 2] [--freeze-layers 2]
+    .venv/bin/python benchmarks/compile_tagger.py [--epochs 2] [--num-workers 2] [--freeze-layers 2]
 
 Data (../shared/datasets/clinc150, never copied): the 10 domains are the namespaces; `train` (15,000)
 trains, `val` (3,000) is the compile's eval set (temperature fitted on half, gate on all), and the
@@ -9,6 +9,10 @@ oos_train (100 queries that belong to no domain) are "none of these" rows traine
 answer; oos_val (100) are the eval's negative rows (half fit the temperature and the class-distance "none
 of these" logit beside the in-scope half of val, see kolm_ray/evaluate.py); oos_test (1,000) measures how
 many out-of-scope queries fall back to broad at 0.7.
+
+Two epochs (`kolm compile`'s default is 3): the heads start from a linear probe, and on these 15,000 rows a
+third epoch bought nothing that matters (accuracy / Brier / oos->broad / compile seconds, on machines of the
+same speed: 3 epochs 0.982 / 0.0156 / 0.800 / 768 s; 2 epochs 0.982 / 0.0168 / 0.818 / 539-543 s).
 
 Baseline in the same run: frozen all-MiniLM-L6-v2 sentence embeddings (mean pooled, L2-normalised) +
 scikit-learn LogisticRegression, its predict_proba max as the confidence.
@@ -218,7 +222,7 @@ def plot(results: dict, curves: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument(
         "--freeze-layers", type=int, default=2, help="lowest MiniLM layers kept frozen (CPU time)"

@@ -62,15 +62,16 @@ def _resolve(path: str) -> str:
     # One replica per CPU it asks for; ONNX Runtime runs 1 intra-op thread per replica (KOLM_SERVE_THREADS),
     # so two replicas on a 2-core machine do not fight over cores.
     ray_actor_options={"num_cpus": 1},
-    # A CPU replica scores one query in ~4-5 ms (ONNX Runtime fp32, one thread), so 16 in flight is ~80 ms of
-    # work: about the budget. Further requests wait in the caller's queue for a free replica (where the budget
-    # cuts them off and the route answers broad) instead of behind a backlog they cannot outlive.
-    max_ongoing_requests=16,
+    # A CPU replica scores one query in ~6-9 ms (ONNX Runtime fp32, one thread, on a 2-core AVX2 machine), so
+    # 12 in flight is ~75-105 ms of work: about the budget. Further requests wait in the caller's queue for a
+    # free replica (where the budget cuts them off and the route answers broad) instead of behind a backlog
+    # they cannot outlive.
+    max_ongoing_requests=12,
     autoscaling_config={
         "min_replicas": 1,  # always one warm replica: a cold start (verify + ONNX export) takes seconds
         "max_replicas": 2,  # 2 cores here; raise with the cluster's CPUs (each replica takes num_cpus=1)
-        # Scale up when a replica averages more than 4 requests in flight: ~20 ms of queueing, a fifth of
-        # the budget.
+        # Scale up when a replica averages more than 4 requests in flight: ~25-35 ms of queueing, about a
+        # third of the budget.
         "target_ongoing_requests": 4,
         "upscale_delay_s": 3,  # react within a few seconds to a load step
         "downscale_delay_s": 60,  # keep the second replica through short lulls (restart costs seconds)

@@ -33,12 +33,12 @@ import numpy as np
 
 NAMESPACE_FIELD = "namespace"
 BACKENDS = ("torch-eager", "torch-inference", "onnx-fp32", "onnx-int8", "torch-compile")
-# Tried at replica start; the fastest that agrees is served. Measured on the minilm-l6 tagger (benchmarks/
-# recall.py, 1 thread): onnx-fp32 11.1 ms at batch 1 vs torch-eager 15.8 ms. onnx-int8 is faster (8.7 ms)
-# but moves probabilities by up to 0.38 and flips the top namespace on 2-4% of CLINC150 test queries
-# (per-channel and reduce-range variants included): not the same model, so not tried by default.
-# torch-compile compiles for about a minute on 2 cores and was slower at batch 1 (15.0 ms); replicas skip
-# it. Both stay in BACKENDS for the benchmark.
+# Tried at replica start; the fastest that agrees is served. Measured on the minilm-l6 CLINC150 tagger
+# (benchmarks/recall.py, batch 1, 1 thread, 2-core AVX2 machine): onnx-fp32 6.3 ms vs torch-eager 16.7 ms.
+# onnx-int8 is no faster there (6.2 ms; no VNNI) and moves probabilities by up to 0.52, flipping the top
+# namespace on 1.3% of 316 queries (per-channel, reduce-range and fp32-FFN-output variants: 1.5-2.5%): not
+# the same model, so not tried by default. torch-compile compiles for about a minute on 2 cores and was
+# slower at batch 1; replicas skip it. Both stay in BACKENDS for the benchmark.
 SERVED_CANDIDATES = ("onnx-fp32", "torch-inference")
 MAX_LENGTH = 64  # routing queries are short; 64 word pieces keep a 2 KiB query's head and bound the cost
 
@@ -285,6 +285,10 @@ def _ort_session(path: str, threads: int) -> Any:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # Intra-op threads sleep when idle instead of spinning: a replica shares its cores with the ingress, other
+    # replicas and Ray's own processes. Measured through Serve at 50 rps on 2 cores with 2 threads: spinning,
+    # 24.5 ms of replica CPU per request and p50/p99 50/223 ms; sleeping, 15.0 ms and 31/116 ms. (1 thread: no pool.)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Read the model into memory so the temporary directory can go as soon as the session exists.
     with open(path, "rb") as f:
         return ort.InferenceSession(f.read(), so, providers=["CPUExecutionProvider"])

@@ -12,8 +12,9 @@ says how far an input is from everything the tagger was trained on, which the so
 
 Causal LMs (qwen2.5-coder-*, local causal directories): LoRA (PEFT) supervised fine-tuning on the chat
 template with the loss on the answer tokens only. At inference a closed-vocab answer is chosen by
-scoring every allowed completion's log-likelihood, so the answer is always in the vocabulary and the
-softmax over those log-likelihoods is its confidence; other outputs are generated greedily.
+scoring every allowed completion's log-likelihood (all of them in one forward pass per input,
+score_candidates), so the answer is always in the vocabulary and the softmax over those log-likelihoods
+is its confidence; other outputs are generated greedily.
 """
 
 from __future__ import annotations
@@ -319,32 +320,100 @@ def candidate_answers(vocab: dict[str, list[Any]], allowed: dict[str, list[Any]]
     return [dict(zip(fields, combo, strict=True)) for combo in itertools.product(*values)]
 
 
+MAX_SCORED_TOKENS = (
+    256  # candidate tokens (x inputs) per forward pass: bounds the kept [tokens x vocabulary] logits
+)
+
+
 @torch.no_grad()
 def score_candidates(
-    model: nn.Module, tokenizer, inputs: Sequence[str], candidates: Sequence[str], batch_size: int = 32
+    model: nn.Module,
+    tokenizer,
+    inputs: Sequence[str],
+    candidates: Sequence[str],
+    max_tokens: int = MAX_SCORED_TOKENS,
 ) -> torch.Tensor:
-    """(len(inputs), len(candidates)) summed log-likelihood of each candidate answer (+ end-of-turn)."""
+    """(len(inputs), len(candidates)) summed log-likelihood of each candidate answer (+ end-of-turn).
+
+    Each input's prompt is read once, with every candidate packed behind it in the same row: a 4D attention
+    mask lets each candidate token see the prompt and its own earlier tokens only, and its position ids
+    continue from the prompt's end, so every candidate is scored on exactly the context it would have alone.
+    Prompts are left-padded to a common end, so the candidates sit at the same columns in every row of a
+    batch and logits are computed only there (`logits_to_keep`), never [tokens x vocabulary] for the whole
+    sequence. A pass holds at most `max_tokens` candidate tokens summed over its rows (several inputs per
+    pass when the candidates are short; the candidates split over passes when they are many).
+    """
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     cand_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + _end_ids(tokenizer) for c in candidates]
+    if any(not c for c in cand_ids):
+        raise ValueError("a candidate answer has no tokens")
+    chunks, chunk, used = [], [], 0
+    for j, c in enumerate(cand_ids):
+        if chunk and used + len(c) > max_tokens:
+            chunks.append(chunk)
+            chunk, used = [], 0
+        chunk.append(j)
+        used += len(c)
+    chunks.append(chunk)
+    prompts = [tokenizer(prompt_text(tokenizer, t), add_special_tokens=False)["input_ids"] for t in inputs]
     scores = torch.empty(len(inputs), len(candidates))
-    rows = []
-    for i, text in enumerate(inputs):
-        prompt = tokenizer(prompt_text(tokenizer, text), add_special_tokens=False)["input_ids"]
-        for j, c in enumerate(cand_ids):
-            rows.append((i, j, prompt + c, [IGNORE] * len(prompt) + c))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        ids, mask, lab = pad_batch([r[2] for r in chunk], [r[3] for r in chunk], pad)
-        ids, mask, lab = ids.to(device), mask.to(device), lab.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = lab[:, 1:]
-        logp = torch.log_softmax(logits, dim=-1)
-        keep = target != IGNORE
-        tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
-        for (i, j, _, _), s in zip(chunk, tok.sum(-1).cpu(), strict=True):
-            scores[i, j] = s
+    for chunk in chunks:
+        cands = [cand_ids[j] for j in chunk]
+        rows = max(1, max_tokens // sum(len(c) for c in cands))
+        for start in range(0, len(prompts), rows):
+            ids, pos, mask, keep, targets, owner = _packed(prompts[start : start + rows], cands)
+            bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+            logits = model(
+                input_ids=ids.to(device),
+                attention_mask=bias[:, None].to(device),
+                position_ids=pos.to(device),
+                logits_to_keep=keep.to(device),
+            ).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)  # [rows, kept, vocabulary]
+            index = targets.to(device)[None, :, None].expand(len(ids), -1, 1)
+            tok = logp.gather(-1, index).squeeze(-1).cpu()
+            sums = torch.zeros(len(ids), len(cands)).index_add_(1, owner, tok)
+            scores[start : start + len(ids), chunk] = sums
     return scores
+
+
+def _packed(prompts: list[list[int]], cands: list[list[int]]):
+    """Rows of [left padding, prompt, candidate 1, candidate 2, ...] with every prompt ending at column P.
+
+    Returns input ids and position ids [rows, L], the attend-mask [rows, L, L], and per candidate token (the
+    same for every row): the column whose logits predict it, the token, and which candidate it belongs to.
+    """
+    width = max(len(p) for p in prompts)
+    keep, targets, owner, spans = [], [], [], []
+    col = width
+    for k, c in enumerate(cands):
+        spans.append((col, col + len(c)))
+        keep += [width - 1] + list(
+            range(col, col + len(c) - 1)
+        )  # the token at column t is predicted at t - 1
+        targets += c
+        owner += [k] * len(c)
+        col += len(c)
+    n = col
+    ids = torch.zeros(len(prompts), n, dtype=torch.long)
+    pos = torch.zeros(len(prompts), n, dtype=torch.long)
+    mask = torch.zeros(len(prompts), n, n, dtype=torch.bool)
+    flat = torch.tensor([t for c in cands for t in c], dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        p, off = len(prompt), width - len(prompt)
+        ids[r, off:width] = torch.tensor(prompt, dtype=torch.long)
+        ids[r, width:] = flat
+        pos[r, off:width] = torch.arange(p)
+        m = mask[r]
+        m[range(off), range(off)] = True  # padding sees only itself (never a row with nothing to attend to)
+        m[off:width, off:width] = torch.ones(p, p, dtype=torch.bool).tril()  # the prompt: causal
+        m[width:, off:width] = True  # every candidate token sees the whole prompt ...
+        for a, b in spans:  # ... and its own candidate's earlier tokens
+            m[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+            pos[r, a:b] = torch.arange(p, p + b - a)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return ids, pos, mask, as_long(keep), as_long(targets), as_long(owner)
 
 
 @torch.no_grad()

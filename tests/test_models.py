@@ -167,3 +167,40 @@ def test_outlier_probs_lower_confidence_far_from_the_allowed_classes_only() -> N
         outlier,
     )
     assert p0[0, 0] == 0 and float(p0.sum()) < 0.01
+
+
+def _one_row_per_candidate(model, tok, inputs, cands) -> torch.Tensor:
+    """Reference: each prompt + candidate run alone, log-likelihood of the candidate's tokens."""
+    from kolm_ray.models import _end_ids, prompt_text
+
+    out = torch.empty(len(inputs), len(cands))
+    with torch.no_grad():
+        for i, text in enumerate(inputs):
+            prompt = tok(prompt_text(tok, text), add_special_tokens=False)["input_ids"]
+            for j, c in enumerate(cands):
+                ids = prompt + tok(c, add_special_tokens=False)["input_ids"] + _end_ids(tok)
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+                out[i, j] = sum(logp[t - 1, ids[t]] for t in range(len(prompt), len(ids)))
+    return out
+
+
+def test_packed_scoring_equals_scoring_each_candidate_alone() -> None:
+    base = resolve_base("tiny-causal-lm")
+    tok = base.load_tokenizer()
+    torch.manual_seed(0)
+    inputs = ["restart the ingest worker", "refund my invoice please, it was charged twice"]
+    cands = [answer_text({"namespace": n}) for n in ("billing", "runbooks", "a-much-longer-namespace-name")]
+    from transformers import AutoModelForCausalLM
+
+    for attn in (
+        "sdpa",
+        "eager",
+    ):  # the 4D mask is additive: both attention implementations read it the same way
+        model = AutoModelForCausalLM.from_pretrained(base.source, attn_implementation=attn).eval()
+        want = _one_row_per_candidate(model, tok, inputs, cands)
+        assert torch.allclose(score_candidates(model, tok, inputs, cands), want, atol=1e-4)
+        # one input per pass, and candidates split over several passes (the cap on kept logits): same scores
+        for cap in (30, 4):
+            assert torch.allclose(
+                score_candidates(model, tok, inputs, cands, max_tokens=cap), want, atol=1e-4
+            )
