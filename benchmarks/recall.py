@@ -11,6 +11,8 @@ Phases, in one run (same machine, same artifact, same queries):
                  tagger, fresh stand-in workload queries for the demo's), out-of-scope share routed broad
 4. serve:        `deployments/recall.py` on Ray Serve under each setting (each in a fresh process),
                  open-loop HTTP at each rate from this process
+Phases 2 and 4 also record each rate's CPU milliseconds per request by process role (psutil: tagger
+replicas, ingress, HAProxy, the load generator, everything else) and how many cores were busy.
 Writes benchmarks/results/recall.json, recall-latency.png, recall-reliability.png.
 Targets (2 cores, minilm-l6 tagger): p50 <= 15 ms and p99 <= 100 ms at 50 rps.
 """
@@ -144,7 +146,57 @@ def phase_in_process(fast, rates, duration, queries, tenants_path) -> list[dict[
         return await router.route(f"Bearer {KEY}", json.dumps({"query": query}).encode(), tag)
 
     print(f"[in-process] backend={fast.backend}", flush=True)
-    return asyncio.run(bench.run_rates(send, rates, duration, queries, warmup=2.0))
+    return asyncio.run(bench.run_rates(send, rates, duration, queries, warmup=2.0, meter=cpu_meter({})))
+
+
+def cpu_meter(roles: dict[str, str]):
+    """A bench.Meter: CPU milliseconds per request of each process on this machine during a rate, by role.
+
+    roles: substring of a process's command line -> role ("NamespaceTagger" -> "tagger replicas"); this
+    process is "load generator", its parent "benchmark driver", everything else "other".
+    """
+    import psutil
+
+    me, parent = os.getpid(), os.getppid()
+
+    def role(p) -> str:
+        if p.pid == me:
+            return "load generator"
+        if p.pid == parent:
+            return "benchmark driver"
+        cmd = " ".join(p.info["cmdline"] or [p.info["name"] or ""])
+        return next((r for key, r in roles.items() if key in cmd), "other")
+
+    def snapshot() -> dict[int, tuple[str, float]]:
+        out = {}
+        for p in psutil.process_iter(["cmdline", "name"]):
+            try:
+                t = p.cpu_times()
+                out[p.pid] = (role(p), t.user + t.system)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return out
+
+    def start():
+        before, t0 = snapshot(), time.perf_counter()
+
+        def finish(requests: float) -> dict[str, Any]:
+            after, wall = snapshot(), time.perf_counter() - t0
+            per_role: dict[str, float] = {}
+            for pid, (name, cpu) in after.items():
+                per_role[name] = per_role.get(name, 0.0) + cpu - before.get(pid, (name, 0.0))[1]
+            n = max(requests, 1.0)
+            return {
+                "cpu_ms_per_request": {k: round(v * 1e3 / n, 2) for k, v in sorted(per_role.items())},
+                "cpu_cores_busy": round(sum(per_role.values()) / wall, 2),
+            }
+
+        return finish
+
+    return start
+
+
+SERVE_ROLES = {"NamespaceTagger": "tagger replicas", "RecallIngress": "ingress", "haproxy": "haproxy"}
 
 
 def phase_serve(
@@ -174,7 +226,8 @@ def phase_serve(
         asyncio.run(_until_tagger_answers(url))
         startup_s = round(time.time() - t0, 1)
         print(f"  ready in {startup_s} s", flush=True)
-        rows = asyncio.run(bench.bench_http(url, KEY, rates, duration, queries, warmup=3.0))
+        meter = cpu_meter(SERVE_ROLES)
+        rows = asyncio.run(bench.bench_http(url, KEY, rates, duration, queries, warmup=3.0, meter=meter))
         return {"env": env, "tagger_options": tagger_options, "startup_s": startup_s, "rates": rows,
                 "max_rps_p99_within_budget": bench.max_rate_within(rows), "backend": _served_backend()}  # fmt: skip
     finally:

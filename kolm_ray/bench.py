@@ -130,18 +130,33 @@ def http_sender(client: Any, url: str, key: str) -> Send:
     return send
 
 
+Meter = Callable[[], Callable[[int], dict[str, Any]]]
+"""meter() starts measuring a rate; what it returns, called with the requests sent, says what the rate cost."""
+
+
 async def run_rates(
-    send: Send, rates: Sequence[float], duration: float, queries: Sequence[str], warmup: float = 3.0
+    send: Send,
+    rates: Sequence[float],
+    duration: float,
+    queries: Sequence[str],
+    warmup: float = 3.0,
+    meter: Meter | None = None,
 ) -> list[dict[str, Any]]:
     rows = []
     for rps in rates:
+        finish = meter() if meter is not None else None
         row = await open_loop(send, queries, rps, duration, warmup)
+        if finish is not None:
+            row.update(finish(row["sent"] * (warmup + duration) / duration))  # warm-up requests cost CPU too
         rows.append(row)
         print(
             f"  {rps:>6.0f} rps: p50 {row['p50']} ms  p95 {row['p95']} ms  p99 {row['p99']} ms  "
             f"errors {row['errors']}  fallback {row['fallback_share']}",
             flush=True,
         )
+        if "cpu_ms_per_request" in row:
+            parts = ", ".join(f"{k} {v}" for k, v in row["cpu_ms_per_request"].items())
+            print(f"          CPU ms/request: {parts} ({row['cpu_cores_busy']} cores busy)", flush=True)
         if row["p50"] is None or row["p50"] > SATURATED_MS:
             print(
                 f"  saturated at {rps:.0f} rps (p50 over {SATURATED_MS} ms): higher rates skipped", flush=True
@@ -151,7 +166,13 @@ async def run_rates(
 
 
 async def bench_http(
-    url: str, key: str, rates: Sequence[float], duration: float, queries: Sequence[str], warmup: float = 3.0
+    url: str,
+    key: str,
+    rates: Sequence[float],
+    duration: float,
+    queries: Sequence[str],
+    warmup: float = 3.0,
+    meter: Meter | None = None,
 ) -> list[dict[str, Any]]:
     """Open-loop load on a running router at each rate in turn."""
     import httpx
@@ -173,7 +194,7 @@ async def bench_http(
             raise KolmError(f"{url}{ROUTE} refused the key (401): pass --key or set KOLM_TENANT_KEY")
         if status != 200:
             raise KolmError(f"{url}{ROUTE} answered {status}: {body}")
-        return await run_rates(send, rates, duration, queries, warmup)
+        return await run_rates(send, rates, duration, queries, warmup, meter)
 
 
 def max_rate_within(rows: Sequence[dict[str, Any]], p99_ms: float = BUDGET_MS) -> float | None:

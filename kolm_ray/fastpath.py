@@ -34,8 +34,8 @@ import numpy as np
 NAMESPACE_FIELD = "namespace"
 BACKENDS = ("torch-eager", "torch-inference", "onnx-fp32", "onnx-int8", "torch-compile")
 # Tried at replica start; the fastest that agrees is served. Measured on the minilm-l6 CLINC150 tagger
-# (benchmarks/recall.py, batch 1, 1 thread, 2-core AVX2 machine): onnx-fp32 6.3 ms vs torch-eager 16.7 ms.
-# onnx-int8 is no faster there (6.2 ms; no VNNI) and moves probabilities by up to 0.52, flipping the top
+# (benchmarks/recall.py, batch 1, 1 thread, 2-core AVX2 machine, two runs): onnx-fp32 6.3-7.6 ms vs torch-eager
+# 16.7-19.1 ms. onnx-int8 is no faster there (6.2-6.3 ms; no VNNI) and moves probabilities by up to 0.52, flipping the top
 # namespace on 1.3% of 316 queries (per-channel, reduce-range and fp32-FFN-output variants: 1.5-2.5%): not
 # the same model, so not tried by default. torch-compile compiles for about a minute on 2 cores and was
 # slower at batch 1; replicas skip it. Both stay in BACKENDS for the benchmark.

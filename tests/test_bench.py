@@ -46,6 +46,45 @@ def test_open_loop_counts_errors_and_non_200():
     assert row["ok"] + row["errors"] == row["sent"]
 
 
+def test_run_rates_meters_each_rate_and_the_cpu_meter_attributes_this_process(capsys):
+    """The meter brackets each rate and sees its requests (warm-up included); benchmarks/recall.py's psutil
+    meter charges this process's own work to the load generator."""
+    import importlib.util
+    import time
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "recall_bench", Path(__file__).resolve().parent.parent / "benchmarks" / "recall.py"
+    )
+    recall = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recall)
+
+    async def busy(query):
+        end = time.process_time() + 0.002  # 2 ms of this process's CPU per request
+        while time.process_time() < end:
+            pass
+        return 200, {"mode": "narrow"}
+
+    calls = []
+    cpu = recall.cpu_meter({})
+
+    def meter():
+        finish = cpu()
+
+        def done(requests):
+            calls.append(requests)
+            return finish(requests)
+
+        return done
+
+    rows = asyncio.run(bench.run_rates(busy, [40, 80], duration=1.0, queries=["q"], warmup=0.5, meter=meter))
+    assert len(calls) == 2 and all(c > r["sent"] for c, r in zip(calls, rows, strict=True))
+    for row in rows:
+        assert 1.5 <= row["cpu_ms_per_request"]["load generator"] <= 20  # the 2 ms spin, plus the loop
+        assert row["cpu_cores_busy"] > 0
+    assert "CPU ms/request: " in capsys.readouterr().out
+
+
 def test_max_rate_within_budget_and_plot(tmp_path):
     rows = [
         {"offered_rps": 50, "p50": 5, "p95": 9, "p99": 12, "errors": 0},
