@@ -130,7 +130,7 @@ def http_sender(client: Any, url: str, key: str) -> Send:
     return send
 
 
-Meter = Callable[[], Callable[[int], dict[str, Any]]]
+Meter = Callable[[], Callable[[float], dict[str, Any]]]
 """meter() starts measuring a rate; what it returns, called with the requests sent, says what the rate cost."""
 
 
