@@ -12,7 +12,7 @@ says how far an input is from everything the tagger was trained on, which the so
 
 Causal LMs (qwen2.5-coder-*, local causal directories): LoRA (PEFT) supervised fine-tuning on the chat
 template with the loss on the answer tokens only. At inference a closed-vocab answer is chosen by
-scoring every allowed completion's log-likelihood (all of them in one forward pass per input,
+scoring every allowed completion's log-likelihood (packed behind one read of the prompt,
 score_candidates), so the answer is always in the vocabulary and the softmax over those log-likelihoods
 is its confidence; other outputs are generated greedily.
 """
@@ -320,9 +320,8 @@ def candidate_answers(vocab: dict[str, list[Any]], allowed: dict[str, list[Any]]
     return [dict(zip(fields, combo, strict=True)) for combo in itertools.product(*values)]
 
 
-MAX_SCORED_TOKENS = (
-    256  # candidate tokens (x inputs) per forward pass: bounds the kept [tokens x vocabulary] logits
-)
+# Candidate tokens (x inputs) per forward pass: bounds the kept [tokens x vocabulary] logits.
+MAX_SCORED_TOKENS = 256
 
 
 @torch.no_grad()
@@ -362,7 +361,7 @@ def score_candidates(
         cands = [cand_ids[j] for j in chunk]
         rows = max(1, max_tokens // sum(len(c) for c in cands))
         for start in range(0, len(prompts), rows):
-            ids, pos, mask, keep, targets, owner = _packed(prompts[start : start + rows], cands)
+            ids, pos, mask, keep, source, targets, owner = _packed(prompts[start : start + rows], cands)
             bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
             logits = model(
                 input_ids=ids.to(device),
@@ -371,8 +370,7 @@ def score_candidates(
                 logits_to_keep=keep.to(device),
             ).logits
             logp = torch.log_softmax(logits.float(), dim=-1)  # [rows, kept, vocabulary]
-            index = targets.to(device)[None, :, None].expand(len(ids), -1, 1)
-            tok = logp.gather(-1, index).squeeze(-1).cpu()
+            tok = logp[:, source.to(device), targets.to(device)].cpu()  # [rows, candidate tokens]
             sums = torch.zeros(len(ids), len(cands)).index_add_(1, owner, tok)
             scores[start : start + len(ids), chunk] = sums
     return scores
@@ -381,17 +379,18 @@ def score_candidates(
 def _packed(prompts: list[list[int]], cands: list[list[int]]):
     """Rows of [left padding, prompt, candidate 1, candidate 2, ...] with every prompt ending at column P.
 
-    Returns input ids and position ids [rows, L], the attend-mask [rows, L, L], and per candidate token (the
-    same for every row): the column whose logits predict it, the token, and which candidate it belongs to.
+    Returns input ids and position ids [rows, L], the attend-mask [rows, L, L], the columns whose logits are
+    needed (the prompt's last one, read once, then each candidate's inner columns), and per candidate token
+    (the same for every row): which of those kept columns predicts it, the token, and its candidate.
     """
     width = max(len(p) for p in prompts)
-    keep, targets, owner, spans = [], [], [], []
+    keep, source, targets, owner, spans = [width - 1], [], [], [], []
     col = width
     for k, c in enumerate(cands):
         spans.append((col, col + len(c)))
-        keep += [width - 1] + list(
-            range(col, col + len(c) - 1)
-        )  # the token at column t is predicted at t - 1
+        # The token at column t is predicted at t - 1: a first token by the prompt's last column.
+        source += [0] + list(range(len(keep), len(keep) + len(c) - 1))
+        keep += list(range(col, col + len(c) - 1))
         targets += c
         owner += [k] * len(c)
         col += len(c)
@@ -413,7 +412,7 @@ def _packed(prompts: list[list[int]], cands: list[list[int]]):
             m[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
             pos[r, a:b] = torch.arange(p, p + b - a)
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return ids, pos, mask, as_long(keep), as_long(targets), as_long(owner)
+    return ids, pos, mask, as_long(keep), as_long(source), as_long(targets), as_long(owner)
 
 
 @torch.no_grad()
