@@ -231,3 +231,23 @@ def test_compile_dry_run_accepts_written_recipes(categorical_recipe, tmp_path, c
     for d in [categorical_recipe[0]["recipe_dir"], *sorted(str(p) for p in EXAMPLES.iterdir() if p.is_dir())]:
         assert main(["compile", "--recipe", d, "--output", str(tmp_path / "x.kolm"), "--dry-run"]) == 0, d
     assert not (tmp_path / "x.kolm").exists()
+
+
+def test_floor_out_of_a_probes_reach_is_warned_before_compile(categorical_recipe):
+    from kolm_ray.recipe.purity import PurityReport
+    from kolm_ray.recipe.synth import reach_warnings
+
+    def report(*accs):
+        fields = {f"f{i}": {"out_of_fold_accuracy": a} for i, a in enumerate(accs)}
+        return PurityReport(purity=1.0, method="", details={"confident_learning": fields})
+
+    # the benchmark's router: clean labels (floor 0.95), a probe at 0.87 -> the compile missed at 0.90
+    (warning,) = reach_warnings(report(0.87), 0.95, 611)
+    assert "0.87" in warning and "0.95" in warning and "611 train pairs" in warning
+    assert reach_warnings(report(0.93), 0.95, 611) == []  # within reach of fine-tuning
+    assert reach_warnings(report(0.95, 0.9), 0.95, 611) != []  # every field must be right: the product
+    assert (
+        reach_warnings(PurityReport(purity=1.0, method="", details={}), 0.95, 611) == []
+    )  # nothing to go on
+    diagnostics = json.loads(Path(categorical_recipe[0]["diagnostics"]).read_text())
+    assert diagnostics["warnings"] == []  # a learnable cluster says nothing

@@ -15,6 +15,8 @@ phases in order).
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 from kolm_ray.recipe.files import validate_recipe_dir
@@ -50,5 +52,7 @@ def recipe_command(args: Any) -> int:
         namespace=args.namespace,
         cluster=cluster,
     )
+    for warning in json.loads(Path(info["diagnostics"]).read_text()).get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps(info, indent=2))
     return 0
