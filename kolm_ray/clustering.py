@@ -259,13 +259,15 @@ class MiniLMEmbedder:
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         # Repeated inputs (retries, popular queries) are embedded once.
-        unique, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+        first: dict[str, int] = {}
+        inverse = [first.setdefault(t, len(first)) for t in texts]
+        unique = list(first)
         out = np.zeros((len(unique), EMBED_DIM), dtype=np.float32)
         order = np.argsort([len(t) for t in unique], kind="stable")  # similar lengths: little padding
         for start in range(0, len(unique), EMBED_BATCH):
             idx = order[start : start + EMBED_BATCH]
-            out[idx] = self._embed([str(unique[i]) for i in idx])
-        return out[inverse.reshape(-1)]
+            out[idx] = self._embed([unique[i] for i in idx])
+        return out[np.asarray(inverse, dtype=np.int64)]
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         if self.backend == "onnx-int8":

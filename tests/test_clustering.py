@@ -89,6 +89,18 @@ def test_embedder_onnx_matches_torch():
     assert sims[0, 1] < 0.9 and sims[0, 0] > 0.99
 
 
+def test_embedder_embeds_a_repeated_input_once(monkeypatch):
+    embedder = MiniLMEmbedder()
+    seen: list[str] = []
+    real = embedder._embed
+    monkeypatch.setattr(embedder, "_embed", lambda texts: seen.extend(texts) or real(texts))
+    texts = ["where is my order", "the api is down", "where is my order", "where is my order"]
+    out = embedder(texts)
+    assert sorted(seen) == ["the api is down", "where is my order"]
+    assert np.array_equal(out[0], out[2]) and np.array_equal(out[0], out[3])
+    assert np.allclose(out, embedder(["where is my order", "the api is down"])[[0, 1, 0, 0]])
+
+
 # ---- the Ray Data pipeline ----------------------------------------------------------------------------------
 
 
