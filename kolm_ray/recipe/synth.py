@@ -203,7 +203,9 @@ def recipe_from_observations(
     }
 
 
-PROBE_GAP = 0.05  # fine-tuning gained 0.01-0.03 over the linear probe on the benchmark clusters
+# On the recipe benchmark's 7 clusters the compiled K beat this probe by 0.01-0.11; the one recipe whose
+# probe was more than PROBE_GAP below its floor (0.07) is the one whose compile missed it.
+PROBE_GAP = 0.05
 
 
 def reach_warnings(report, k_floor: float, train_pairs: int) -> list[str]:
