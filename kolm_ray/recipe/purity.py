@@ -73,7 +73,7 @@ def out_of_fold_proba(x: np.ndarray, y: np.ndarray, k: int, folds: int = FOLDS, 
         fold[rng.permutation(idx)] = (np.arange(len(idx)) + rng.integers(folds)) % folds
     probs = np.zeros((len(y), k))
     # One BLAS thread: these products are small ([n x 385] @ [385 x k]), and OpenBLAS's threads cost more
-    # than they save (the 7 benchmark clusters: 13.8 s with 2 threads, 3.7 s with 1, same estimates).
+    # than they save (the 7 benchmark clusters: 13.8 s with 2 threads, 4.3 s with 1, same estimates).
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):

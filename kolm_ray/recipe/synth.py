@@ -26,7 +26,7 @@ from kolm_ray.recipe.files import (
     render_recipe_yaml,
     write_recipe_dir,
 )
-from kolm_ray.recipe.purity import estimate_purity, k_floor_from_purity, near_duplicate_groups
+from kolm_ray.recipe.purity import PurityReport, estimate_purity, k_floor_from_purity, near_duplicate_groups
 from kolm_ray.recipe.schema import choose_verifiers, infer_shape, labels_for, strip_confidence
 from kolm_ray.recipe.split import split_pairs
 from kolm_ray.spec import CONFIDENCE_FIELD, validate_spec
@@ -208,7 +208,7 @@ def recipe_from_observations(
 PROBE_GAP = 0.05
 
 
-def reach_warnings(report, k_floor: float, train_pairs: int) -> list[str]:
+def reach_warnings(report: PurityReport, k_floor: float, train_pairs: int) -> list[str]:
     """The floor follows the data's cleanliness, not how learnable the task is from this many pairs. When a
     linear probe on the inputs' embeddings (confident learning's out-of-fold model) is far below the floor,
     say so before anyone spends a compile on it."""
