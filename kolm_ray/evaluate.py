@@ -210,16 +210,17 @@ def split_for_calibration(n: int, seed: int = 0) -> tuple[list[int], list[int], 
 
 def calibrate(
     predictor,
-    inputs: Sequence[str],
+    scores: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
     outputs: Sequence[Any],
-    negatives: Sequence[str] = (),
+    negative_scores: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {}),
     negative_weight: float = NEGATIVE_CALIBRATION_WEIGHT,
 ) -> dict[str, float]:
     """Fit and set predictor.temperature (and predictor.outlier, for keys with class distances and given
-    negatives) from the given pairs; returns the temperatures."""
-    logits, dists = predictor.calibration_scores(list(inputs))
+    negatives) from predictor.calibration_scores of the pairs' inputs (and of the negatives) and the pairs'
+    outputs; returns the temperatures."""
+    logits, dists = scores
     targets = predictor.calibration_targets(list(outputs))
-    neg, neg_dists = predictor.calibration_scores(list(negatives)) if negatives else ({}, {})
+    neg, neg_dists = negative_scores
     temps, outliers = {}, {}
     for k, lg in logits.items():
         if k not in targets:
@@ -235,6 +236,29 @@ def calibrate(
     predictor.temperature = temps
     predictor.outlier = outliers
     return temps
+
+
+def _scores(predictor, inputs: list[str], batch_size: int, bar) -> tuple[dict, dict]:
+    """calibration_scores over every input, in batches (the progress bar counts them when they decide the
+    answers)."""
+    logits: dict[str, list[torch.Tensor]] = {}
+    dists: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(inputs), batch_size):
+        lg, d = predictor.calibration_scores(inputs[i : i + batch_size])
+        if not lg:  # this predictor has no scores (it generates): nothing to keep
+            return {}, {}
+        for k, v in lg.items():
+            logits.setdefault(k, []).append(v)
+        for k, v in d.items():
+            dists.setdefault(k, []).append(v)
+        if bar is not None:
+            bar.update(min(batch_size, len(inputs) - i))
+    return {k: torch.cat(v) for k, v in logits.items()}, {k: torch.cat(v) for k, v in dists.items()}
+
+
+def _rows(scores: tuple[dict, dict], idx: list[int]) -> tuple[dict, dict]:
+    pick = torch.tensor(idx, dtype=torch.long)
+    return tuple({k: v[pick] for k, v in part.items()} for part in scores)
 
 
 def evaluate(
@@ -261,25 +285,30 @@ def evaluate(
     if not fit:  # temperatures already fixed (a finished artifact): score calibration on every pair
         cal_idx, score_idx, disjoint = [], list(range(len(pairs))), True
         neg_cal, neg_score = [], list(range(len(negatives)))
-    temps = predictor.temperature
-    if fit:
-        temps = calibrate(
-            predictor,
-            [inputs[i] for i in cal_idx],
-            [golds[i] for i in cal_idx],
-            [negatives[i] for i in neg_cal],
-            negative_weight,
-        )
-    answers: list[dict] = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(inputs), desc="evaluate", unit="pair", leave=False)
-    for i in range(0, len(inputs), batch_size):
-        answers.extend(predictor.predict(inputs[i : i + batch_size]))
-        if bar is not None:
-            bar.update(min(batch_size, len(inputs) - i))
+    # One forward pass over every eval pair: calibration fits on its slice of these scores, and the answers
+    # come from the same scores under the fitted temperatures (predict() would run the model again).
+    scores = _scores(predictor, inputs, batch_size, bar)
+    temps = predictor.temperature
+    if fit:
+        temps = calibrate(
+            predictor,
+            _rows(scores, cal_idx),
+            [golds[i] for i in cal_idx],
+            predictor.calibration_scores([negatives[i] for i in neg_cal]) if neg_cal else ({}, {}),
+            negative_weight,
+        )
+    answers = predictor.answers_from_scores(scores)
+    if answers is None:  # generated answers: the scores were not the model's answer
+        answers = []
+        for i in range(0, len(inputs), batch_size):
+            answers.extend(predictor.predict(inputs[i : i + batch_size]))
+            if bar is not None:
+                bar.update(min(batch_size, len(inputs) - i))
     if bar is not None:
         bar.close()
     verifiers = build(spec)

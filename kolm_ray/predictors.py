@@ -87,6 +87,14 @@ class Predictor:
     def predict(self, inputs: Sequence[str], allowed: Sequence[str] | None = None) -> list[dict[str, Any]]:
         raise NotImplementedError
 
+    def answers_from_scores(
+        self, scores: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+    ) -> list[dict[str, Any]] | None:
+        """What predict(inputs) answers, from calibration_scores(inputs) under the current calibration, so an
+        evaluation that calibrates on those scores need not run the model again; None where the answers do
+        not come from those scores (generation)."""
+        return None
+
     # -- shared ---------------------------------------------------------------------------------------------
     def _finish(self, fields: dict[str, Any], confidence: float) -> dict[str, Any]:
         out = dict(fields)
@@ -186,15 +194,18 @@ class EncoderPredictor(Predictor):
         if masks is not None and not masks[ALLOWED_FIELD].any():
             # nothing this caller may see: no narrow answer is possible
             return [self._finish({f: None for f in self.labels}, 0.0) for _ in inputs]
+        return self.answers_from_scores(self.calibration_scores(inputs, masks=masks))
+
+    def answers_from_scores(self, scores):
         from kolm_ray.models import outlier_probs
 
-        logits, dists = self.calibration_scores(inputs, masks=masks)
+        logits, dists = scores
         probs = {
             f: outlier_probs(lg, self.temperature.get(f, 1.0), dists.get(f), self.outlier.get(f))
             for f, lg in logits.items()
         }
         answers = []
-        for i in range(len(inputs)):
+        for i in range(next((len(lg) for lg in logits.values()), 0)):
             fields, conf = {}, 1.0
             for f, p in probs.items():
                 j = int(logits[f][i].argmax())  # the top logit: far off, every probability can be 0.0
@@ -276,10 +287,7 @@ class CausalPredictor(Predictor):
             cands = self._candidates(allowed)
             if not cands:
                 return [self._finish({f: None for f in self.vocab}, 0.0) for _ in inputs]
-            scores = self.calibration_logits(inputs, allowed)[JOINT]
-            probs = torch.softmax(scores / self.temperature.get(JOINT, 1.0), dim=-1)
-            best = probs.argmax(-1)
-            return [self._finish(dict(cands[int(b)]), float(probs[i, b])) for i, b in enumerate(best)]
+            return self._pick(self.calibration_logits(inputs, allowed)[JOINT], cands)
         answers = []
         for text, conf in generate(self.model, self.tokenizer, inputs, self.max_new_tokens):
             value: Any = text
@@ -294,6 +302,17 @@ class CausalPredictor(Predictor):
                 else self._finish({OUTPUT_KEY: value}, conf)
             )
         return answers
+
+    def _pick(self, scores: torch.Tensor, cands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        probs = torch.softmax(scores / self.temperature.get(JOINT, 1.0), dim=-1)
+        best = probs.argmax(-1)
+        return [self._finish(dict(cands[int(b)]), float(probs[i, b])) for i, b in enumerate(best)]
+
+    def answers_from_scores(self, scores):
+        logits = scores[0]
+        if JOINT not in logits:
+            return None
+        return self._pick(logits[JOINT], self._candidates())
 
 
 def _pinned_base(base: dict[str, Any]) -> str:

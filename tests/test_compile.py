@@ -243,7 +243,15 @@ def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_
     assert len(plan.eval_negatives) == 40 and len(plan.eval_rows) == 30
 
     with open_predictor(artifact) as p:
+        scored: list[str] = []
+        score = p.calibration_scores
+        p.calibration_scores = lambda inputs, **kw: (scored.extend(inputs), score(inputs, **kw))[1]
         metrics = evaluate(p, plan.eval_rows, plan.spec, negatives=plan.eval_negatives)
+        # the model ran once per eval pair and once per negative; the answers are what predict() gives
+        assert sorted(scored) == sorted([r["input"] for r in plan.eval_rows] + plan.eval_negatives)
+        again = p.predict([r["input"] for r in plan.eval_rows])
+    right = [a["namespace"] == r["output"]["namespace"] for a, r in zip(again, plan.eval_rows, strict=True)]
+    assert metrics["accuracy"] == sum(right) / len(right)
     cal = metrics["calibration"]
     assert cal["n_negatives_fit"] == 20 and cal["objective"].startswith("brier-with-negatives")
     assert 0.0 <= metrics["negatives_broad"] <= 1.0
