@@ -43,7 +43,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/capture.py
-	$(PY) benchmarks/recipe.py
+	$(PY) benchmarks/recipe.py --compile
 	$(PY) benchmarks/compile_tagger.py
 	$(PY) benchmarks/recall.py
 	$(PY) benchmarks/causal_scorer.py

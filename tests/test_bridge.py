@@ -223,3 +223,10 @@ def test_fuzzed_bodies_never_500(client, store, body):
         assert store.count() == before + r.json()["inserted"]
     r = client.post("/v1/bridges/observations/obs_x/verify", content=json.dumps(body))
     assert r.status_code in (400, 404, 422)
+
+
+def test_imported_requests_are_stored_without_credentials(client, store):
+    row = {**ROWS[0], "request": {"model": "m", "api_key": "sk-x", "headers": {"Authorization": "Bearer abc"}}}
+    assert post_rows(client, [row]).json() == {"inserted": 1}
+    (o,) = client.get("/v1/bridges/observations").json()["observations"]
+    assert o["request"] == {"model": "m", "headers": {}}

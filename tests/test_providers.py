@@ -61,6 +61,35 @@ def test_scrub_credentials_drops_key_fields_at_any_depth_and_redacts_key_shaped_
     assert body["api_key"] == "sk-abc"  # a copy, the request itself is untouched
 
 
+def test_scrub_credentials_knows_key_fields_by_their_last_word_and_common_key_formats():
+    body = {
+        "metadata": {
+            "openai_api_key": "sk-short",
+            "gemini_api_key": "AIzaSyD-0123456789abcdefghijkl",
+            "github_token": "t",
+            "key": "k",
+            "sessionToken": "s",
+            "note": "AIzaSyD-" + "a" * 31,
+            "other": "ghp_" + "a" * 36,
+            "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlMTIz",
+            "monkey": "banana",
+        },
+        "auth": {"type": "basic", "password": "p"},
+        "response_format": {"json_schema": {"schema": {"properties": {"token": {"type": "string"}}}}},
+        "max_tokens": 5,
+        "max_completion_tokens": 6,
+        "prompt_cache_key": "user-42",
+    }
+    assert scrub_credentials(body) == {
+        "metadata": {"note": REDACTED, "other": REDACTED, "jwt": REDACTED, "monkey": "banana"},
+        "auth": {"type": "basic"},
+        "response_format": {"json_schema": {"schema": {"properties": {"token": {"type": "string"}}}}},
+        "max_tokens": 5,
+        "max_completion_tokens": 6,
+        "prompt_cache_key": "user-42",
+    }
+
+
 # ---------------------------------------------------------------- OpenAI
 
 

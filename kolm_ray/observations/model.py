@@ -103,6 +103,13 @@ class ImportRow(BaseModel):
     created_at: datetime | None = None
     request: dict[str, Any] | None = None
 
+    @field_validator("request")
+    @classmethod
+    def _no_credentials(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        from kolm_ray.providers import scrub_credentials
+
+        return None if v is None else scrub_credentials(v)
+
 
 def _describe(err: ValidationError) -> str:
     parts = []

@@ -101,41 +101,44 @@ def input_from_turns(turns: list[tuple[str, str]]) -> str:
     return render_transcript(turns)
 
 
-def _norm(key: str) -> str:
-    return re.sub(r"[^a-z]", "", key.lower())
+def _words(name: str) -> list[str]:
+    """A field name's words, lower-cased: `openai_api_key`, `apiKey`, `X-API-Key` -> [..., "api", "key"]."""
+    return re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).lower())
 
 
-CREDENTIAL_KEYS = frozenset(
-    _norm(k)
-    for k in (
-        "api_key",
-        "api-key",
-        "x-api-key",
-        "authorization",
-        "access_token",
-        "refresh_token",
-        "id_token",
-        "secret",
-        "client_secret",
-        "secret_key",
-        "private_key",
-        "password",
-        "bearer",
-        "credentials",
-        "session_token",
-    )
+# A field is a credential when its name's last word is one of these (`api_key`, `github_token`, `apiKey`,
+# `client_secret`, `Authorization`...); `max_tokens` ends in "tokens" and stays.
+CREDENTIAL_WORDS = frozenset(
+    "key token secret password passwd passphrase credential credentials authorization auth bearer cookie".split()
 )
-_KEYLIKE = re.compile(r"^(?:Bearer\s+\S+|sk-[A-Za-z0-9_\-]{16,}|sk-ant-[A-Za-z0-9_\-]{16,})$")
+NOT_CREDENTIALS = frozenset({("prompt", "cache", "key")})  # OpenAI's cache-routing hint: a label, not a key
+_KEYLIKE = re.compile(
+    r"^(?:Bearer\s+\S+"
+    r"|sk-[A-Za-z0-9_\-]{16,}"  # OpenAI, Anthropic (sk-ant-...)
+    r"|AIza[0-9A-Za-z_\-]{30,}"  # Google
+    r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}"  # GitHub
+    r"|xox[abprs]-[A-Za-z0-9\-]{10,}"  # Slack
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key id
+    r"|eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,})$"  # a JWT
+)
 REDACTED = "[redacted]"
 
 
-def scrub_credentials(value: Any) -> Any:
-    """A copy of a JSON value with every credential-named field dropped and key-shaped strings redacted.
+def is_credential_field(name: str) -> bool:
+    words = _words(name)
+    return bool(words) and words[-1] in CREDENTIAL_WORDS and tuple(words[-3:]) not in NOT_CREDENTIALS
 
-    Field names are matched case- and punctuation-insensitively (`api_key`, `apiKey`, `X-API-Key`...).
-    """
+
+def scrub_credentials(value: Any) -> Any:
+    """A copy of a JSON value without credentials: a field whose name ends in a credential word is dropped
+    unless it holds an object (then scrubbed like the rest: `{"auth": {"type": "basic", "password": ...}}`,
+    or a JSON schema's `{"token": {"type": "string"}}`), and key-shaped strings anywhere are redacted."""
     if isinstance(value, dict):
-        return {k: scrub_credentials(v) for k, v in value.items() if _norm(str(k)) not in CREDENTIAL_KEYS}
+        return {
+            k: scrub_credentials(v)
+            for k, v in value.items()
+            if isinstance(v, dict) or not is_credential_field(str(k))
+        }
     if isinstance(value, list):
         return [scrub_credentials(v) for v in value]
     if isinstance(value, str) and _KEYLIKE.match(value):
