@@ -313,14 +313,13 @@ class Featurizer:
         batch["fp"] = np.array([structural_fingerprint(r, o) for r, o in zip(requests, outputs, strict=True)])
         batch["shape"] = np.array([output_shape(o) for o in outputs])
         batch["label"] = np.array([vocab_label(o, i) for o, i in zip(outputs, inputs, strict=True)])
-        batch["rejected"] = np.array(
-            [v is not None and not _isnan(v) and int(v) == 0 for v in batch["verified"]]
-        )
+        batch["rejected"] = np.array([not _missing(v) and int(v) == 0 for v in batch["verified"]])
         return batch
 
 
-def _isnan(v: Any) -> bool:
-    return isinstance(v, float) and v != v
+def _missing(v: Any) -> bool:
+    """A null `verified`: None or NaN of any float type (Ray Data reads an all-null column as float32 NaN)."""
+    return v is None or v != v
 
 
 def _loads(x: Any) -> Any:
@@ -534,7 +533,7 @@ def summarize_cluster(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "id": int(group["cluster"][0]),
         "size": len(emb),
         "rejected": int(rejected.sum()),
-        "verified": int(sum(1 for v in group["verified"] if v is not None and not _isnan(v) and int(v) == 1)),
+        "verified": int(sum(1 for v in group["verified"] if not _missing(v) and int(v) == 1)),
         "purity": purity,
         "purity_method": method,
         "shape": str(group["shape"][near[0]]),
@@ -768,7 +767,7 @@ def cluster_members(result: ClusterResult, cluster_id: int) -> tuple[list[dict[s
                     "id": str(b["id"][i]),
                     "input": str(b["input"][i]),
                     "output": _loads(b["output"][i]),
-                    "verified": None if v is None or _isnan(v) else bool(int(v)),
+                    "verified": None if _missing(v) else bool(int(v)),
                 }
             )
         emb.append(np.asarray(b["embedding"], dtype=np.float32))

@@ -101,6 +101,22 @@ def test_embedder_embeds_a_repeated_input_once(monkeypatch):
     assert np.allclose(out, embedder(["where is my order", "the api is down"])[[0, 1, 0, 0]])
 
 
+def test_featurizer_reads_a_verified_column_with_no_value_at_all():
+    from kolm_ray.clustering import Featurizer
+
+    batch = {
+        "input": np.array(["where is my order", "reset my password"], dtype=object),
+        "output": np.array(['{"intent": "order"}', '{"intent": "password"}'], dtype=object),
+        "request": np.array([None, None], dtype=object),
+        # what Ray Data's read_sql yields for a shard where every `verified` is NULL (checked on Ray 2.60)
+        "verified": np.array([np.nan, np.nan], dtype=np.float32),
+    }
+    out = Featurizer()(dict(batch))
+    assert out["rejected"].tolist() == [False, False]
+    mixed = Featurizer()({**batch, "verified": np.array([0.0, np.nan], dtype=np.float32)})
+    assert mixed["rejected"].tolist() == [True, False]
+
+
 # ---- the Ray Data pipeline ----------------------------------------------------------------------------------
 
 
