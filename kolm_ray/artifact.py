@@ -32,6 +32,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "signature"
 SIGNATURE_ALG = "hmac-sha256"
 MAX_MEMBER_BYTES = 64 << 30  # refuse zip bombs: no member larger than 64 GiB
+PICKLE_SUFFIXES = frozenset({".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt"})  # torch.save / pickle files
 
 
 def _sha256_file(path: Path) -> str:
@@ -88,8 +89,8 @@ def pack(staging: str | Path, out: str | Path, manifest: dict[str, Any]) -> dict
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no such artifact")
+    if not path.is_file():  # a mistyped path is the user's mistake (exit 2), not a bad artifact (exit 4)
+        raise KolmError(f"{path}: no such artifact")
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
@@ -125,7 +126,14 @@ def verify(path: str | Path, extract_to: str | Path | None = None) -> dict[str, 
             manifest = json.loads(body)
             if manifest.get("format") != FORMAT:
                 raise ArtifactError(f"{path}: format {manifest.get('format')!r} is not {FORMAT}")
+            if manifest.get("signature_alg") != SIGNATURE_ALG:
+                raise ArtifactError(
+                    f"{path}: signature_alg {manifest.get('signature_alg')!r} is not {SIGNATURE_ALG}"
+                )
             files: dict[str, str] = manifest.get("files", {})
+            pickled = sorted(n for n in files if Path(n).suffix.lower() in PICKLE_SUFFIXES)
+            if pickled:
+                raise ArtifactError(f"{path}: pickle members {pickled}; a .kolm holds safetensors only")
             extra = names - set(files) - {MANIFEST, SIGNATURE}
             missing = set(files) - names
             if extra or missing:

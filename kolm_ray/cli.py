@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -26,9 +27,19 @@ from kolm_ray.errors import KolmError
 Builder = Callable[[argparse.ArgumentParser], None]
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return port
+
+
 def _capture(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: local only)")
-    p.add_argument("--port", type=int, default=8700, help="port to bind (default 8700)")
+    p.add_argument("--port", type=_port, default=8700, help="port to bind (default 8700)")
     p.add_argument(
         "--store", default=None, help="observation store URL (default $KOLM_STORE or SQLite in $KOLM_HOME)"
     )
@@ -203,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `kolm inspect X | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -181,6 +181,8 @@ def validate(args) -> Plan:
     if args.recipe:
         recipe, spec0, pairs = _read_recipe(Path(args.recipe))
         source = str(Path(args.recipe) / "pairs.jsonl")
+        if args.pairs:  # an override like the others: these pairs instead of the recipe's
+            pairs, source = load_pairs(args.pairs), args.pairs
     else:
         if not args.description:
             problems.append('a DESCRIPTION is required ("what the model does")')

@@ -32,6 +32,11 @@ CALIBRATION_FILE = "calibration.json"  # {"temperature": {field or "__joint__": 
 JOINT = "__joint__"  # causal LMs calibrate one softmax over joint closed-vocab answers
 OUTPUT_KEY = "output"  # non-object outputs are wrapped as {"output": value}
 ALLOWED_FIELD = "namespace"  # the field `allowed` restricts
+REQUIRED_FILES = {  # what each kind loads (besides tokenizer files, which transformers checks itself)
+    "encoder-tagger": ("model.safetensors", TAGGER_FILE, "config.json"),
+    "causal-lm-lora": ("adapter_config.json", "adapter_model.safetensors"),
+    "causal-lm": ("config.json",),
+}
 
 
 def _threads() -> None:
@@ -342,6 +347,11 @@ def predictor_from_dir(
     """Build a Predictor from an artifact's (already verified or freshly staged) files."""
     _threads()
     kind = manifest.get("kind")
+    missing = [f for f in REQUIRED_FILES.get(kind, ()) if not (Path(directory) / f).is_file()]
+    if kind == "causal-lm" and not any(Path(directory).glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise ArtifactError(f"{kind} artifact lacks {', '.join(missing)}")
     if kind == "encoder-tagger":
         return EncoderPredictor(Path(directory), manifest, device)
     if kind in ("causal-lm-lora", "causal-lm"):

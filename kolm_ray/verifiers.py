@@ -182,7 +182,11 @@ def parse_verifier_list(text: str) -> list[VerifierSpec]:
                 raise KolmError(f"verifier {name!r}: threshold {threshold} is not in [0, 1]")
         if name == "calibrated-brier" and threshold is None:
             raise KolmError("calibrated-brier needs a threshold: calibrated-brier=0.10")
+        if any(v.name == name for v in specs):
+            raise KolmError(f"verifier {name!r} is listed twice")
         specs.append(VerifierSpec(name=name, threshold=threshold))
+    if not specs:
+        raise KolmError(f"--verifier lists no verifier; known: {known()}")
     return specs
 
 

@@ -118,3 +118,56 @@ def test_failed_pack_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(TypeError):  # an unserialisable manifest fails mid-pack
         pack(staging, out, {"metrics": object()})
     assert not out.exists() and not list(tmp_path.glob(".out.kolm*"))
+
+
+def _resign(
+    src: Path, dst: Path, change_manifest=None, drop: str | None = None, add: dict | None = None
+) -> None:
+    """Rewrite an artifact and sign it again with the real key: what only a holder of the key can do."""
+    import hashlib
+    import hmac
+
+    from kolm_ray.settings import signing_key
+
+    with zipfile.ZipFile(src) as z:
+        members = {n: z.read(n) for n in z.namelist() if n not in (MANIFEST, "signature", drop)}
+        manifest = json.loads(z.read(MANIFEST))
+    members.update(add or {})
+    manifest["files"] = {n: hashlib.sha256(d).hexdigest() for n, d in members.items()}
+    if change_manifest:
+        change_manifest(manifest)
+    body = json.dumps(manifest).encode()
+    with zipfile.ZipFile(dst, "w") as z:
+        z.writestr(MANIFEST, body)
+        z.writestr("signature", hmac.new(signing_key()[0], body, hashlib.sha256).hexdigest())
+        for n, d in members.items():
+            z.writestr(n, d)
+
+
+def test_signed_but_unsound_artifacts_refused(artifact: Path, tmp_path: Path) -> None:
+    none_alg = tmp_path / "none.kolm"
+    _resign(artifact, none_alg, change_manifest=lambda m: m.update(signature_alg="none"))
+    with pytest.raises(ArtifactError, match="signature_alg 'none'"):
+        verify(none_alg)
+    pickled = tmp_path / "pickled.kolm"
+    _resign(artifact, pickled, add={"pytorch_model.bin": b"\x80\x04K\x01."})
+    with pytest.raises(ArtifactError, match="pickle members"):
+        verify(pickled)
+
+
+def test_artifact_without_its_weights_is_exit_4_for_run(artifact: Path, tmp_path: Path, capsys) -> None:
+    hollow = tmp_path / "hollow.kolm"
+    _resign(artifact, hollow, drop="model.safetensors")
+    assert main(["verify", str(hollow)]) == 0  # signed and hashed consistently
+    capsys.readouterr()
+    assert main(["run", str(hollow), "hello"]) == 4
+    assert (
+        capsys.readouterr().err.strip().startswith("error: encoder-tagger artifact lacks model.safetensors")
+    )
+
+
+def test_missing_artifact_path_is_a_user_mistake(tmp_path: Path, capsys) -> None:
+    for command in ("verify", "inspect", "run"):
+        argv = [command, str(tmp_path / "nope.kolm")] + (["hi"] if command == "run" else [])
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().endswith("nope.kolm: no such artifact")

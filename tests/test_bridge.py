@@ -226,7 +226,10 @@ def test_fuzzed_bodies_never_500(client, store, body):
 
 
 def test_imported_requests_are_stored_without_credentials(client, store):
-    row = {**ROWS[0], "request": {"model": "m", "api_key": "sk-x", "headers": {"Authorization": "Bearer abc"}}}
+    row = {
+        **ROWS[0],
+        "request": {"model": "m", "api_key": "sk-x", "headers": {"Authorization": "Bearer abc"}},
+    }
     assert post_rows(client, [row]).json() == {"inserted": 1}
     (o,) = client.get("/v1/bridges/observations").json()["observations"]
     assert o["request"] == {"model": "m", "headers": {}}

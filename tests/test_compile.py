@@ -138,6 +138,12 @@ def test_recipe_dir_dry_run(tmp_path: Path, capsys) -> None:
     out = tmp_path / "r.kolm"
     assert main(["compile", "--recipe", str(recipe), "--output", str(out), "--dry-run"]) == 0
     assert "192 train / 48 eval" in capsys.readouterr().out and not out.exists()
+    other = write_pairs(tmp_path / "other.jsonl", 120, seed=3)  # --pairs overrides the recipe's pairs
+    assert (
+        main(["compile", "--recipe", str(recipe), "--pairs", str(other), "--output", str(out), "--dry-run"])
+        == 0
+    )
+    assert "96 train / 24 eval" in capsys.readouterr().out
     (recipe / "spec.json").write_text(json.dumps({**spec, "verifier": [{"name": "nope"}]}))
     assert main(["compile", "--recipe", str(recipe), "--output", str(out), "--dry-run"]) == 2
     assert "nope" in _err(capsys)

@@ -43,6 +43,9 @@ def test_parse_verifier_list():
         ("calibrated-brier", "needs a threshold"),
         ("calibrated-brier=x", "takes a number"),
         ("calibrated-brier=2", "not in [0, 1]"),
+        ("", "lists no verifier"),
+        (" , ", "lists no verifier"),
+        ("closed-vocab,closed-vocab", "listed twice"),
     ],
 )
 def test_parse_verifier_list_errors(text, needle):

@@ -231,7 +231,7 @@ def _check_settings(s: dict[str, Any]) -> list[str]:
         problems.append(
             f"{RECIPE_YAML}: verifiers must be a list of names like closed-vocab or calibrated-brier=0.1"
         )
-    else:
+    elif v:  # a text recipe may have none
         from kolm_ray.verifiers import parse_verifier_list
 
         try:
