@@ -172,11 +172,15 @@ def test_out_dir_refuses_foreign_dir_and_replaces_a_recipe(tmp_path, categorical
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     observations, _ = rd.categorical(300, seed=9)
-    with pytest.raises(KolmError, match="not a recipe directory"):
+    with pytest.raises(KolmError, match=r"files a recipe does not write \(notes.txt\)"):
         recipe_from_observations(observations, out_dir=str(foreign))
     assert (foreign / "notes.txt").read_text() == "keep me"
     again = tmp_path / "again"
     shutil.copytree(categorical_recipe[0]["recipe_dir"], again)
+    (again / "notes.txt").write_text("mine too")  # a recipe directory the user added a file to
+    with pytest.raises(KolmError, match="notes.txt"):
+        recipe_from_observations(observations, out_dir=str(again))
+    (again / "notes.txt").unlink()
     info = recipe_from_observations(observations, out_dir=str(again))
     assert len(Path(info["pairs_jsonl"]).read_text().splitlines()) == 300
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "mine"]

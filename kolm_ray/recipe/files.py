@@ -109,11 +109,17 @@ def render_recipe_yaml(
 def write_recipe_dir(out_dir: str | Path, files: dict[str, str]) -> Path:
     """Write every file into a temporary sibling directory, validate it, then rename it into place.
 
-    An existing recipe directory is replaced whole; any other non-empty directory is refused.
+    An existing recipe directory holding only recipe files is replaced whole; a directory holding anything
+    else (another recipe's files are fine) is refused, so a mistyped --out never deletes a user's files.
     """
     out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RECIPE_YAML).exists())):
-        raise KolmError(f"{out} exists and is not a recipe directory; choose another --out")
+    if out.exists():
+        if not out.is_dir():
+            raise KolmError(f"{out} exists and is not a directory; choose another --out")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in files or not p.is_file())
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise KolmError(f"{out} holds files a recipe does not write ({shown}); choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
