@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from kolm_ray.artifact import verify
 from kolm_ray.serving import DEFAULT_BUDGET_MS, DEFAULT_THRESHOLD, MAX_BODY_BYTES, Router, load_tenants
 
 log = logging.getLogger("ray.serve")
@@ -107,6 +108,9 @@ class NamespaceTagger:
             self.backend = f"predictor:{self.predictor.kind}"
         self.batched = self.device != "cpu"
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagger")
+        # Everything is in memory now: remove the extracted artifact, so a replica that is killed (not
+        # shut down) leaves no copy of the weights in /tmp.
+        self.predictor.close()
         log.info(
             "NamespaceTagger ready: device=%s backend=%s batched=%s", self.device, self.backend, self.batched
         )
@@ -206,5 +210,8 @@ def app_builder(args: Args) -> Application:
         raise FileNotFoundError(
             f"artifact {artifact} does not exist; run `make demo` or `kolm compile` first"
         )
+    # Refuse a tampered or wrongly keyed artifact at deploy time, not by answering broad on every request
+    # while the replica fails to start (each replica verifies it again before reading a weight).
+    verify(artifact)
     tagger = NamespaceTagger.bind(artifact)
     return RecallIngress.bind(tagger, tenants, args.threshold, args.budget_ms)

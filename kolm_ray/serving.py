@@ -282,6 +282,10 @@ def check_serve_config(config: str | Path) -> dict[str, Any]:
             problems.append(
                 f"artifact {args['artifact']} does not exist (run `make demo` or `kolm compile` first)"
             )
+        elif "artifact" in args:
+            from kolm_ray.artifact import verify
+
+            verify(args["artifact"])  # tampered or wrongly keyed: refused here (exit 4), not served broad
         if "tenants" in args:
             try:
                 load_tenants(args["tenants"])

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -174,6 +175,20 @@ def test_tagger_deployment_refuses_a_tampered_or_wrongly_keyed_artifact(
             dst.writestr(item, data)
     with pytest.raises(ArtifactError):
         NamespaceTagger.func_or_class(str(tampered))
+    # ... and so do `kolm serve` (before Ray starts) and the app builder `serve run` calls, at deploy time
+    from deployments.recall import app_builder
+    from kolm_ray.serving import check_serve_config
+
+    config = tmp_path / "recall.yaml"
+    data = yaml.safe_load((REPO / "deployments" / "recall.yaml").read_text())
+    data["applications"][0]["args"].update(
+        artifact=str(tampered), tenants=str(REPO / "configs" / "tenants.yaml")
+    )
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(ArtifactError, match="tampered"):
+        check_serve_config(config)
+    with pytest.raises(ArtifactError, match="tampered"):
+        app_builder({"artifact": str(tampered), "tenants": str(REPO / "configs" / "tenants.yaml")})
     copy = tmp_path / "copy.kolm"
     shutil.copy(tagger_artifact, copy)
     monkeypatch.setenv("KOLM_SIGNING_KEY", "a-different-key")
@@ -181,12 +196,14 @@ def test_tagger_deployment_refuses_a_tampered_or_wrongly_keyed_artifact(
         NamespaceTagger.func_or_class(str(copy))
 
 
-def test_tagger_deployment_class_in_process(tagger_artifact, signing_key, monkeypatch):
+def test_tagger_deployment_class_in_process(tagger_artifact, signing_key, monkeypatch, tmp_path):
     """The deployment class itself, called without Serve: verified load, fast form, batched scoring."""
     from deployments.recall import NamespaceTagger
 
     monkeypatch.setenv("KOLM_SERVE_THREADS", "1")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     tagger = NamespaceTagger.func_or_class(str(tagger_artifact))
+    assert not list(tmp_path.glob("kolm-artifact-*"))  # weights in memory; the extracted copy is gone
     assert tagger.device == "cpu" and tagger.backend in (
         "onnx-int8",
         "onnx-fp32",
