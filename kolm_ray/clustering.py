@@ -21,7 +21,6 @@ time. The embedder is MiniLM exported to ONNX with int8 weights (built once into
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -29,7 +28,6 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from kolm_ray.errors import KolmError
+from kolm_ray.placement import ray_session
 
 EMBED_DIM = 384
 MAX_LENGTH = 128  # tokens per input: an intent shows in the first sentences
@@ -568,22 +567,6 @@ class ClusterResult:
     """The rows of `dataset` this result is about (a dataset may hold several namespaces)."""
 
 
-@contextlib.contextmanager
-def ray_session(num_cpus: int | None = None) -> Iterator[None]:
-    """Use the running Ray (or RAY_ADDRESS); otherwise start a local one and stop it afterwards."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, num_cpus=num_cpus, include_dashboard=False,
-             log_to_driver=False)  # fmt: skip
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def _workers(num_workers: int | None) -> int:
     import ray
 
@@ -794,7 +777,7 @@ def cluster_command(args: Any) -> int:
 
     url = store_url(args.store)
     namespaces = list(dict.fromkeys(args.namespace))
-    with ray_session():
+    with ray_session(worker_logs=False):
         results = cluster_namespaces(url, namespaces, num_workers=args.num_workers)
     empty = [ns for ns in namespaces if not results[ns].clusters]
     if empty:

@@ -37,7 +37,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "causal-lm": {"epochs": 3, "lr": 2e-4, "batch_size": 8, "max_len": 256, "lora_r": 16, "lora_alpha": 32},
 }
 TRAINING_KEYS = {
-    "epochs", "lr", "head_lr", "batch_size", "max_len", "freeze_layers", "freeze_embeddings", "negative_weight",
+    "epochs", "lr", "head_lr", "batch_size", "min_steps", "max_len", "freeze_layers", "freeze_embeddings", "negative_weight",
     "mix_weight", "calibration_negative_weight",
     "lora_r", "lora_alpha", "warmup", "weight_decay", "gradient_checkpointing", "seed", "num_workers",
     "max_failures",
@@ -325,8 +325,8 @@ def train_config(plan: Plan, deepspeed: dict[str, Any] | None = None):
 
 def train(plan: Plan, workdir: Path):
     """Fine-tune on Ray Train (GPU workers with DeepSpeed when the cluster has GPUs, else DDP on CPU)."""
-    from kolm_ray.placement import cluster_gpus, resolve_use_gpu
-    from kolm_ray.train.trainer import fit, ray_session
+    from kolm_ray.placement import cluster_gpus, ray_session, resolve_use_gpu
+    from kolm_ray.train.trainer import fit
 
     with ray_session():
         gpu = resolve_use_gpu(plan.use_gpu)
@@ -461,6 +461,7 @@ def compile_command(args) -> int:
             "losses": result.metrics.get("losses"),
             "examples_per_s": result.metrics.get("examples_per_s"),
             "world_size": result.metrics.get("world_size"),
+            "batch_size": result.metrics.get("batch_size"),  # per worker, after min_steps
             "deepspeed_stage": ds["zero_optimization"]["stage"] if ds else None,
         }
         metrics = build_artifact(plan, result.checkpoint_dir, training, workdir)

@@ -7,9 +7,15 @@ then cpu. Ray Data featurization and Serve replicas carry their own resource req
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from collections.abc import Iterator
 
 from kolm_ray.errors import KolmError
+
+# Quiet Ray Train's progress tables and metrics exports; our workers print their own progress bar.
+_QUIET_ENV = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "0", "RAY_DEDUP_LOGS": "1"}
 
 
 def pick_device(prefer: str | None = None) -> str:
@@ -193,3 +199,69 @@ def quiet_deepspeed_on_cpu() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A RAY_ADDRESS of the form host:port must accept a connection: ray.init retries an unreachable GCS
+    for minutes before it gives up."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto", "ray://..." (Ray Client) and the like: ray.init's own checks
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise KolmError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({e.strerror or e})"
+        ) from None
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int | None = None, worker_logs: bool = True) -> Iterator[None]:
+    """Connect to RAY_ADDRESS, else start a local Ray; shut down on exit only what this call started.
+
+    Without RAY_ADDRESS it always starts a fresh local Ray (address="local"), never attaching to whichever
+    cluster happens to run on the machine. worker_logs=False keeps the workers' output off the terminal, and
+    Ray Data's INFO lines too when stderr is not one (there they are a progress log, ~90 lines for a small
+    `kolm recipe`, ahead of the one line that matters); its warnings and errors still show.
+    """
+    import logging
+    import sys
+
+    import ray
+
+    if not worker_logs and not sys.stderr.isatty():
+        import ray.data  # noqa: F401  (its import sets up the "ray.data" logger: file DEBUG, console INFO)
+
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):  # the console; ray-data.log still gets every line
+                handler.setLevel(logging.WARNING)
+    if ray.is_initialized():
+        yield
+        return
+    for k, v in _QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+        ray.init(log_to_driver=worker_logs)
+    else:
+        for attempt in range(3):
+            try:
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus or os.cpu_count() or 1,
+                    include_dashboard=False,
+                    log_to_driver=worker_logs,
+                    # Without the dashboard, Ray Train's placement-group cleaner warns every few seconds
+                    # that the state API is unavailable; keep Ray's own loggers to errors.
+                    logging_config=ray.LoggingConfig(log_level="ERROR"),
+                )
+                break
+            except Exception as e:  # an overloaded machine can miss Ray's fixed 30 s raylet start-up wait
+                ray.shutdown()
+                if "timed out during startup" not in str(e) or attempt == 2:
+                    raise KolmError(f"could not start a local Ray: {e}") from e
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -595,3 +595,19 @@ def test_drill_node_lost_mid_training_resumes_from_checkpoint(sim, tmp_path, mon
     assert _kind_of(sim, result.metrics["node_id"]) in ("gpu", "gpu-b")
     assert result.metrics["device"] == "cpu"  # logical GPU, no CUDA: pick_device falls through to cpu
     assert result.metrics["loss"] < 1.0  # it trained (the target is linear, the start loss is ~10)
+
+
+def test_an_unreachable_ray_address_is_one_clear_error_not_minutes_of_retries():
+    import socket
+
+    from kolm_ray.errors import KolmError
+    from kolm_ray.placement import _check_reachable
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(KolmError, match=f"cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:{port}"):
+        _check_reachable(f"127.0.0.1:{port}")
+    for address in ("auto", "ray://head:10001", "local"):
+        _check_reachable(address)  # left to ray.init

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from compile_helpers import WORDS
 
-from kolm_ray.train.loop import STATE, WEIGHTS, TrainConfig, train_loop_per_worker
+from kolm_ray.train.loop import STATE, WEIGHTS, TrainConfig, batch_size_for, train_loop_per_worker
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = {"namespace": list(WORDS)}
@@ -37,6 +37,7 @@ def _config(tmp: Path, **kw) -> dict:
 def test_plain_loop_loss_falls_and_resumes(tmp_path: Path) -> None:
     m = train_loop_per_worker(_config(tmp_path))
     assert m["world_size"] == 1 and m["start_epoch"] == 0 and len(m["losses"]) == 3
+    assert m["batch_size"] == batch_size_for(len(_rows()), TrainConfig(**_config(tmp_path)), world=1)
     assert m["losses"][-1] < m["losses"][0] * 0.7
     ckpt = Path(m["checkpoint"])
     assert (ckpt / WEIGHTS).exists() and json.loads((ckpt / STATE).read_text())["epoch"] == 2
@@ -159,3 +160,19 @@ def test_ray_train_two_workers_killed_worker_resumes(tmp_path: Path) -> None:
     assert m["world_size"] == 2 and m["start_epoch"] in (1, 2)
     assert len(m["losses"]) == 3 and m["losses"][-1] < m["losses"][0]
     assert json.loads((result.checkpoint_dir / STATE).read_text())["epoch"] == 2
+
+
+def test_small_train_splits_use_smaller_batches_for_enough_steps():
+    from kolm_ray.train.loop import TrainConfig, batch_size_for, steps_for
+
+    def cfg(**kw):
+        return TrainConfig(base="tiny-encoder", kind="encoder", rows=[], **kw)
+
+    # compile's flags defaults on a 610-pair router, 2 workers: 30 steps of 32 per worker become 117 of 8
+    assert batch_size_for(610, cfg(batch_size=32, epochs=3), world=2) == 8
+    assert steps_for(610, 8, 2) * 3 >= 100
+    assert batch_size_for(611, cfg(batch_size=32, epochs=4), world=1) == 24  # a recipe's settings
+    assert batch_size_for(15_000, cfg(batch_size=32, epochs=3), world=2) == 32  # enough data: unchanged
+    assert batch_size_for(90, cfg(batch_size=32, epochs=3), world=1) == 8  # never below 8
+    assert batch_size_for(610, cfg(batch_size=32, epochs=3, min_steps=0), world=2) == 32  # off
+    assert batch_size_for(610, cfg(batch_size=4, epochs=3), world=2) == 4  # already small

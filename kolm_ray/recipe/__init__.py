@@ -27,12 +27,13 @@ __all__ = ["recipe_from_observations", "validate_recipe_dir", "recipe_command"]
 
 def recipe_command(args: Any) -> int:
     """kolm recipe: cluster the namespace (Ray Data), then write a recipe for one cluster; print its paths."""
-    from kolm_ray.clustering import cluster_members, cluster_namespace, ray_session
+    from kolm_ray.clustering import cluster_members, cluster_namespace
     from kolm_ray.errors import KolmError
+    from kolm_ray.placement import ray_session
     from kolm_ray.settings import store_url
 
     url = store_url(args.store)
-    with ray_session():
+    with ray_session(worker_logs=False):
         result = cluster_namespace(url, args.namespace, num_workers=args.num_workers, summarize=False)
         if not result.clusters:
             raise KolmError(f"namespace {args.namespace!r} has no observations in {url}")

@@ -33,11 +33,20 @@ K_FLOOR_RANGE = (0.5, 0.95)
 ENCODER_BASES = ("minilm-l6", "tiny-encoder")  # classifiers: need closed-vocab outputs
 SETTINGS_KEYS = {"description", "base", "k_floor", "verifiers", "training", "files", "namespace", "cluster"}
 
+# Training settings that may be 0 (off); every other one must be positive.
+ZERO_OK = frozenset(
+    {"min_steps", "freeze_layers", "warmup", "weight_decay", "mix_weight", "negative_weight", "seed"}
+)
+
 # Training settings per base kind; names are compile's TrainConfig fields.
 TRAINING = {
     "encoder": [
         ("epochs", 4, "passes over the train split; a tagger head converges in a few"),
-        ("batch_size", 32, "pairs per worker per step"),
+        (
+            "batch_size",
+            32,
+            "pairs per worker per step, at most: a small split uses smaller batches (min_steps)",
+        ),
         ("lr", 1.0e-4, "peak learning rate of the encoder body (linear warm-up, then decay)"),
         ("head_lr", 2.0e-3, "learning rate of the fresh classification heads"),
         ("max_len", 64, "tokens per input; longer inputs are truncated"),
@@ -249,8 +258,14 @@ def _check_settings(s: dict[str, Any]) -> list[str]:
         problems.append(f"{RECIPE_YAML}: training must be a mapping")
     else:
         for key, val in t.items():
-            if not isinstance(val, (int, float)) or isinstance(val, bool) or val <= 0:
-                problems.append(f"{RECIPE_YAML}: training.{key} must be a positive number, got {val!r}")
+            low = "a number >= 0" if key in ZERO_OK else "a positive number"
+            if (
+                not isinstance(val, (int, float))
+                or isinstance(val, bool)
+                or val < 0
+                or (val == 0 and key not in ZERO_OK)
+            ):
+                problems.append(f"{RECIPE_YAML}: training.{key} must be {low}, got {val!r}")
     return problems
 
 

@@ -22,7 +22,7 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,14 @@ class TrainConfig:
     """Encoder taggers: field -> its values, in head order."""
     epochs: int = 3
     batch_size: int = 32
-    """Per-worker micro-batch size."""
+    """Per-worker micro-batch size (at most: see min_steps)."""
+    min_steps: int = 100
+    """Small train splits use smaller batches (down to 8 per worker) so that training takes at least this many
+    optimizer steps; 0 keeps batch_size. Measured with minilm-l6 on CLINC150 samples disjoint from the recipe
+    benchmark's (3 epochs, one process): a 10-namespace router from 610 pairs went from 0.906 / 0.907 / 0.917
+    accuracy on 1,500 held-out queries (30 steps of 64 pairs) to 0.928 / 0.928 / 0.930 (114 steps of 16, the
+    same passes, no more time); a 15-intent banking task from 610 pairs with 10% of labels flipped stayed
+    level, 0.975 / 0.980 -> 0.972 / 0.982 on 1,000 clean queries."""
     lr: float = 1e-4
     """Peak learning rate of the base (encoder body or LoRA adapter); linear warm-up then linear decay."""
     head_lr: float = 2e-3
@@ -331,6 +338,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if not cfg.in_ray:
         _init_plain_distributed(cfg.deepspeed is not None)
     rank, world = _rank_world(cfg)
+    cfg = replace(cfg, batch_size=batch_size_for(len(cfg.rows), cfg, world))
     on_gpu = torch.cuda.is_available()
     model, tokenizer = build_model(cfg)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -416,7 +424,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     steps_per_epoch = len(loader)
     total_steps = max(1, steps_per_epoch * cfg.epochs)
     step = state["step"]
-    metrics: dict[str, Any] = {"start_epoch": start_epoch, "world_size": world}
+    metrics: dict[str, Any] = {"start_epoch": start_epoch, "world_size": world, "batch_size": cfg.batch_size}
     unwrapped = engine.module if engine is not None else getattr(model, "module", model)
     for epoch in range(start_epoch, cfg.epochs):
         train_model.train()
@@ -463,6 +471,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "examples_per_s": seen * world / max(seconds, 1e-9),
             "start_epoch": start_epoch,
             "world_size": world,
+            "batch_size": cfg.batch_size,
         }
         metrics["checkpoint"] = _checkpoint(cfg, unwrapped, opt, state, rank, engine, epoch, metrics)
         _maybe_kill(cfg, rank, epoch)
@@ -511,6 +520,18 @@ def _maybe_kill(cfg: TrainConfig, rank: int, epoch: int) -> None:
             time.sleep(0.2)
     marker.write_text(str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+MIN_BATCH = 8  # per worker: below this a CPU step costs nearly what a bigger one does
+
+
+def batch_size_for(n_rows: int, cfg: TrainConfig, world: int) -> int:
+    """The per-worker batch: cfg.batch_size, or less (not below MIN_BATCH) when the train split is too small
+    for cfg.min_steps optimizer steps over cfg.epochs."""
+    if cfg.min_steps <= 0 or cfg.batch_size <= MIN_BATCH:
+        return cfg.batch_size
+    per_epoch = math.ceil(cfg.min_steps / max(1, cfg.epochs))
+    return max(MIN_BATCH, min(cfg.batch_size, math.ceil(n_rows / world) // per_epoch))
 
 
 def steps_for(n_rows: int, batch_size: int, world: int) -> int:

@@ -13,16 +13,12 @@ import shutil
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kolm_ray.errors import KolmError
 from kolm_ray.train.loop import TrainConfig, train_loop_per_worker
-
-# Quiet Ray's own progress tables and metrics exports; our workers print their own progress bar.
-_QUIET_ENV = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "0", "RAY_DEDUP_LOGS": "1"}
 
 
 @dataclass
@@ -31,41 +27,6 @@ class TrainResult:
     """A local copy of the last reported checkpoint (trainable weights + state.json)."""
     metrics: dict[str, Any]
     seconds: float
-
-
-@contextmanager
-def ray_session(num_cpus: int | None = None):
-    """Connect to RAY_ADDRESS, else start a local Ray; shut down on exit only what this call started."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    for k, v in _QUIET_ENV.items():
-        os.environ.setdefault(k, v)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # address="local": always a fresh local Ray, never whatever cluster happens to run on this machine
-        for attempt in range(3):
-            try:
-                ray.init(
-                    address="local",
-                    num_cpus=num_cpus or os.cpu_count() or 1,
-                    include_dashboard=False,
-                    # Without the dashboard, Ray Train's placement-group cleaner warns every few seconds
-                    # that the state API is unavailable; keep Ray's own loggers to errors.
-                    logging_config=ray.LoggingConfig(log_level="ERROR"),
-                )
-                break
-            except Exception as e:  # an overloaded machine can miss Ray's fixed 30 s raylet start-up wait
-                ray.shutdown()
-                if "timed out during startup" not in str(e) or attempt == 2:
-                    raise KolmError(f"could not start a local Ray: {e}") from e
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def fit(
@@ -80,7 +41,7 @@ def fit(
 ) -> TrainResult:
     """Run train_loop_per_worker on `num_workers` Ray Train workers and fetch the final checkpoint.
 
-    Must run inside ray_session() (or an initialised Ray). use_gpu=None: GPUs when the cluster has them.
+    Must run inside placement.ray_session() (or an initialised Ray). use_gpu=None: GPUs when the cluster has them.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
