@@ -69,6 +69,8 @@ def test_scrub_credentials_knows_key_fields_by_their_last_word_and_common_key_fo
             "github_token": "t",
             "key": "k",
             "sessionToken": "s",
+            "APIKEY": "a",
+            "accesstoken": "t",
             "note": "AIzaSyD-" + "a" * 31,
             "other": "ghp_" + "a" * 36,
             "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlMTIz",

@@ -107,9 +107,10 @@ def _words(name: str) -> list[str]:
 
 
 # A field is a credential when its name's last word is one of these (`api_key`, `github_token`, `apiKey`,
-# `client_secret`, `Authorization`...); `max_tokens` ends in "tokens" and stays.
+# `client_secret`, `Authorization`, `APIKEY`...); `max_tokens` ends in "tokens" and stays.
 CREDENTIAL_WORDS = frozenset(
-    "key token secret password passwd passphrase credential credentials authorization auth bearer cookie".split()
+    "key token secret password passwd passphrase credential credentials authorization auth bearer cookie"
+    " apikey xapikey accesstoken refreshtoken idtoken sessiontoken authtoken secretkey privatekey clientsecret".split()
 )
 NOT_CREDENTIALS = frozenset({("prompt", "cache", "key")})  # OpenAI's cache-routing hint: a label, not a key
 _KEYLIKE = re.compile(
