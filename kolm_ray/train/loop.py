@@ -61,7 +61,7 @@ class TrainConfig:
     optimizer steps; 0 keeps batch_size. Measured with minilm-l6 on CLINC150 samples disjoint from the recipe
     benchmark's (3 epochs, one process): a 10-namespace router from 610 pairs went from 0.906 / 0.907 / 0.917
     accuracy on 1,500 held-out queries (30 steps of 64 pairs) to 0.928 / 0.928 / 0.930 (114 steps of 16, the
-    same passes, no more time); a 15-intent banking task from 610 pairs with 10% of labels flipped stayed
+    same 3 passes); a 15-intent banking task from 610 pairs with 10% of labels flipped stayed
     level, 0.975 / 0.980 -> 0.972 / 0.982 on 1,000 clean queries."""
     lr: float = 1e-4
     """Peak learning rate of the base (encoder body or LoRA adapter); linear warm-up then linear decay."""
