@@ -216,7 +216,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(num_cpus: int | None = None, worker_logs: bool = True) -> Iterator[None]:
+def ray_session(worker_logs: bool = True) -> Iterator[None]:
     """Connect to RAY_ADDRESS, else start a local Ray; shut down on exit only what this call started.
 
     Without RAY_ADDRESS it always starts a fresh local Ray (address="local"), never attaching to whichever
@@ -249,7 +249,7 @@ def ray_session(num_cpus: int | None = None, worker_logs: bool = True) -> Iterat
             try:
                 ray.init(
                     address="local",
-                    num_cpus=num_cpus or os.cpu_count() or 1,
+                    num_cpus=os.cpu_count() or 1,
                     include_dashboard=False,
                     log_to_driver=worker_logs,
                     # Without the dashboard, Ray Train's placement-group cleaner warns every few seconds

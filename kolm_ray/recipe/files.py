@@ -42,11 +42,7 @@ ZERO_OK = frozenset(
 TRAINING = {
     "encoder": [
         ("epochs", 4, "passes over the train split; a tagger head converges in a few"),
-        (
-            "batch_size",
-            32,
-            "pairs per worker per step, at most: a small split uses smaller batches (min_steps)",
-        ),
+        ("batch_size", 32, "pairs per worker per step, at most (a small split uses fewer: min_steps)"),
         ("lr", 1.0e-4, "peak learning rate of the encoder body (linear warm-up, then decay)"),
         ("head_lr", 2.0e-3, "learning rate of the fresh classification heads"),
         ("max_len", 64, "tokens per input; longer inputs are truncated"),
