@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -23,9 +24,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import Observation
-from kolm_ray.settings import store_url
+from kolm_ray.settings import private_file, store_url
 
 MAX_PAGE = 1000  # the bridge's largest page; bigger exports go through iter_observations
+MAX_SEQ = 2**63 - 1  # SQLite's largest INTEGER
 
 
 @runtime_checkable
@@ -155,15 +157,19 @@ def encode_cursor(seq: int) -> str:
 def decode_cursor(cursor: str) -> int:
     """The seq a cursor points after; ValueError when it is not one this store issued."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("s"):
+        if len(cursor) > 32:  # "s" + a 64-bit integer is 28 characters of base64
             raise ValueError
-        seq = int(raw[1:])
-        if seq < 0:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        digits = raw[1:]
+        if not raw.startswith("s") or not (digits.isascii() and digits.isdigit()):
+            raise ValueError
+        seq = int(digits)
+        if seq > MAX_SEQ:  # SQLite integers are 64-bit: a bigger one cannot be bound at all
             raise ValueError
         return seq
     except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"cursor {cursor!r} is not valid (use next_cursor from a previous page)") from None
+        shown = cursor if len(cursor) <= 40 else cursor[:37] + "..."
+        raise ValueError(f"cursor {shown!r} is not valid (use next_cursor from a previous page)") from None
 
 
 def _verified_clause(verified: bool | str | None) -> tuple[str, list[Any]]:
@@ -190,6 +196,10 @@ class SQLiteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise KolmError(f"cannot create the store's directory {self.path.parent}: {e}") from None
+        try:
+            private_file(self.path)  # 0600 before SQLite opens it: its -wal and -shm files take its mode
+        except OSError as e:
+            raise KolmError(f"cannot create the store {self.path}: {e.strerror or e}") from None
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -417,6 +427,14 @@ BACKENDS: dict[str, Callable[[str], Store]] = {
     "postgresql://": _open_postgres,
     "postgres://": _open_postgres,
 }
+
+
+def store_scheme(store: Store | str) -> str:
+    """What a health check or a log may say about a store: its URL scheme only ("sqlite", "postgresql"),
+    never a path, a host or a password."""
+    url = store if isinstance(store, str) else store.url
+    scheme = url.partition(":")[0].lower()
+    return scheme if re.fullmatch(r"[a-z][a-z0-9+.\-]*", scheme) else "unknown"
 
 
 def open_store(url: str | None = None) -> Store:
