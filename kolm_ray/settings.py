@@ -13,6 +13,7 @@ Everything under KOLM_HOME is the user's alone: the store holds every prompt, th
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import secrets
 import tempfile
@@ -92,6 +93,24 @@ def admin_token() -> str | None:
             "KOLM_ADMIN_TOKEN is set to an empty or placeholder value; set a real token or unset it"
         )
     return token
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1): a bind only this machine can reach."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() in ("localhost", "localhost.")
+
+
+def check_bind(host: str) -> None:
+    """`kolm capture --host`: a bind other machines can reach needs KOLM_ADMIN_TOKEN, or anyone on the
+    network could read every stored prompt through the bridge API (and write observations into it)."""
+    if not is_loopback(host) and admin_token() is None:
+        raise KolmError(
+            f"--host {host} is reachable from other machines and the bridge API would be open: "
+            "set KOLM_ADMIN_TOKEN (its bearer token) or bind 127.0.0.1"
+        )
 
 
 def signing_key() -> tuple[bytes, str]:
