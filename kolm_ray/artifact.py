@@ -66,6 +66,7 @@ _CORRUPT = (
     OverflowError,
 )
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_REQUIRED = ("files", "key_id", "kind", "spec")  # what verify and every predictor read without a default
 # Manifest fields and their JSON types, checked after the signature so that readers can rely on them.
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "name": str,
@@ -253,9 +254,10 @@ def _check_manifest(manifest: Any, where: str) -> dict[str, Any]:
         if field in manifest and not isinstance(manifest[field], types):
             kind = type(manifest[field]).__name__
             raise ArtifactError(f"{where}: manifest field {field} has the wrong type ({kind})")
-    files, sizes = manifest.get("files"), manifest.get("sizes")
-    if not isinstance(files, dict) or not isinstance(manifest.get("key_id"), str):
-        raise ArtifactError(f"{where}: manifest lacks files or key_id")
+    lacking = [f for f in _REQUIRED if f not in manifest]
+    if lacking:
+        raise ArtifactError(f"{where}: manifest lacks {', '.join(lacking)}")
+    files, sizes = manifest["files"], manifest.get("sizes")
     for name, digest in files.items():
         if not _safe_name(name):
             raise ArtifactError(f"{where}: unsafe member name {_clean(repr(name))}")
