@@ -3,10 +3,12 @@ by one of several racing creators, and an empty or short key refused with exit 2
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import stat
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -135,29 +137,40 @@ def test_racing_threads_end_with_one_key() -> None:
     assert sorted(p.name for p in kolm_home().iterdir()) == ["signing.key"]  # no temporary file left
 
 
-def _race(home: str, barrier, out) -> None:
-    os.environ["KOLM_HOME"] = home
-    os.environ.pop("KOLM_SIGNING_KEY", None)
-    barrier.wait()
-    out.put(signing_key()[0])
+# Each racer imports only kolm_ray.settings, says it is ready, and waits for the starting gun (a file).
+RACER = """
+import os, sys, time
+from kolm_ray.settings import signing_key
+open(sys.argv[1] + "." + str(os.getpid()), "w").close()
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.001)
+sys.stdout.write(signing_key()[0].decode())
+"""
 
 
 @pytest.mark.slow
 def test_racing_processes_end_with_one_key(tmp_path) -> None:
     """Eight processes create the key at once on a fresh KOLM_HOME: every one ends with the same key."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier, out = ctx.Barrier(8), ctx.Queue()
-    home = tmp_path / "home"
-    procs = [ctx.Process(target=_race, args=(str(home), barrier, out)) for _ in range(8)]
-    for p in procs:
-        p.start()
+    home, gun = tmp_path / "home", tmp_path / "go"
+    env = {k: v for k, v in os.environ.items() if k != "KOLM_SIGNING_KEY"}
+    env.update(KOLM_HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACER, str(gun)], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]
     try:
-        keys = [out.get(timeout=60) for _ in procs]
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("go.*"))) < len(procs):
+            assert time.monotonic() < deadline, "racers did not start"
+            time.sleep(0.01)
+        gun.touch()
+        keys = [p.communicate(timeout=60)[0].encode() for p in procs]
     finally:
         for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
+            if p.poll() is None:
                 p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs)
     assert len(set(keys)) == 1 and len(keys[0]) == 64
     assert (home / "signing.key").read_bytes() == keys[0]
     assert sorted(p.name for p in home.iterdir()) == ["signing.key"]
