@@ -65,12 +65,15 @@ class Base:
 
         return AutoConfig.from_pretrained(self.source)
 
-    def load_model(self, dtype=None):
-        """The pretrained weights: AutoModel for encoders, AutoModelForCausalLM for causal LMs."""
+    def load_model(self, dtype=None, attn: str | None = None):
+        """The pretrained weights: AutoModel for encoders, AutoModelForCausalLM for causal LMs; `attn` picks
+        transformers' attention implementation ("sdpa": PyTorch's fused attention, also for packed rows)."""
         from transformers import AutoModel, AutoModelForCausalLM
 
         cls = AutoModel if self.kind == "encoder" else AutoModelForCausalLM
         kw = {"dtype": dtype} if dtype is not None else {}
+        if attn is not None:
+            kw["attn_implementation"] = attn
         try:
             return cls.from_pretrained(self.source, **kw)
         except OSError as e:
