@@ -10,12 +10,14 @@ to the positions that predict an answer token only:
 - Liger Kernel's fused linear cross-entropy (Triton; never materialises the logits) when it is importable,
   the model is on a GPU and the head's weight is a plain tensor (not partitioned by ZeRO-3);
 - else chunks of CHUNK positions through the head module itself, each under activation checkpointing, so
-  at most one chunk's float32 logits exist at a time and ZeRO-3 gathers the head's weight as for any call.
+  at most one chunk's float32 logits exist at a time (under ZeRO-3, one call over the answer positions).
 
 The loss is the mean over answer tokens, as Hugging Face's (tests/test_train_lm.py checks they are equal).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -45,6 +47,9 @@ _LIGER: dict[str, object] = {}
 
 
 def liger_available() -> bool:
+    """Liger's fused loss is importable, and not turned off (KOLM_LIGER=0, e.g. to time the chunked path)."""
+    if os.environ.get("KOLM_LIGER", "1") == "0":
+        return False
     if "loss" not in _LIGER:
         _LIGER["loss"] = _liger_loss()
     return _LIGER["loss"] is not None
@@ -89,6 +94,10 @@ def output_token_loss(
     if use_liger and liger_available():
         bias = getattr(head, "bias", None)
         return _LIGER["loss"](weight, h, t, bias) if bias is not None else _LIGER["loss"](weight, h, t)
+    if weight is not None and hasattr(weight, "ds_id"):
+        # ZeRO-3 partitions the head's weight outside its own forward, so a checkpointed chunk could not
+        # recompute it in backward: one call, which ZeRO-3 gathers for and re-gathers in backward.
+        return nn.functional.cross_entropy(head(h).float(), t)
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, len(t), chunk):
         hc, tc = h[start : start + chunk], t[start : start + chunk]
