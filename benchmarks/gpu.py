@@ -208,16 +208,25 @@ def lora_part(name: str, shape, a, device: str, dtype, tokenizer, work: Path) ->
     hf = hf_peft_baseline(shape, a.seq_len, batch, a.warmup, a.steps, device, dtype)
     base_dir = work / f"base-{name}"
     save_base(shape, base_dir, tokenizer, dtype)
-    kolm = kolm_step(base_dir, a.seq_len, batch, a.steps, tokenizer, work, liger=liger_available())
+    liger, liger_error = liger_available(), None
+    try:
+        kolm = kolm_step(base_dir, a.seq_len, batch, a.steps, tokenizer, work, liger=liger)
+    except Exception as e:  # Liger's kernels first run here, on the GPU: keep the run, time the chunked loss
+        if not liger:
+            raise
+        liger, liger_error = False, f"{type(e).__name__}: {str(e).strip()[:300]}"
+        kolm = kolm_step(base_dir, a.seq_len, batch, a.steps, tokenizer, work, liger=False)
     out: dict[str, Any] = {
         "hf_peft_tok_s": round(hf["tok_s"], 1), "kolm_tok_s": round(kolm["tok_s"], 1),
         "kolm_peak_gib": round(kolm["peak_gib"], 2), "seq_len": a.seq_len, "batch": batch,
         "speedup": round(kolm["tok_s"] / hf["tok_s"], 3), "hf_peft_peak_gib": round(hf["peak_gib"], 2),
         "kolm_losses": kolm["losses"], "kolm_steps_per_epoch": kolm["steps_per_epoch"],
-        "kolm_loss": "liger fused linear cross-entropy" if liger_available() else "chunked cross-entropy",
+        "kolm_loss": "liger fused linear cross-entropy" if liger else "chunked cross-entropy",
         "parameters": sum(math.prod(s) for s in _shapes_of(shape)),
     }  # fmt: skip
-    if liger_available() and name == "qwen2.5-coder-3b" and not a.small:  # Liger against our own chunked CE
+    if liger_error:
+        out["liger_error"] = liger_error
+    if liger and name == "qwen2.5-coder-3b" and not a.small:  # Liger against our own chunked CE
         out["kolm_chunked_tok_s"] = round(
             kolm_step(base_dir, a.seq_len, batch, a.steps, tokenizer, work, False)["tok_s"], 1
         )
@@ -354,6 +363,29 @@ def scorer_part(shape, a, device: str, dtype, tokenizer) -> dict:
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
+PARTS = ("lora3b", "lora7b", "scorer", "deepspeed")
+
+
+def run_part(part: str, report: dict, a, shapes, device: str, dtype, tokenizer, work: Path) -> None:
+    """One part's figures into `report` (lora3b / lora7b / scorer / deepspeed)."""
+    if part in ("lora3b", "lora7b"):
+        name = f"qwen2.5-coder-{part[4:]}"
+        report["lora"][name] = lora_part(name, shapes[name], a, device, dtype, tokenizer, work)
+    elif part == "scorer":
+        report["scorer"]["qwen2.5-coder-3b"] = scorer_part(
+            shapes["qwen2.5-coder-3b"], a, device, dtype, tokenizer
+        )
+        reset_peak()
+    elif part == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            report["skipped"]["deepspeed"] = f"deepspeed is not importable: {e}"
+            return
+        for stage in (2, 3):
+            report["deepspeed"][f"zero{stage}"] = deepspeed_part(stage, tokenizer, work, device)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -394,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "cuda": torch.version.cuda, "python": sys.version.split()[0]},
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "load_avg_start": os.getloadavg(), "lora": {}, "deepspeed": {}, "scorer": {}, "skipped": {},
+        "load_avg_start": os.getloadavg(), "lora": {}, "deepspeed": {}, "scorer": {}, "skipped": {}, "errors": {},
         "complete": False,
     }  # fmt: skip
     out = Path(a.out)
@@ -412,23 +444,16 @@ def main(argv: list[str] | None = None) -> int:
         for part in [p.strip() for p in a.parts.split(",") if p.strip()]:
             t0 = time.perf_counter()
             print(f"[{time.perf_counter() - t_start:6.1f}s] {part} ...", flush=True)
-            if part in ("lora3b", "lora7b"):
-                name = f"qwen2.5-coder-{part[4:]}"
-                report["lora"][name] = lora_part(name, shapes[name], a, device, dtype, tokenizer, work)
-            elif part == "scorer":
-                report["scorer"]["qwen2.5-coder-3b"] = scorer_part(
-                    shapes["qwen2.5-coder-3b"], a, device, dtype, tokenizer
-                )
-            elif part == "deepspeed":
-                try:
-                    import deepspeed  # noqa: F401
-                except ImportError as e:
-                    report["skipped"]["deepspeed"] = f"deepspeed is not importable: {e}"
-                else:
-                    for stage in (2, 3):
-                        report["deepspeed"][f"zero{stage}"] = deepspeed_part(stage, tokenizer, work, device)
-            else:
-                raise SystemExit(f"error: unknown part {part!r}")
+            if part not in PARTS:
+                raise SystemExit(f"error: unknown part {part!r}; known: {', '.join(PARTS)}")
+            try:
+                run_part(part, report, a, shapes, device, dtype, tokenizer, work)
+            except Exception as e:  # one part's failure must not cost the others' figures (one GPU run)
+                import traceback
+
+                traceback.print_exc()
+                report["errors"][part] = f"{type(e).__name__}: {str(e).strip()[:500]}"
+                reset_peak()
             print(
                 f"[{time.perf_counter() - t_start:6.1f}s] {part} done in {time.perf_counter() - t0:.1f}s",
                 flush=True,
@@ -441,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     write()
     print(summary(report))
     print(f"wrote {out}")
-    return 0
+    return 1 if report["errors"] else 0
 
 
 def summary(r: dict) -> str:
@@ -458,6 +483,7 @@ def summary(r: dict) -> str:
             f"scorer {name}: served p50 {v['p50_ms']} ms, eager p50 {v['eager_p50_ms']} ms ({v['served']})"
         )
     lines += [f"skipped {k}: {v}" for k, v in r["skipped"].items()]
+    lines += [f"FAILED {k}: {v}" for k, v in r["errors"].items()]
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ def test_gpu_benchmark_cpu_small_writes_the_issue_format(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["device"] == "cpu-small" and r["mode"] == "small" and r["complete"] is True
+    assert r["errors"] == {}, r["errors"]
     assert r["when"].endswith("Z") and r["ray_imported"] is False  # the GPU machine has no Ray
     for name in SHAPES:
         v = r["lora"][name]
