@@ -276,8 +276,10 @@ class CausalPredictor(Predictor):
 
         cache = self.__dict__.setdefault("_scorers", {})
         key = tuple(texts)
-        if key not in cache:
-            if len(cache) >= MAX_SCORERS:  # tenants' allowed sets vary: keep the most recent ones
+        if key in cache:
+            cache[key] = cache.pop(key)  # most recently used last
+        else:
+            if len(cache) >= MAX_SCORERS:  # tenants' allowed sets vary: drop the least recently used
                 cache.pop(next(iter(cache)))
             cache[key] = StaticScorer(self.model, self.tokenizer, texts)
         return cache[key]
