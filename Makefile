@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-gpu gpu-wheels clean
 
 install: $(STAMP)
 
@@ -47,6 +47,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/compile_tagger.py
 	$(PY) benchmarks/recall.py
 	$(PY) benchmarks/causal_scorer.py
+
+# The GPU run (README "GPU run"): on a machine with a CUDA GPU, writes benchmarks/results/gpu.json. No
+# install step: a lent GPU machine has PyTorch/Transformers/PEFT and takes the rest as wheels in .whl/.
+bench-gpu:
+	bash benchmarks/gpu.sh
+
+# Here, with network: the wheels bench-gpu installs there (DeepSpeed built without ops, Liger Kernel, ...).
+gpu-wheels: $(STAMP)
+	PYTHON=$(PY) bash benchmarks/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-out

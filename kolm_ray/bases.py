@@ -65,19 +65,49 @@ class Base:
 
         return AutoConfig.from_pretrained(self.source)
 
-    def load_model(self, dtype=None):
-        """The pretrained weights: AutoModel for encoders, AutoModelForCausalLM for causal LMs."""
+    def load_model(self, dtype=None, attn: str | None = None):
+        """The pretrained weights: AutoModel for encoders, AutoModelForCausalLM for causal LMs; `attn` picks
+        transformers' attention implementation ("sdpa": PyTorch's fused attention, also for packed rows)."""
         from transformers import AutoModel, AutoModelForCausalLM
 
         cls = AutoModel if self.kind == "encoder" else AutoModelForCausalLM
         kw = {"dtype": dtype} if dtype is not None else {}
+        if attn is not None:
+            kw["attn_implementation"] = attn
         try:
             return cls.from_pretrained(self.source, **kw)
         except OSError as e:
             raise KolmError(
                 f"base {self.name!r}: cannot load {self.source} ({e}); download it into the Hugging Face "
-                "cache first (huggingface-cli download), or pass a local model directory"
+                f"cache first (`hf download {self.source}`), or pass a local model directory"
             ) from None
+
+    def fetch_problem(self) -> str | None:
+        """Why this base cannot load here, in one line, or None: a hub base must be in the local Hugging Face
+        cache (config and weights), or the hub must be allowed (HF_HUB_OFFLINE unset) and reachable.
+
+        Checked before any training worker starts: otherwise each worker fails on its own download, under
+        Ray's tracebacks, after Ray has started (minutes on a cluster)."""
+        if self.is_local or self.source.count("/") != 1:
+            return None
+        if _hub_weights_cached(self.source):
+            return None
+        fetch = (
+            f"fetch it into the Hugging Face cache first (`hf download {self.source}`, on a machine with network; "
+            "HF_HOME says where the cache is) or pass --base DIR, a local model directory"
+        )
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return f"base {self.name!r}: {self.source} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; {fetch}"
+        try:
+            from huggingface_hub import hf_hub_download
+
+            hf_hub_download(self.source, "config.json", etag_timeout=10)
+        except Exception as e:  # no network, a proxy, a gated repo: say which, in one line
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            return f"base {self.name!r}: {self.source} is not in the local Hugging Face cache and the hub cannot be reached ({reason}); {fetch}"
+        return None
 
     def describe(self) -> dict:
         """What an artifact's manifest records about its base."""
@@ -134,6 +164,23 @@ def _hub_revision(repo_id: str) -> str | None:
     if isinstance(path, str) and "/snapshots/" in path:
         return path.split("/snapshots/")[1].split("/")[0]
     return None
+
+
+def _hub_weights_cached(repo_id: str) -> bool:
+    """True when the local Hugging Face cache holds the repo's config and every weight file."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> str | None:
+        path = try_to_load_from_cache(repo_id, name)
+        return path if isinstance(path, str) else None
+
+    if cached("config.json") is None:
+        return False
+    index = cached("model.safetensors.index.json")
+    if index is not None:
+        shards = set(json.loads(Path(index).read_text()).get("weight_map", {}).values())
+        return bool(shards) and all(cached(s) is not None for s in shards)
+    return cached("model.safetensors") is not None
 
 
 # ---- tiny bases, built from config for tests -------------------------------------------------------------

@@ -446,13 +446,18 @@ def compile_command(args) -> int:
     quiet_deepspeed_on_cpu()
     t0 = time.perf_counter()
     plan = validate(args)
+    problem = plan.base.fetch_problem()  # before Ray starts: a missing base is a user's fix, not a crash
     if args.dry_run:
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
         print(
             f"ok dry run: base {plan.base.name} ({plan.base.kind}), {len(plan.train_rows)} train / "
             f"{len(plan.eval_rows)} eval pairs, verifiers {', '.join(v.name for v in plan.spec.verifier) or 'none'}, "
             f"k_floor {plan.k_floor}; nothing written"
         )
         return 0
+    if problem:
+        raise KolmError(problem)
     workdir = Path(tempfile.mkdtemp(prefix="kolm-compile-"))
     try:
         result, ds = train(plan, workdir)

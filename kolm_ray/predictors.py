@@ -32,6 +32,7 @@ CALIBRATION_FILE = "calibration.json"  # {"temperature": {field or "__joint__": 
 JOINT = "__joint__"  # causal LMs calibrate one softmax over joint closed-vocab answers
 OUTPUT_KEY = "output"  # non-object outputs are wrapped as {"output": value}
 ALLOWED_FIELD = "namespace"  # the field `allowed` restricts
+MAX_SCORERS = 16  # causal LMs on a GPU: candidate sets (allowed subsets) with captured graphs kept at once
 REQUIRED_FILES = {  # what each kind loads (besides tokenizer files, which transformers checks itself)
     "encoder-tagger": ("model.safetensors", TAGGER_FILE, "config.json"),
     "causal-lm-lora": ("adapter_config.json", "adapter_model.safetensors"),
@@ -265,9 +266,23 @@ class CausalPredictor(Predictor):
         cands = self._candidates(allowed)
         if not self._scorable() or not cands:
             return {}
-        return {
-            JOINT: score_candidates(self.model, self.tokenizer, list(inputs), [answer_text(c) for c in cands])
-        }
+        texts = [answer_text(c) for c in cands]
+        if self.device == "cuda":  # the served form: one CUDA graph per candidate set and length bucket
+            return {JOINT: self._static_scorer(texts)(list(inputs))}
+        return {JOINT: score_candidates(self.model, self.tokenizer, list(inputs), texts)}
+
+    def _static_scorer(self, texts: list[str]):
+        from kolm_ray.static_scorer import StaticScorer
+
+        cache = self.__dict__.setdefault("_scorers", {})
+        key = tuple(texts)
+        if key in cache:
+            cache[key] = cache.pop(key)  # most recently used last
+        else:
+            if len(cache) >= MAX_SCORERS:  # tenants' allowed sets vary: drop the least recently used
+                cache.pop(next(iter(cache)))
+            cache[key] = StaticScorer(self.model, self.tokenizer, texts)
+        return cache[key]
 
     def calibration_targets(self, outputs):
         if not self._scorable():

@@ -65,3 +65,77 @@ def test_local_directory_kind_from_config(tmp_path: Path) -> None:
     )
     with pytest.raises(KolmError, match="cannot tell"):
         resolve_base(str(tmp_path / "odd"))
+
+
+def _fake_hub_cache(root: Path, repo: str, files: dict[str, str]) -> None:
+    """A Hugging Face cache layout (models--org--name/refs/main + snapshots/<commit>/...) holding `files`."""
+    d = root / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (d / "refs").mkdir(parents=True)
+    (d / "refs" / "main").write_text(commit)
+    snap = d / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, text in files.items():
+        (snap / name).write_text(text)
+
+
+def test_hub_base_offline_and_uncached_names_the_repo_and_the_fetch(tmp_path: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    base = resolve_base("qwen2.5-coder-3b")
+    problem = base.fetch_problem()
+    assert problem is not None and "\n" not in problem
+    assert "Qwen/Qwen2.5-Coder-3B-Instruct" in problem and "HF_HUB_OFFLINE=1" in problem
+    assert "hf download Qwen/Qwen2.5-Coder-3B-Instruct" in problem and "--base DIR" in problem
+    # a config alone, or an index whose shards are not all there, is not a usable base either
+    repo = "Qwen/Qwen2.5-Coder-3B-Instruct"
+    index = json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    )
+    _fake_hub_cache(tmp_path, repo, {"config.json": "{}", "model.safetensors.index.json": index,
+                                     "model-00001-of-00002.safetensors": "x"})  # fmt: skip
+    assert base.fetch_problem() is not None
+    snap = next((tmp_path / "models--Qwen--Qwen2.5-Coder-3B-Instruct" / "snapshots").iterdir())
+    (snap / "model-00002-of-00002.safetensors").write_text("x")
+    assert base.fetch_problem() is None  # cached whole: nothing to fetch, offline is fine
+    assert resolve_base("tiny-encoder").fetch_problem() is None  # local directories never ask the hub
+
+
+@pytest.mark.slow  # a subprocess (the real CLI), a few seconds
+def test_compile_with_an_uncached_hub_base_fails_fast_before_ray(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from compile_helpers import compile_argv
+
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "KOLM_HOME": str(tmp_path / "k"),
+    }
+    env.pop("RAY_ADDRESS", None)
+    argv = compile_argv(tmp_path, base="qwen2.5-coder-3b")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "kolm_ray.cli", *argv], capture_output=True, text=True,
+                          timeout=120, env=env)  # fmt: skip
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: base 'qwen2.5-coder-3b'"), proc.stderr
+    assert "Qwen/Qwen2.5-Coder-3B-Instruct" in lines[0] and "hf download" in lines[0]
+    assert "ray" not in (proc.stdout + proc.stderr).lower().replace("--base dir", "")  # Ray never started
+    assert not (tmp_path / "tagger.kolm").exists()
+    assert seconds < 30, seconds  # imports and validation only (a started Ray alone takes longer)
+    # a dry run still validates the rest, and warns
+    dry = subprocess.run([sys.executable, "-m", "kolm_ray.cli", *argv, "--dry-run"], capture_output=True,
+                         text=True, timeout=120, env=env)  # fmt: skip
+    assert (
+        dry.returncode == 0
+        and "ok dry run" in dry.stdout
+        and "warning: base 'qwen2.5-coder-3b'" in dry.stderr
+    )

@@ -134,3 +134,50 @@ def collate_sft(batch: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) -
 
     ids, mask, labels = pad_batch([b[0] for b in batch], [b[1] for b in batch], pad_id)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack_sft(
+    batch: Sequence[tuple[list[int], list[int]]], pack_len: int, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Pack a batch of (input_ids, labels) pairs into as few rows of at most `pack_len` tokens as first-fit
+    allows (longest first), position ids restarting at 0 for every pair.
+
+    No attention mask: transformers reads a position id that does not follow its predecessor as the start
+    of a new sequence and gives SDPA a block-diagonal causal mask (masking_utils.find_packed_sequence_indices),
+    so each pair attends to itself only, as it would alone. Padding at a row's end is one more "sequence"
+    (positions from 0, labels IGNORE). A pair's prompt tokens are IGNORE, so no loss is ever taken on a
+    prediction across a pair boundary. Also returns "examples" (pairs) and "tokens" (real tokens), counts.
+    """
+    from kolm_ray.models import IGNORE
+
+    rows: list[list[int]] = []  # indices into batch
+    used: list[int] = []
+    for i in sorted(range(len(batch)), key=lambda j: -len(batch[j][0])):
+        n = len(batch[i][0])
+        slot = next((r for r, u in enumerate(used) if u + n <= pack_len), None)
+        if slot is None:
+            rows.append([i])
+            used.append(n)
+        else:
+            rows[slot].append(i)
+            used[slot] += n
+    width = max(used)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, members in enumerate(rows):
+        col = 0
+        for i in members:
+            seq, lab = batch[i]
+            ids[r, col : col + len(seq)] = torch.tensor(seq)
+            labels[r, col : col + len(seq)] = torch.tensor(lab)
+            pos[r, col : col + len(seq)] = torch.arange(len(seq))
+            col += len(seq)
+        pos[r, col:] = torch.arange(width - col)
+    return {
+        "input_ids": ids,
+        "position_ids": pos,
+        "labels": labels,
+        "examples": torch.tensor(len(batch)),
+        "tokens": torch.tensor(sum(used)),
+    }

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import DistributedLengthGroupedSampler, LengthGroupedSampler
 
-from kolm_ray.train.data import collate_sft, collate_tagger, encode_sft_rows, encode_tagger_rows
+from kolm_ray.train.data import collate_sft, collate_tagger, encode_sft_rows, encode_tagger_rows, pack_sft
 
 WEIGHTS = "model.safetensors"
 OPTIM = "optimizer.safetensors"
@@ -84,6 +84,9 @@ class TrainConfig:
     mix_weight: float = 0.0
     """Encoder taggers: weight of the "none of these" loss on pseudo-outliers, pooled vectors of two rows
     with different labels mixed (lambda in [0.3, 0.7]); compile turns it on for routers (fallback verifier)."""
+    pack_len: int = 1024
+    """Causal LMs: pairs of a batch are packed into rows of up to this many tokens (train.data.pack_sft;
+    position ids restart per pair, so each attends to itself only) instead of one padded row each; 0 pads."""
     lora_r: int = 16
     lora_alpha: int = 32
     gradient_checkpointing: bool = False
@@ -121,7 +124,7 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
         model = EncoderTagger(base.load_model(), cfg.labels)
         model.freeze(embeddings=cfg.freeze_embeddings, layers=max(cfg.freeze_layers, 0))
         return model, tokenizer
-    lm = base.load_model(dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    lm = base.load_model(dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32, attn="sdpa")
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
         lm.enable_input_require_grads()
@@ -281,8 +284,9 @@ def deepspeed_config(raw: dict[str, Any], cfg: TrainConfig, world: int, on_gpu: 
             params["lr"] = cfg.lr
         if params.get("weight_decay", "auto") == "auto":
             params["weight_decay"] = cfg.weight_decay
-        if not on_gpu:
-            params["torch_adam"] = True  # DeepSpeed's fused Adam is CUDA-only
+        # torch's AdamW, on GPU too: DeepSpeed's FusedAdam is compiled on first use (nvcc on every worker,
+        # a minute each), and for a LoRA adapter's few million weights the optimizer step is not the cost.
+        params["torch_adam"] = True
     return ds
 
 
@@ -302,9 +306,9 @@ def _compute_loss(model, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> to
         return encoder_loss(
             logits, batch["targets"], batch["negative"], cfg.negative_weight, partner, cfg.mix_weight
         )
-    return model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-    ).loss
+    from kolm_ray.train.lm_loss import output_token_loss
+
+    return output_token_loss(model, batch)
 
 
 def _write_checkpoint(directory: Path, model: nn.Module, opt, state: dict, rank: int, engine=None) -> None:
@@ -350,7 +354,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             init_heads(model, examples, pad)
     else:
         examples = encode_sft_rows(cfg.rows, tokenizer, cfg.max_len)
-        collate = lambda b: collate_sft(b, pad)  # noqa: E731
+        if cfg.pack_len > 0:
+            collate = lambda b: pack_sft(b, cfg.pack_len, pad)  # noqa: E731
+        else:
+            collate = lambda b: collate_sft(b, pad)  # noqa: E731
     # Batches of similar lengths (Hugging Face's length-grouped samplers): dynamic padding then pads little.
     # On CLINC150 a random batch of 32 pads to 1.8x its real tokens, a length-grouped one to 1.03x.
     # The distributed one is a DistributedSampler, so Ray's prepare_data_loader keeps it as it is.
@@ -430,11 +437,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         train_model.train()
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        total, seen, t0 = 0.0, 0, time.perf_counter()
+        total, seen, tokens, t0 = 0.0, 0, 0, time.perf_counter()
         bar = _progress(
             steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and rank == 0
         )
         for batch in loader:
+            n = int(batch.pop("examples", len(batch["input_ids"])))
+            tokens += int(batch.pop("tokens")) if "tokens" in batch else int(batch["attention_mask"].sum())
             batch = {k: v.to(device) for k, v in batch.items()}
             factor = _lr_factor(step, total_steps, cfg.warmup)
             for group in (engine.optimizer if engine is not None else opt).param_groups:
@@ -449,7 +458,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             step += 1
-            n = batch["input_ids"].shape[0]
             total += loss.item() * n
             seen += n
             if bar is not None:
@@ -469,6 +477,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "loss": mean_loss,
             "losses": state["losses"],
             "examples_per_s": seen * world / max(seconds, 1e-9),
+            "tokens_per_s": tokens * world / max(seconds, 1e-9),
             "start_epoch": start_epoch,
             "world_size": world,
             "batch_size": cfg.batch_size,
