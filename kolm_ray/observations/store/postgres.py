@@ -243,7 +243,7 @@ class PostgresStore:
     def dataset_source(self, namespaces: list[str]) -> tuple[str, list[Any], Callable[[], Any]]:
         sql = (
             "SELECT seq, id, namespace, input, output::text AS output, verified::int AS verified, "
-            "request::text AS request FROM observations WHERE namespace = ANY(%s)"
+            "request::text AS request FROM observations WHERE namespace = ANY(%s) ORDER BY seq"
         )
         return sql, [list(namespaces)], functools.partial(_read_only, self._dsn)
 
