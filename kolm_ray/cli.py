@@ -49,6 +49,22 @@ def _capture(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--anthropic-upstream", default=None, help="Anthropic upstream (default https://api.anthropic.com)"
     )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="capture processes on the one port (SO_REUSEPORT), one writer each (default 1)",
+    )
+
+
+def _workers(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, 64], got {value!r}")
+    return n
 
 
 def _observations(p: argparse.ArgumentParser) -> None:
