@@ -394,3 +394,20 @@ def test_bad_postgres_urls_are_exit_2_one_line_fast_and_never_show_the_password(
         assert err.count("\n") == 1 and err.startswith("error: cannot connect to the PostgreSQL store")
         assert why in err and "Traceback" not in err
         assert "Wr0ngPassw0rd" not in err and pg_server.password not in err and ":***@" in err
+
+
+def test_append_gives_up_after_timeout_s_while_another_writer_holds_the_lock(store_url, store):
+    blocker = raw(store_url)
+    blocker.execute("BEGIN IMMEDIATE" if dialect(store_url) == "sqlite" else "BEGIN")
+    if dialect(store_url) == "postgresql":
+        blocker.execute("LOCK TABLE observations IN EXCLUSIVE MODE")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as info:
+            store.append_many([obs(1)], timeout_s=0.3)
+        assert time.monotonic() - t0 < 3 and not isinstance(info.value, KeyError)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store.append_many([obs(2)], timeout_s=0.3) == 1  # the default wait is back, the store works
+    assert [o.input for o in store.list(limit=10)[0]] == ["query 2"]

@@ -45,11 +45,15 @@ class Store(Protocol):
     def append(self, obs: Observation) -> int:
         """Insert one observation; returns 1."""
 
-    def append_many(self, observations: list[Observation], ignore_existing: bool = False) -> int:
+    def append_many(
+        self, observations: list[Observation], ignore_existing: bool = False, timeout_s: float | None = None
+    ) -> int:
         """Insert all in one transaction (all or none); returns how many rows were inserted.
 
         A duplicate id raises KeyError, unless `ignore_existing`: then rows whose id is already stored
-        are skipped (a replayed spool never duplicates) and the count is of the new rows only.
+        are skipped (`ON CONFLICT (id) DO NOTHING`: a replayed spool never duplicates) and the count is
+        of the new rows only. `timeout_s`: give up (raise the driver's error) after that long waiting for
+        the write lock / a connection / the statement, instead of the backend's default.
         """
 
     def get(self, id: str) -> Observation | None:

@@ -112,10 +112,10 @@ class PostgresStore:
 
     # -- plumbing
 
-    def _conn(self):
+    def _conn(self, timeout_s: float | None = None):
         if self._closed:
             raise RuntimeError("store is closed")
-        return self._pool.connection()
+        return self._pool.connection(timeout=timeout_s)
 
     def _fetchall(self, sql: str, params: list[Any] | tuple = ()) -> list[tuple]:
         with self._conn() as conn:
@@ -129,12 +129,17 @@ class PostgresStore:
     def append(self, obs: Observation) -> int:
         return self.append_many([obs])
 
-    def append_many(self, observations: list[Observation], ignore_existing: bool = False) -> int:
+    def append_many(
+        self, observations: list[Observation], ignore_existing: bool = False, timeout_s: float | None = None
+    ) -> int:
         if not observations:
             return 0
         rows = [_pg_row(o) for o in observations]
-        with self._conn() as conn:  # one transaction: committed on leaving the block, else rolled back
+        # one transaction: committed on leaving the block, else rolled back
+        with self._conn(timeout_s) as conn:
             try:
+                if timeout_s is not None:  # the whole insert, not only the wait for a pooled connection
+                    conn.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout_s * 1000))}")
                 if self.insert_method == "copy":
                     return self._copy(conn, rows, ignore_existing)
                 with conn.cursor() as cur:

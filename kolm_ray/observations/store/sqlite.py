@@ -23,6 +23,7 @@ from kolm_ray.observations.store.base import (
 )
 from kolm_ray.observations.store.migrations import migrate
 
+BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another process's write lock
 _INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join('?' * 13)})"
 
 
@@ -63,7 +64,7 @@ class SQLiteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes, fast commits
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
@@ -82,25 +83,35 @@ class SQLiteStore:
                 self._readers.append(conn)
         return conn
 
-    def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run fn inside one IMMEDIATE transaction on the write connection: committed whole or not at all."""
+    def _write(self, fn: Callable[[sqlite3.Connection], Any], timeout_s: float | None = None) -> Any:
+        """Run fn inside one IMMEDIATE transaction on the write connection: committed whole or not at all.
+
+        timeout_s: how long to wait for another process's write lock (default BUSY_TIMEOUT_MS)."""
         with self._write_lock:
             if self._closed:
                 raise RuntimeError("store is closed")
             c = self._writer
-            c.execute("BEGIN IMMEDIATE")
+            if timeout_s is not None:
+                c.execute(f"PRAGMA busy_timeout={max(1, int(timeout_s * 1000))}")
             try:
-                result = fn(c)
-                c.execute("COMMIT")
-                return result
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(c)
+                    c.execute("COMMIT")
+                    return result
+                except BaseException:
+                    c.execute("ROLLBACK")
+                    raise
+            finally:
+                if timeout_s is not None:
+                    c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def append(self, obs: Observation) -> int:
         return self.append_many([obs])
 
-    def append_many(self, observations: list[Observation], ignore_existing: bool = False) -> int:
+    def append_many(
+        self, observations: list[Observation], ignore_existing: bool = False, timeout_s: float | None = None
+    ) -> int:
         if not observations:
             return 0
         rows = [to_row(o, iso_time=True) for o in observations]
@@ -119,7 +130,7 @@ class SQLiteStore:
                 raise KeyError(f"observation id already exists: {', '.join(dup[:5]) or e}") from None
             return len(rows)
 
-        return self._write(insert)
+        return self._write(insert, timeout_s)
 
     def get(self, id: str) -> Observation | None:
         r = self._read().execute(f"SELECT {COLUMN_LIST} FROM observations WHERE id = ?", (id,)).fetchone()
