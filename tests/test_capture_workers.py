@@ -1,5 +1,6 @@
 """`kolm capture --workers 2` on a PostgreSQL store: one port, two processes, SIGTERM drains both
-(answered == stored, no duplicates), /healthz answers for its own process, a bad store URL is exit 2."""
+(answered == stored, no duplicates), /healthz answers for its own process, a bad store URL is exit 2,
+a database restarted mid-traffic loses and duplicates nothing."""
 
 from __future__ import annotations
 
@@ -130,3 +131,74 @@ def test_capture_with_a_wrong_password_is_exit_2_in_one_line(pg_server, tmp_path
         assert done.stderr.count("\n") == 1 and "password authentication failed" in done.stderr
         assert "Wr0ngPassw0rd" not in done.stderr and "Traceback" not in done.stderr
     assert time.monotonic() - t0 < 30  # interpreter start-up twice; the connect itself fails at once
+
+
+def test_postgres_restarted_mid_traffic_loses_and_duplicates_nothing(tmp_path):
+    """The database goes away for a moment under `--workers 2`: every answered call ends up stored once.
+
+    Today the writer's retries (with backoff) outlast a fast restart here; the capture spool (replayed
+    with `append_many(ignore_existing=True)`) is what makes a longer outage lossless as well."""
+    from kolm_ray.observations.store.localpg import LocalPostgres
+
+    pg = LocalPostgres(durable=True)  # its own server: this test restarts it
+    up_url, stop_up = start_upstream_in_thread(latency_ms=20)
+    proc = None
+    try:
+        pg.start()
+        proc, url = _start(pg.url, up_url, 2, tmp_path)
+        wait = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < wait
+            time.sleep(0.1)
+        answered: list[str] = []
+        answered_at: list[float] = []
+        outage: list[float] = []
+
+        async def load(tag: str, n: int) -> None:
+            limits = httpx.Limits(max_connections=20, max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+
+                async def one(i: int) -> None:
+                    await asyncio.sleep(i * 0.01)
+                    q = f"{tag}-{i}"
+                    r = await c.post(
+                        "/v1/capture/openai/chat/completions",
+                        json={"model": "m", "messages": [{"role": "user", "content": q}]},
+                        headers={"Authorization": "Bearer k", "X-Kolm-Namespace": "restart"},
+                    )
+                    if r.status_code == 200:
+                        answered.append(q)
+                        answered_at.append(time.monotonic())
+
+                await asyncio.gather(*(one(i) for i in range(n)))
+
+        async def traffic_with_restart() -> None:
+            task = asyncio.create_task(load("during", 300))  # ~3 s of calls
+            await asyncio.sleep(0.8)
+            outage.append(time.monotonic())
+            await asyncio.to_thread(pg.restart)  # fast shutdown + start: connections break mid-batch
+            outage.append(time.monotonic())
+            await task
+
+        asyncio.run(traffic_with_restart())
+        asyncio.run(load("after", 50))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=150) == 0, proc.stderr.read()
+        with open_store(pg.url) as s:
+            stored = [o.input for batch in s.iter_observations("restart") for o in batch]
+        assert len(answered) >= 300
+        # calls were answered while the database was away: their rows had to wait for it to come back
+        assert sum(outage[0] < t < outage[1] for t in answered_at) >= 5, (outage, len(answered_at))
+        assert len(stored) == len(set(stored)), "an observation was stored twice"
+        assert sorted(stored) == sorted(answered), f"lost {len(set(answered) - set(stored))}"
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stop_up()
+        pg.cleanup()
