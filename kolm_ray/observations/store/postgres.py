@@ -8,8 +8,9 @@ writer thread and the bridge's threads share it. Inserts are one transaction per
 `append_many(..., ignore_existing=True)` is `INSERT ... ON CONFLICT (id) DO NOTHING`, so a replayed
 spool never duplicates.
 
-Batched inserts use executemany (psycopg 3 pipelines it: one round trip per batch) rather than COPY:
-benchmarks/store.py measures both on the capture writer's batch sizes (`insert_methods` in its JSON).
+Batched inserts: COPY for big batches (a busy writer's, a spool replay, an import), executemany
+(psycopg 3 pipelines it: one round trip per batch) for small ones, where the two are even: measured
+in benchmarks/store.py (`insert_methods` in its JSON) at the capture writer's batch sizes.
 
 PostgreSQL text cannot hold NUL characters (SQLite can): a NUL in a text field (input, model, tenant)
 is stored as U+FFFD. JSON fields are unaffected (json.dumps escapes NUL as \\u0000).
@@ -85,7 +86,10 @@ class PostgresStore:
     """The Store protocol over one PostgreSQL database (see the module docstring)."""
 
     dialect = "postgresql"
-    insert_method = "executemany"  # or "copy": benchmarks/store.py measures both
+    # "auto": COPY for batches of COPY_MIN_ROWS or more, executemany (pipelined) below; "copy" and
+    # "executemany" force one (benchmarks/store.py measures both at the writer's batch sizes).
+    insert_method = "auto"
+    COPY_MIN_ROWS = 100
 
     def __init__(self, url: str, pool_max: int = POOL_MAX) -> None:
         self.url = redact_url(url)
@@ -140,7 +144,8 @@ class PostgresStore:
             try:
                 if timeout_s is not None:  # the whole insert, not only the wait for a pooled connection
                     conn.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout_s * 1000))}")
-                if self.insert_method == "copy":
+                method = self.insert_method
+                if method == "copy" or (method == "auto" and len(rows) >= self.COPY_MIN_ROWS):
                     return self._copy(conn, rows, ignore_existing)
                 with conn.cursor() as cur:
                     suffix = " ON CONFLICT (id) DO NOTHING" if ignore_existing else ""
