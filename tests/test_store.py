@@ -450,12 +450,12 @@ def test_local_postgres_as_root_copies_binaries_nobody_can_reach(tmp_path, monke
 def test_postgres_insert_methods_keep_the_same_contract(pg_url, method):
     with open_store(pg_url) as s:
         s.insert_method = method
-        first = [obs(i) for i in range(150)]  # above COPY_MIN_ROWS: "auto" would COPY it
-        assert s.append_many(first) == 150
+        first = [obs(i) for i in range(250)]  # above both COPY thresholds: "auto" would COPY it
+        assert s.append_many(first) == 250
         with pytest.raises(KeyError, match=first[3].id):
             s.append_many([obs(500), first[3]])
-        replay = first[100:] + [obs(200 + i) for i in range(120)]
+        replay = first[50:] + [obs(300 + i) for i in range(120)]  # 320 rows, 200 of them stored
         assert s.append_many(replay, ignore_existing=True) == 120
         got = [o.id for b in s.iter_observations("support") for o in b]
-        assert got == [o.id for o in first + replay[50:]] and s.count() == 270
+        assert got == [o.id for o in first + replay[200:]] and s.count() == 370
         assert s.get(first[0].id).model_dump() == first[0].model_dump()

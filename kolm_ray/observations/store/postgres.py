@@ -86,10 +86,12 @@ class PostgresStore:
     """The Store protocol over one PostgreSQL database (see the module docstring)."""
 
     dialect = "postgresql"
-    # "auto": COPY for batches of COPY_MIN_ROWS or more, executemany (pipelined) below; "copy" and
-    # "executemany" force one (benchmarks/store.py measures both at the writer's batch sizes).
+    # "auto": COPY from COPY_MIN_ROWS rows on (from COPY_MIN_ROWS_IGNORE with ignore_existing, which
+    # stages the batch in a temp table first), pipelined executemany below; "copy" / "executemany"
+    # force one. benchmarks/store.py measures both at the writer's batch sizes.
     insert_method = "auto"
-    COPY_MIN_ROWS = 100
+    COPY_MIN_ROWS = 50
+    COPY_MIN_ROWS_IGNORE = 200
 
     def __init__(self, url: str, pool_max: int = POOL_MAX) -> None:
         self.url = redact_url(url)
@@ -145,7 +147,8 @@ class PostgresStore:
                 if timeout_s is not None:  # the whole insert, not only the wait for a pooled connection
                     conn.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout_s * 1000))}")
                 method = self.insert_method
-                if method == "copy" or (method == "auto" and len(rows) >= self.COPY_MIN_ROWS):
+                threshold = self.COPY_MIN_ROWS_IGNORE if ignore_existing else self.COPY_MIN_ROWS
+                if method == "copy" or (method == "auto" and len(rows) >= threshold):
                     return self._copy(conn, rows, ignore_existing)
                 with conn.cursor() as cur:
                     suffix = " ON CONFLICT (id) DO NOTHING" if ignore_existing else ""
