@@ -261,9 +261,8 @@ def read_rate(url: str, namespace: str, shards: int) -> dict:
 
     best = None
     runs = []
-    read_observations(url, [namespace], parallelism=shards).map_batches(count, batch_size=None).sum(
-        "n"
-    )  # warm-up
+    ds = read_observations(url, [namespace], parallelism=shards)  # warm-up: workers and imports
+    ds.map_batches(count, batch_format="pyarrow", batch_size=None).sum("n")
     for _ in range(2):
         l0, t0 = load(), time.perf_counter()
         ds = read_observations(url, [namespace], parallelism=shards)
