@@ -195,12 +195,15 @@ class LocalPostgres:
             c.execute(f'CREATE DATABASE "{name}"')
         return self.url_for(name)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Fast shutdown (SIGINT: roll back sessions, checkpoint) by pid; SIGKILL if it hangs."""
+    def stop(self, timeout: float = 30.0, immediate: bool = False) -> None:
+        """Fast shutdown (SIGINT: roll back sessions, checkpoint) by pid; SIGKILL if it hangs.
+
+        immediate: SIGQUIT, no checkpoint (the next start recovers from WAL); for a server whose data
+        is deleted right after, where waiting for a checkpoint is only time lost."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGQUIT if immediate else signal.SIGINT)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -212,7 +215,8 @@ class LocalPostgres:
         self.start()
 
     def cleanup(self) -> None:
-        self.stop()
+        """Stop the server and, when this object made its directory, delete it."""
+        self.stop(immediate=self._own_root)
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
