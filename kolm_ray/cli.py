@@ -56,6 +56,14 @@ def _capture(p: argparse.ArgumentParser) -> None:
         help="capture processes on the one port (SO_REUSEPORT), one writer each (default 1)",
     )
 
+    p.set_defaults(precheck=_check_capture_bind)
+
+
+def _check_capture_bind(args: argparse.Namespace) -> None:
+    from kolm_ray.settings import check_bind
+
+    check_bind(args.host)  # before anything starts: exit 2 with the reason
+
 
 def _workers(value: str) -> int:
     try:
@@ -221,12 +229,20 @@ def _handler(name: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(module), func)
 
 
+def _printable(text: str) -> str:
+    """An error as one line a terminal shows as is: newlines become spaces, other control and escape
+    characters are dropped (a message may quote a file's or an artifact's untrusted text)."""
+    return "".join(ch if ch.isprintable() else " " if ch in "\n\r\t" else "" for ch in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if precheck := getattr(args, "precheck", None):
+            precheck(args)
         return int(_handler(args.command)(args) or 0)
     except KolmError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_printable(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130

@@ -23,6 +23,8 @@ import hashlib
 import hmac
 import json
 import logging
+import math
+import numbers
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -123,13 +125,46 @@ class Tenants:
         return found
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a repeated key: PyYAML keeps the last one silently, so
+    two tenants named alike (or two `namespaces:` under one) would quietly become one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges are meant to override
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader itself says what is wrong
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, except that a repeated mapping key is an error (yaml.YAMLError)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_tenants(path: str | Path) -> Tenants:
     """Read and validate a tenants file; every problem in one KolmError."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except FileNotFoundError:
         raise KolmError(f"tenants file {path}: no such file") from None
+    except yaml.constructor.ConstructorError as e:
+        line = f" at line {e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise KolmError(f"tenants file {path}: {e.problem}{line}") from None
     except yaml.YAMLError as e:
         raise KolmError(f"tenants file {path}: not YAML ({e})") from None
     try:
@@ -163,6 +198,8 @@ def parse_query(body: bytes) -> str:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RouteError(422, f"body is not JSON: {e}") from None
+    except RecursionError:
+        raise RouteError(422, "body is not JSON kolm accepts: nested too deeply") from None
     if not isinstance(data, dict):
         raise RouteError(422, 'body must be a JSON object {"query": "..."}')
     if "query" not in data:
@@ -223,7 +260,14 @@ class Router:
     def decide(self, tenant: Tenant, tagged: dict[str, Any]) -> dict[str, Any]:
         """Narrow when the tagger is confident enough AND the namespace is the tenant's; broad otherwise."""
         namespace = tagged.get("namespace")
-        confidence = float(tagged.get("confidence") or 0.0)
+        confidence = tagged.get("confidence")
+        if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real):  # numpy floats too
+            return broad(tenant, 0.0, "tagger returned no numeric confidence")
+        confidence = float(confidence)
+        if not math.isfinite(confidence) or not 0.0 <= confidence <= 1.0:
+            # NaN compares false with everything: unchecked, `NaN < threshold` would route narrow
+            log.warning("tenant %s: tagger confidence %r is not in [0, 1]", tenant.name, confidence)
+            return broad(tenant, 0.0, "tagger returned an invalid confidence")
         if namespace is None:
             return broad(tenant, confidence, "no authorized namespace is known to the tagger")
         problem = self._authorized.check({"namespace": namespace}, "", list(tenant.namespaces))
@@ -271,7 +315,7 @@ def check_serve_config(config: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise KolmError(f"{path}: no such Serve config (default deployments/recall.yaml)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
         ServeDeploySchema.model_validate(data)
     except (yaml.YAMLError, ValidationError) as e:
         raise KolmError(f"{path}: not a valid Serve config: {e}") from None

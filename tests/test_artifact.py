@@ -134,6 +134,7 @@ def _resign(
         manifest = json.loads(z.read(MANIFEST))
     members.update(add or {})
     manifest["files"] = {n: hashlib.sha256(d).hexdigest() for n, d in members.items()}
+    manifest["sizes"] = {n: len(d) for n, d in members.items()}
     if change_manifest:
         change_manifest(manifest)
     body = json.dumps(manifest).encode()

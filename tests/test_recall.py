@@ -191,7 +191,7 @@ def test_tagger_deployment_refuses_a_tampered_or_wrongly_keyed_artifact(
         app_builder({"artifact": str(tampered), "tenants": str(REPO / "configs" / "tenants.yaml")})
     copy = tmp_path / "copy.kolm"
     shutil.copy(tagger_artifact, copy)
-    monkeypatch.setenv("KOLM_SIGNING_KEY", "a-different-key")
+    monkeypatch.setenv("KOLM_SIGNING_KEY", "a-different-key-of-reasonable-length")
     with pytest.raises(ArtifactError):
         NamespaceTagger.func_or_class(str(copy))
 

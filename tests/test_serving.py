@@ -91,6 +91,38 @@ def test_two_tenants_with_one_key_are_refused(tmp_path):
         load_tenants(path)
 
 
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (  # two tenants named alike: PyYAML alone would keep the second and drop acme's first key
+            f"tenants:\n  acme: {{key_sha256: '{'a' * 64}', namespaces: [x]}}\n"
+            f"  acme: {{key_sha256: '{'b' * 64}', namespaces: [y]}}\n",
+            "duplicate key 'acme' at line 3",
+        ),
+        (
+            f"tenants:\n  acme:\n    key_sha256: '{'a' * 64}'\n    namespaces: [x]\n    namespaces: [x, y]\n",
+            "duplicate key 'namespaces' at line 5",
+        ),
+        ("tenants: {}\ntenants: {}\n", "duplicate key 'tenants' at line 2"),
+    ],
+)
+def test_duplicate_keys_in_the_tenants_file_are_refused(tmp_path, text, problem):
+    path = tmp_path / "tenants.yaml"
+    path.write_text(text)
+    with pytest.raises(KolmError, match=problem):
+        load_tenants(path)
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    path = tmp_path / "tenants.yaml"
+    path.write_text(f"base: &b {{namespaces: [x, y]}}\ntenants:\n  a: {{<<: *b, key_sha256: '{'a' * 64}'}}\n")
+    with pytest.raises(KolmError, match="base"):  # the anchor's home is an unknown top-level key...
+        load_tenants(path)
+    from kolm_ray.serving import load_yaml
+
+    assert load_yaml(path.read_text())["tenants"]["a"]["namespaces"] == ["x", "y"]  # ...but it merges
+
+
 # --- edge: 401 and 422 -------------------------------------------------------------------------------------
 
 
@@ -118,6 +150,8 @@ def test_missing_or_unknown_key_is_401(auth):
         ({"query": " \n\t"}, "empty"),
         ({"query": "x" * (MAX_QUERY_CHARS + 1)}, "longer than"),
         (b"x" * (MAX_BODY_BYTES + 1), "larger than"),
+        (b'{"query": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+        (b"[" * 8000, "not JSON"),  # unclosed: the parser's own error, or the depth one
     ],
 )
 def test_bad_bodies_are_422_with_a_reason(body, reason):
@@ -152,6 +186,51 @@ def test_confident_answer_is_narrow_and_low_confidence_is_broad():
     }
     # exactly at the threshold stays narrow: "below the threshold" routes broad
     assert route(r, "Bearer key-acme", {"query": "x"}, confident("runbooks", 0.7))[1]["mode"] == "narrow"
+
+
+@pytest.mark.parametrize(
+    "confidence, reason",
+    [
+        (
+            float("nan"),
+            "tagger returned an invalid confidence",
+        ),  # NaN < threshold is False: unchecked, this went narrow
+        (float("inf"), "tagger returned an invalid confidence"),
+        (float("-inf"), "tagger returned an invalid confidence"),
+        (1.5, "tagger returned an invalid confidence"),
+        (-0.1, "tagger returned an invalid confidence"),
+        (None, "tagger returned no numeric confidence"),
+        ("0.99", "tagger returned no numeric confidence"),
+        (True, "tagger returned no numeric confidence"),
+    ],
+)
+def test_invalid_tagger_confidence_routes_broad_with_a_reason(confidence, reason):
+    r = Router(tenants(acme=["runbooks", "incidents"]), threshold=0.7)
+    status, out = route(r, "Bearer key-acme", {"query": "restart"}, confident("incidents", confidence))
+    assert status == 200 and out == {
+        "mode": "broad",
+        "namespaces": ["runbooks", "incidents"],
+        "confidence": 0.0,
+        "fallback": "broad",
+        "reason": reason,
+    }
+    json.dumps(out, allow_nan=False)  # the answer is valid JSON
+
+
+def test_numpy_confidence_is_a_number():
+    r = Router(tenants(acme=["runbooks", "incidents"]), threshold=0.7)
+    out = route(r, "Bearer key-acme", {"query": "x"}, confident("incidents", np.float32(0.9)))[1]
+    assert out["mode"] == "narrow" and out["confidence"] == 0.9
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    body=st.binary(max_size=64)
+    | st.text(alphabet='[]{}":,0123456789.eE-+ aqueryNIfinty', max_size=200).map(str.encode)
+)
+def test_property_any_body_is_an_answer_or_a_422(body):
+    status, out = route(Router(tenants(acme=["a", "b"])), "Bearer key-acme", body, confident("a", 0.9))
+    assert (status, sorted(out)) in [(422, ["error"]), (200, ["confidence", "fallback", "mode", "namespace"])]
 
 
 def test_slow_tagger_exceeds_budget_and_routes_broad_with_reason():

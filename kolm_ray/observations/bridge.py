@@ -9,6 +9,12 @@
 
 `Authorization: Bearer $KOLM_ADMIN_TOKEN` when that variable is set. Every bad input is a 4xx with
 `{"error": "..."}` naming the problem, and an import is all-or-nothing (one transaction).
+
+A browser must not be able to write here: the write routes take only JSON bodies (415 otherwise; a page
+can send text/plain or a form across origins without asking, but not application/json), and on a
+loopback bind every route checks the Host header (403 unless localhost, 127.0.0.1 or [::1] with this
+port), so a DNS-rebound page on another name cannot reach the bridge either. `kolm capture` refuses a
+non-loopback bind without KOLM_ADMIN_TOKEN (settings.check_bind).
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kolm_ray.observations.model import MalformedInput, parse_import
+from kolm_ray.observations.model import MalformedInput, loads_strict, parse_import
 from kolm_ray.observations.store import MAX_PAGE, Store
+from kolm_ray.settings import is_loopback
 
 BRIDGE_MAX_BODY = 16 * 1024 * 1024  # an import of ~10k observations; bigger sets go through the CLI
+JSON_TYPES = frozenset({"application/json", "application/x-ndjson", "application/jsonl"})
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -45,6 +54,42 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise HTTPException(413, f"body is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def check_host(request: Request) -> None:
+    """On a loopback bind, refuse (403) a Host header that is not this server by a loopback name.
+
+    DNS rebinding points an attacker's name at 127.0.0.1 so that a page from it reaches a local server as
+    "same origin"; its requests still carry the attacker's name in Host. `server` is the address the
+    connection was accepted on, so a proxy bound to 0.0.0.0 and reached through 127.0.0.1 is checked too.
+    """
+    server = request.scope.get("server")
+    if not server or not is_loopback(str(server[0])):
+        return
+    bound, port = str(server[0]), server[1]
+    host = request.headers.get("host", "").strip().lower()
+    names = {*LOOPBACK_NAMES, f"[{bound}]" if ":" in bound else bound}
+    allowed = {f"{n}:{port}" for n in names} | (names if port == 80 else set())
+    if host not in allowed:
+        shown = "".join(ch for ch in host[:100] if ch.isprintable()) or "(none)"
+        raise HTTPException(
+            403,
+            f"Host header {shown!r} is not this server: on a loopback bind the bridge answers only "
+            f"localhost, 127.0.0.1 or [::1] with port {port} (a guard against DNS rebinding)",
+        )
+
+
+def require_json_body(request: Request) -> None:
+    """Write routes take JSON or JSON lines only (415 otherwise), so a cross-origin form cannot write."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.partition(";")[0].strip().lower()
+    if media not in JSON_TYPES:
+        shown = "".join(ch for ch in content_type[:100] if ch.isprintable()) or "none"
+        raise HTTPException(
+            415,
+            f"Content-Type {shown!r} is not accepted: send application/json "
+            "(or JSON lines as application/x-ndjson or application/jsonl)",
+        )
 
 
 def _require_admin(request: Request) -> None:
@@ -67,7 +112,8 @@ def _store(request: Request) -> Store:
     return request.app.state.store
 
 
-router = APIRouter(prefix="/v1/bridges", dependencies=[Depends(_require_admin)])
+# Dependencies run in this order: Host first (a rebound page learns nothing), then the token.
+router = APIRouter(prefix="/v1/bridges", dependencies=[Depends(check_host), Depends(_require_admin)])
 StoreDep = Annotated[Store, Depends(_store)]
 
 
@@ -81,7 +127,9 @@ class VerifyBody(BaseModel):
 
 def _load_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return loads_strict(body)
+    except RecursionError:
+        raise HTTPException(400, "malformed JSON: nested too deeply") from None
     except ValueError as e:
         raise HTTPException(400, f"malformed JSON: {e}") from None
 
@@ -106,7 +154,7 @@ def list_observations(
     return {"observations": [o.model_dump(mode="json") for o in page], "next_cursor": next_cursor}
 
 
-@router.post("/observations")
+@router.post("/observations", dependencies=[Depends(require_json_body)])
 async def import_observations(request: Request, store: StoreDep) -> dict:
     """Insert a JSON list or JSON lines of observations, all or nothing."""
     body = await read_body(request, getattr(request.app.state, "bridge_max_body", BRIDGE_MAX_BODY))
@@ -125,7 +173,7 @@ async def import_observations(request: Request, store: StoreDep) -> dict:
     return {"inserted": inserted}
 
 
-@router.post("/observations/{obs_id}/verify")
+@router.post("/observations/{obs_id}/verify", dependencies=[Depends(require_json_body)])
 async def verify_observation(obs_id: str, request: Request, store: StoreDep) -> dict:
     """Mark an observation verified true/false, optionally replacing its output."""
     body = await read_body(request, getattr(request.app.state, "bridge_max_body", BRIDGE_MAX_BODY))

@@ -10,6 +10,7 @@ convention; null for imports); `latency_ms` is the upstream's time to the last b
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from datetime import datetime, timezone
@@ -18,7 +19,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 Provider = Literal["openai", "anthropic", "import"]
-NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+# fullmatch, never match with `$`: `$` also matches before a trailing newline ("support\n" would pass)
+NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
+# Deepest JSON kolm stores. pydantic cannot serialize past ~255 levels, so a deeper row, once stored, would
+# break every bridge page that holds it; real requests (messages, tool schemas) are a few levels deep.
+MAX_JSON_DEPTH = 100
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 CLIENT_CLOSED = 499  # nginx's "client closed request": a stream the client left before its end
 
 
@@ -37,7 +43,7 @@ def utcnow() -> datetime:
 
 def check_namespace(name: str) -> str:
     """Return `name` if it is a valid namespace (1-128 of letters, digits, `_.:-`), else raise ValueError."""
-    if not isinstance(name, str) or not NAMESPACE_RE.match(name):
+    if not isinstance(name, str) or not NAMESPACE_RE.fullmatch(name):
         raise ValueError(
             f"namespace {name!r} is not valid: use 1-128 letters, digits or _.:- (starting with a letter or digit)"
         )
@@ -97,8 +103,8 @@ class ImportRow(BaseModel):
     id: str | None = Field(default=None, min_length=1, max_length=128)
     provider: Provider = "import"
     model: str | None = None
-    status: int | None = None
-    latency_ms: float | None = None
+    status: int | None = Field(default=None, ge=0, le=999)  # an HTTP status; SQLite integers are 64-bit
+    latency_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     usage: dict[str, Any] | None = None
     created_at: datetime | None = None
     request: dict[str, Any] | None = None
@@ -109,6 +115,53 @@ class ImportRow(BaseModel):
         from kolm_ray.providers import scrub_credentials
 
         return None if v is None else scrub_credentials(v)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0), counted iteratively; stops past `limit`."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            d += 1
+            deepest = max(deepest, d)
+            if deepest > limit:
+                break
+            stack.extend((x, d) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range for a JSON number kolm can store")
+    return value
+
+
+def loads_strict(data: bytes | str) -> Any:
+    """json.loads for what kolm stores: NaN/Infinity refused (not JSON: a reader would get invalid JSON
+    back), lone UTF-16 surrogate escapes refused (such a string cannot be stored as UTF-8), and so is
+    nesting deeper than MAX_JSON_DEPTH.
+
+    Raises ValueError naming the problem, UnicodeDecodeError for bytes that are not UTF-8, RecursionError
+    for nesting past Python's limit.
+    """
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(text):  # rare: only then pay for the check
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff): not valid Unicode"
+            ) from None
+    return value
 
 
 def _describe(err: ValidationError) -> str:
@@ -131,7 +184,9 @@ def parse_import(data: bytes | str, default_namespace: str | None = None) -> lis
     rows: list[tuple[str, Any]] = []
     if stripped.startswith("["):
         try:
-            items = json.loads(stripped)
+            items = loads_strict(stripped)
+        except RecursionError:
+            raise MalformedInput("malformed JSON: nested too deeply") from None
         except ValueError as e:
             raise MalformedInput(f"malformed JSON: {e}") from None
         if not isinstance(items, list):
@@ -142,7 +197,9 @@ def parse_import(data: bytes | str, default_namespace: str | None = None) -> lis
             if not line.strip():
                 continue
             try:
-                rows.append((f"line {n}", json.loads(line)))
+                rows.append((f"line {n}", loads_strict(line)))
+            except RecursionError:
+                raise MalformedInput(f"line {n}: malformed JSON: nested too deeply") from None
             except ValueError as e:
                 raise MalformedInput(f"line {n}: malformed JSON: {e}") from None
     problems: list[str] = []

@@ -22,6 +22,7 @@ from kolm_ray.observations.store.base import (
     decode_cursor,
     encode_cursor,
     redact_url,
+    store_scheme,
 )
 from kolm_ray.observations.store.migrations import MIGRATIONS, latest, migrate
 from kolm_ray.observations.store.sqlite import SQLiteStore
@@ -39,6 +40,7 @@ __all__ = [
     "migrate",
     "open_store",
     "redact_url",
+    "store_scheme",
 ]
 
 

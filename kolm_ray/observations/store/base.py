@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 from kolm_ray.observations.model import Observation
 
 MAX_PAGE = 1000  # the bridge's largest page; bigger exports go through iter_observations
+MAX_SEQ = 2**63 - 1  # the largest seq (64-bit in both backends)
 
 # The columns every backend stores and reads back, in this order (`seq`, the insertion order, comes first
 # in reads and is the keyset cursor).
@@ -154,15 +155,19 @@ def encode_cursor(seq: int) -> str:
 def decode_cursor(cursor: str) -> int:
     """The seq a cursor points after; ValueError when it is not one this store issued."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("s"):
+        if len(cursor) > 32:  # "s" + a 64-bit integer is 28 characters of base64
             raise ValueError
-        seq = int(raw[1:])
-        if seq < 0:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        digits = raw[1:]
+        if not raw.startswith("s") or not (digits.isascii() and digits.isdigit()):
+            raise ValueError
+        seq = int(digits)
+        if seq > MAX_SEQ:  # SQLite INTEGER and PostgreSQL BIGINT are 64-bit: a bigger one cannot be bound
             raise ValueError
         return seq
     except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"cursor {cursor!r} is not valid (use next_cursor from a previous page)") from None
+        shown = cursor if len(cursor) <= 40 else cursor[:37] + "..."
+        raise ValueError(f"cursor {shown!r} is not valid (use next_cursor from a previous page)") from None
 
 
 def check_limit(limit: Any) -> None:
@@ -215,6 +220,14 @@ def secrets_of(url: str) -> list[str]:
     from urllib.parse import unquote
 
     return [s for p in found if p for s in {p, unquote(p)}]
+
+
+def store_scheme(store: Store | str) -> str:
+    """What a health check or a log may say about a store: its URL scheme only ("sqlite", "postgresql"),
+    never a path, a host or a password."""
+    url = store if isinstance(store, str) else store.url
+    scheme = url.partition(":")[0].lower()
+    return scheme if re.fullmatch(r"[a-z][a-z0-9+.\-]*", scheme) else "unknown"
 
 
 def scrub(message: str, url: str) -> str:

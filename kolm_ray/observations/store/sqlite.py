@@ -22,6 +22,7 @@ from kolm_ray.observations.store.base import (
     to_row,
 )
 from kolm_ray.observations.store.migrations import migrate
+from kolm_ray.settings import private_file
 
 BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another process's write lock
 _INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join('?' * 13)})"
@@ -49,6 +50,10 @@ class SQLiteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise KolmError(f"cannot create the store's directory {self.path.parent}: {e}") from None
+        try:
+            private_file(self.path)  # 0600 before SQLite opens it: its -wal and -shm files take its mode
+        except OSError as e:
+            raise KolmError(f"cannot create the store {self.path}: {e.strerror or e}") from None
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
