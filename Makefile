@@ -43,6 +43,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/capture.py
+	$(PY) benchmarks/store.py
 	$(PY) benchmarks/recipe.py --compile
 	$(PY) benchmarks/compile_tagger.py
 	$(PY) benchmarks/recall.py

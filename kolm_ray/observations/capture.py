@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import time
@@ -41,9 +42,10 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.bridge import install_error_handlers, read_body
 from kolm_ray.observations.bridge import router as bridge_router
 from kolm_ray.observations.model import check_namespace
-from kolm_ray.observations.store import Store, open_store
+from kolm_ray.observations.store import Store, open_store, redact_url
+from kolm_ray.observations.workers import mark_ready, run_workers, worker_index, write_report
 from kolm_ray.observations.writer import BackgroundWriter, Exchange
-from kolm_ray.settings import admin_token
+from kolm_ray.settings import admin_token, store_url
 
 log = logging.getLogger("kolm.capture")
 
@@ -335,15 +337,24 @@ def create_app(
         """Liveness, the store URL and how many observations are still queued."""
         w = getattr(app.state, "writer", None)
         pending = 0 if w is None else w.submitted - w.written - w.lost
-        return {"ok": True, "store": store.url, "pending": pending}
+        # This process's own state: with --workers N each worker answers for itself (pid, "i/N").
+        return {
+            "ok": True,
+            "store": store.url,
+            "pending": pending,
+            "pid": os.getpid(),
+            "worker": worker_index(),
+        }
 
     return app
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # one of --workers N: the kernel spreads connections over the workers' sockets
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -367,11 +378,35 @@ def uvicorn_config_kwargs() -> dict[str, Any]:
     }
 
 
+def _banner(upstreams: dict[str, str], token: str | None, store_shown: str, base: str) -> list[str]:
+    return [
+        f"  OpenAI SDK:    base_url={base}/v1/capture/openai    -> {upstreams['openai']}",
+        f"  Anthropic SDK: base_url={base}/v1/capture/anthropic -> {upstreams['anthropic']}",
+        f"  bridge API:    {base}/v1/bridges/observations{' (bearer token required)' if token else ''}",
+        f"  store:         {store_shown}",
+    ]
+
+
 def capture_command(args: argparse.Namespace) -> int:
-    """`kolm capture`: run the proxy until SIGINT/SIGTERM, then finish in-flight answers and drain."""
+    """`kolm capture`: run the proxy until SIGINT/SIGTERM, then finish in-flight answers and drain.
+
+    --workers N (N > 1): N such processes on one port, supervised by this one (see workers.py).
+    """
     import uvicorn
 
     token = admin_token()
+    workers = getattr(args, "workers", 1) or 1
+    worker = worker_index()
+    if workers > 1 and worker is None:
+        url = store_url(args.store)
+        open_store(url).close()  # migrations once, and a bad URL is exit 2 here, before any worker
+        upstreams = {
+            "openai": upstream_endpoint(args.openai_upstream or DEFAULT_UPSTREAMS["openai"], "openai"),
+            "anthropic": upstream_endpoint(
+                args.anthropic_upstream or DEFAULT_UPSTREAMS["anthropic"], "anthropic"
+            ),
+        }
+        return run_workers(args, url, lambda base: _banner(upstreams, token, redact_url(url), base))
     store = open_store(args.store)
     try:
         app = create_app(
@@ -381,20 +416,17 @@ def capture_command(args: argparse.Namespace) -> int:
             token=token,
             own_store=True,
         )
-        sock = _bind(args.host, args.port)
+        sock = _bind(args.host, args.port, reuse_port=worker is not None)
     except BaseException:
         store.close()
         raise
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(
-        f"kolm capture listening on http://{shown}:{port}\n"
-        f"  OpenAI SDK:    base_url=http://{shown}:{port}/v1/capture/openai    -> {app.state.upstreams['openai']}\n"
-        f"  Anthropic SDK: base_url=http://{shown}:{port}/v1/capture/anthropic -> {app.state.upstreams['anthropic']}\n"
-        f"  bridge API:    http://{shown}:{port}/v1/bridges/observations{' (bearer token required)' if token else ''}\n"
-        f"  store:         {store.url}",
-        flush=True,
-    )
+    if worker is None:
+        lines = _banner(app.state.upstreams, token, store.url, f"http://{shown}:{port}")
+        print(f"kolm capture listening on http://{shown}:{port}\n" + "\n".join(lines), flush=True)
+    else:
+        mark_ready()  # listening: connections wait in this socket's backlog until the loop runs
     server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **uvicorn_config_kwargs()))
     # uvicorn re-raises the signal it stopped on after its graceful shutdown; with SIGTERM's default
     # action that would kill us before the summary line. The shutdown already happened: ignore it then.
@@ -409,5 +441,10 @@ def capture_command(args: argparse.Namespace) -> int:
             writer.close()
         store.close()
     if writer is not None:
-        print(f"kolm capture stopped: {writer.written} observations stored, {writer.lost} lost", flush=True)
+        if worker is None:
+            print(
+                f"kolm capture stopped: {writer.written} observations stored, {writer.lost} lost", flush=True
+            )
+        else:
+            write_report(writer.written, writer.lost)
     return 0

@@ -29,6 +29,7 @@ def recipe_command(args: Any) -> int:
     """kolm recipe: cluster the namespace (Ray Data), then write a recipe for one cluster; print its paths."""
     from kolm_ray.clustering import cluster_members, cluster_namespace
     from kolm_ray.errors import KolmError
+    from kolm_ray.observations.store import redact_url
     from kolm_ray.placement import ray_session
     from kolm_ray.settings import store_url
 
@@ -36,7 +37,7 @@ def recipe_command(args: Any) -> int:
     with ray_session(worker_logs=False):
         result = cluster_namespace(url, args.namespace, num_workers=args.num_workers, summarize=False)
         if not result.clusters:
-            raise KolmError(f"namespace {args.namespace!r} has no observations in {url}")
+            raise KolmError(f"namespace {args.namespace!r} has no observations in {redact_url(url)}")
         ids = [c["id"] for c in result.clusters]
         cluster = args.cluster if args.cluster is not None else result.clusters[0]["id"]  # largest first
         if cluster not in ids:

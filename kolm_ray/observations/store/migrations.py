@@ -1,0 +1,130 @@
+"""The versioned schema of every backend and the one runner that applies it.
+
+Each dialect has its list of (version, statements); the same version number means the same logical
+schema in every dialect (a migration added for one is added for all). Never edit a released entry:
+append a new version. `migrate` applies what is missing in ONE transaction under the dialect's write
+lock, and records each version in `schema_migrations`, so N capture workers starting at once on an
+empty database apply it exactly once and a failed migration leaves the previous schema intact.
+
+Why not alembic or yoyo: alembic needs SQLAlchemy, which nothing else here uses, and yoyo would be a
+dependency for ~60 lines; both backends have transactional DDL, so a list of statements per version
+and one locked transaction are the whole of what is needed (PostgreSQL: an advisory lock, since
+`CREATE TABLE IF NOT EXISTS schema_migrations` itself races between two first starts).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from kolm_ray.errors import KolmError
+
+Migration = tuple[int, list[str]]
+
+SQLITE: list[Migration] = [
+    (
+        1,
+        [
+            """CREATE TABLE observations (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order; the keyset cursor
+                id TEXT NOT NULL UNIQUE,
+                namespace TEXT NOT NULL,
+                tenant TEXT,
+                provider TEXT NOT NULL,
+                model TEXT,
+                input TEXT NOT NULL,
+                output TEXT,            -- JSON
+                verified INTEGER,       -- NULL, 0, 1
+                status INTEGER,
+                latency_ms REAL,
+                usage TEXT,             -- JSON
+                created_at TEXT NOT NULL,
+                request TEXT            -- JSON, credentials removed
+            )""",
+            # The bridge's queries: by namespace (+verified), by tenant, per-namespace counts.
+            "CREATE INDEX ix_obs_ns_seq ON observations (namespace, seq)",
+            "CREATE INDEX ix_obs_ns_verified_seq ON observations (namespace, verified, seq)",
+            "CREATE INDEX ix_obs_tenant_seq ON observations (tenant, seq)",
+        ],
+    ),
+]
+
+POSTGRESQL: list[Migration] = [
+    (
+        1,
+        [
+            # json, not jsonb: json keeps the text as written (key order, spacing), so an observation reads
+            # back byte-for-byte as it does from SQLite; nothing queries inside these documents.
+            """CREATE TABLE observations (
+                seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                id TEXT NOT NULL UNIQUE,
+                namespace TEXT NOT NULL,
+                tenant TEXT,
+                provider TEXT NOT NULL,
+                model TEXT,
+                input TEXT NOT NULL,
+                output JSON,
+                verified BOOLEAN,
+                status INTEGER,
+                latency_ms DOUBLE PRECISION,
+                usage JSON,
+                created_at TIMESTAMPTZ NOT NULL,
+                request JSON
+            )""",
+            "CREATE INDEX ix_obs_ns_seq ON observations (namespace, seq)",
+            "CREATE INDEX ix_obs_ns_verified_seq ON observations (namespace, verified, seq)",
+            "CREATE INDEX ix_obs_tenant_seq ON observations (tenant, seq)",
+        ],
+    ),
+]
+
+MIGRATIONS: dict[str, list[Migration]] = {"sqlite": SQLITE, "postgresql": POSTGRESQL}
+
+# Per dialect: how a write transaction starts, its placeholder, and what serialises concurrent runners.
+_BEGIN = {"sqlite": "BEGIN IMMEDIATE", "postgresql": "BEGIN"}
+_PH = {"sqlite": "?", "postgresql": "%s"}
+_LOCK = {"postgresql": "SELECT pg_advisory_xact_lock(4242000015)"}  # any constant: kolm's schema lock
+
+
+def latest(dialect: str) -> int:
+    return max(v for v, _ in MIGRATIONS[dialect])
+
+
+def migrate(conn: Any, dialect: str, where: str, target: int | None = None) -> list[int]:
+    """Apply the dialect's pending migrations (up to `target`, default all) on `conn`; the versions applied.
+
+    `conn`: a DB-API connection in autocommit mode (sqlite3 with isolation_level=None, psycopg with
+    autocommit=True), so the explicit BEGIN here is the only transaction. `where` names the store in errors.
+    Raises KolmError when the database's schema is newer than this kolm knows.
+    """
+    known = latest(dialect)
+    target = known if target is None else target
+    ph = _PH[dialect]
+    conn.execute(_BEGIN[dialect])
+    try:
+        if dialect in _LOCK:
+            conn.execute(_LOCK[dialect])
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        done = {v for (v,) in conn.execute("SELECT version FROM schema_migrations").fetchall()}
+        if done and max(done) > known:
+            raise KolmError(
+                f"store {where} has schema version {max(done)}, newer than this kolm ({known}); upgrade kolm"
+            )
+        applied = []
+        for version, statements in MIGRATIONS[dialect]:
+            if version in done or version > target:
+                continue
+            for sql in statements:
+                conn.execute(sql)
+            conn.execute(
+                f"INSERT INTO schema_migrations (version, applied_at) VALUES ({ph}, {ph})",
+                (version, datetime.now(timezone.utc).isoformat()),
+            )
+            applied.append(version)
+        conn.execute("COMMIT")
+        return applied
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
