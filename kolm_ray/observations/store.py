@@ -2,6 +2,7 @@
 
     store = open_store("sqlite:////tmp/obs.db")     # or None: $KOLM_STORE, else $KOLM_HOME/observations.db
     store.append_many([obs, ...])                   # one transaction: all rows or none
+    store.append_many(batch, ignore_existing=True)  # idempotent replay: ids already stored are skipped
     page, cursor = store.list(namespace="support", limit=100)
     for batch in store.iter_observations("support"): ...
 
@@ -26,6 +27,7 @@ from kolm_ray.observations.model import Observation
 from kolm_ray.settings import store_url
 
 MAX_PAGE = 1000  # the bridge's largest page; bigger exports go through iter_observations
+BUSY_TIMEOUT_MS = 10_000  # a CLI import waits this long for the proxy's write lock (and vice versa)
 
 
 @runtime_checkable
@@ -37,8 +39,19 @@ class Store(Protocol):
     def append(self, obs: Observation) -> int:
         """Insert one observation; returns 1."""
 
-    def append_many(self, observations: list[Observation]) -> int:
-        """Insert all in one transaction (all or none); returns how many. Raises KeyError on a duplicate id."""
+    def append_many(
+        self, observations: list[Observation], ignore_existing: bool = False, timeout_s: float | None = None
+    ) -> int:
+        """Insert all in one transaction (all or none); returns how many rows were inserted.
+
+        A duplicate id raises KeyError, unless `ignore_existing`: then rows whose id is already stored
+        are skipped (SQL `ON CONFLICT (id) DO NOTHING`), which makes a replay idempotent (the capture
+        writer's spool replays with it, so a batch committed just before a crash is not stored twice).
+        `timeout_s`: give up (raise) after that long waiting for the store's write lock / connection,
+        instead of the backend's default; the capture writer keeps its attempts short this way.
+        A row that cannot be encoded (e.g. a lone surrogate) raises UnicodeError/ValueError/TypeError;
+        a store that cannot take writes (locked, full, down) raises the driver's operational error.
+        """
 
     def get(self, id: str) -> Observation | None:
         """The observation with this id, or None."""
@@ -204,7 +217,7 @@ class SQLiteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes, fast commits
         conn.execute("PRAGMA foreign_keys=ON")
         return conn
@@ -252,32 +265,48 @@ class SQLiteStore:
                 self._readers.append(conn)
         return conn
 
-    def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run fn inside one IMMEDIATE transaction on the write connection: committed whole or not at all."""
+    def _write(self, fn: Callable[[sqlite3.Connection], Any], timeout_s: float | None = None) -> Any:
+        """Run fn inside one IMMEDIATE transaction on the write connection: committed whole or not at all.
+
+        timeout_s: how long BEGIN IMMEDIATE may wait for another process's write lock (default 10 s)."""
         with self._write_lock:
             if self._closed:
                 raise RuntimeError("store is closed")
             c = self._writer
-            c.execute("BEGIN IMMEDIATE")
+            if timeout_s is not None:
+                c.execute(f"PRAGMA busy_timeout={max(0, int(timeout_s * 1000))}")
             try:
-                result = fn(c)
-                c.execute("COMMIT")
-                return result
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(c)
+                    c.execute("COMMIT")
+                    return result
+                except BaseException:
+                    c.execute("ROLLBACK")
+                    raise
+            finally:
+                if timeout_s is not None:
+                    c.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def append(self, obs: Observation) -> int:
         return self.append_many([obs])
 
-    def append_many(self, observations: list[Observation]) -> int:
+    def append_many(
+        self, observations: list[Observation], ignore_existing: bool = False, timeout_s: float | None = None
+    ) -> int:
         if not observations:
             return 0
         rows = [_row(o) for o in observations]
+        conflict = " ON CONFLICT (id) DO NOTHING" if ignore_existing else ""
+        sql = f"INSERT INTO observations ({_COLUMNS}) VALUES ({','.join('?' * 13)}){conflict}"
 
         def insert(c: sqlite3.Connection) -> int:
+            if ignore_existing:
+                before = c.total_changes
+                c.executemany(sql, rows)
+                return c.total_changes - before
             try:
-                c.executemany(f"INSERT INTO observations ({_COLUMNS}) VALUES ({','.join('?' * 13)})", rows)
+                c.executemany(sql, rows)
             except sqlite3.IntegrityError as e:
                 ids = [r[0] for r in rows]
                 q = f"SELECT id FROM observations WHERE id IN ({','.join('?' * len(ids))})"
@@ -285,7 +314,7 @@ class SQLiteStore:
                 raise KeyError(f"observation id already exists: {', '.join(dup[:5]) or e}") from None
             return len(rows)
 
-        return self._write(insert)
+        return self._write(insert, timeout_s)
 
     def get(self, id: str) -> Observation | None:
         r = self._read().execute(f"SELECT {_COLUMNS} FROM observations WHERE id = ?", (id,)).fetchone()
