@@ -5,8 +5,9 @@ that sends half a request line, or a body one byte a minute, is held forever, an
 them exhaust the file descriptors. `guarded_protocol(...)` is uvicorn's own HttpToolsProtocol with two
 timers added (the class is what uvicorn's `http=` setting takes):
 
-- headers: from the connection's start (and from the end of each answer on a kept-alive connection)
-  to the end of the request's headers; past it the client gets a 408 and the connection is closed.
+- headers: from the connection's start (and from the first byte of each later request on a kept-alive
+  connection) to the end of the request's headers; past it the client gets a 408 (a connection that
+  sent nothing is just closed).
 - body: from the end of the headers to the end of the body; past it the connection is closed (the
   handler sees a disconnect and nothing is forwarded).
 
@@ -44,7 +45,10 @@ def guarded_protocol(header_timeout_s: float = 10.0, body_timeout_s: float = 60.
         _started = False  # some bytes of the next request have arrived
 
         def data_received(self, data: bytes) -> None:
-            self._started = True
+            if not self._started:  # the first bytes of a request on a kept-alive connection start its clock
+                self._started = True
+                if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                    self._arm_headers()
             super().data_received(data)
 
         def _cancel(self, name: str) -> None:
@@ -86,9 +90,9 @@ def guarded_protocol(header_timeout_s: float = 10.0, body_timeout_s: float = 60.
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._started = bool(self.pipeline)
-            if not self.transport.is_closing():
-                self._arm_headers()  # the next request on this connection gets the same bound
+            # Idle keep-alive time is uvicorn's timeout_keep_alive; the next request's first byte
+            # starts its header clock (data_received).
+            self._started = False
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel("_header_timer")

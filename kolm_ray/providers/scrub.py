@@ -54,9 +54,18 @@ def _keep_or_redact(m: re.Match[str]) -> str:
     return REDACTED
 
 
+_SURROGATES = re.compile("([\ud800-\udfff]+)")
+
+
 def scrub_text(text: str) -> str:
-    """`text` with every key-shaped substring replaced by `[redacted]`."""
-    return _KEY_RE.sub(_keep_or_redact, text) if text else text
+    """`text` with every key-shaped substring replaced by `[redacted]` (lone surrogates kept as they are)."""
+    if not text:
+        return text
+    try:
+        return _KEY_RE.sub(_keep_or_redact, text)
+    except UnicodeEncodeError:  # RE2 works on UTF-8: scrub the pieces between lone surrogates
+        parts = _SURROGATES.split(text)
+        return "".join(p if i % 2 else _KEY_RE.sub(_keep_or_redact, p) for i, p in enumerate(parts))
 
 
 def _words(name: str) -> list[str]:
@@ -99,7 +108,11 @@ _NAME_END_RE = re2.compile(
 
 
 def _names_with_credentials(text: str) -> bool:
-    for m in _NAME_END_RE.finditer(text):
+    try:
+        matches = list(_NAME_END_RE.finditer(text))
+    except UnicodeEncodeError:  # lone surrogates: scan a copy with U+FFFD in their place (same indices)
+        matches = list(_NAME_END_RE.finditer(_SURROGATES.sub(lambda m: "\ufffd" * len(m.group(0)), text)))
+    for m in matches:
         end = m.group(0).index('"') + m.start()
         start = text.rfind('"', max(0, end - 200), end)
         if start >= 0 and is_credential_field(text[start + 1 : end]):
