@@ -256,7 +256,10 @@ def test_rss_stays_bounded_under_a_flood_of_31_mib_bodies(upstream, tmp_path):
                             r = await c.post(
                                 f"{url}/v1/capture/openai/chat/completions",
                                 content=body,
-                                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                                headers={
+                                    "Authorization": f"Bearer {KEY}",
+                                    "Content-Type": "application/json",
+                                },
                             )
                             return r.status_code
 
@@ -270,7 +273,9 @@ def test_rss_stays_bounded_under_a_flood_of_31_mib_bodies(upstream, tmp_path):
         assert statuses.count(200) + statuses.count(503) == 12 and statuses.count(200) >= 6, statuses
         assert peak[0] < 1.5 * 2**30, f"peak RSS {peak[0] / 2**20:.0f} MiB (start {base / 2**20:.0f} MiB)"
         stop(proc, within=60)
-        print(f"flood: peak RSS {peak[0] / 2**20:.0f} MiB (start {base / 2**20:.0f} MiB), statuses {statuses}")
+        print(
+            f"flood: peak RSS {peak[0] / 2**20:.0f} MiB (start {base / 2**20:.0f} MiB), statuses {statuses}"
+        )
     assert len(inputs(db)) == statuses.count(200)
 
 
