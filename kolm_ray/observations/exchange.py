@@ -81,10 +81,16 @@ def _discard(pairs: list) -> None:
     return None  # validation only: no dict is built, so a big body's parse stays small in memory
 
 
+FULL_PARSE_BYTES = 1024 * 1024  # bodies up to this are parsed to check them; bigger ones only scanned
+
+
 def check_request(body: bytes) -> str | None:
     """Why a capture request body is refused before forwarding (400), or None when it is fine.
 
-    Must be UTF-8 (json.loads would also take UTF-16/32), JSON, an object, nested at most MAX_DEPTH.
+    Must be UTF-8 (json.loads would also take UTF-16/32), an object, nested at most MAX_DEPTH, and
+    (up to FULL_PARSE_BYTES) JSON. A bigger body is scanned, not parsed: a parse holds the GIL, and so
+    the event loop, for ~1 s per 32 MiB, and the writer parses it once anyway (a body that turns out
+    not to be JSON is stored as sent, and the upstream answers it with its own 400).
     """
     try:
         text = body.decode("utf-8")
@@ -92,7 +98,11 @@ def check_request(body: bytes) -> str | None:
         return f"request body is not valid UTF-8 (byte {e.start}): send UTF-8 JSON"
     if nesting_depth(body) > MAX_DEPTH:
         return f"request body nests deeper than {MAX_DEPTH} levels"
-    stripped = text.lstrip(" \t\r\n")
+    stripped = text[:64].lstrip(" \t\r\n")
+    if len(body) > FULL_PARSE_BYTES:
+        if not stripped.startswith("{") or not text.rstrip(" \t\r\n").endswith("}"):
+            return "request body must be a JSON object"
+        return None
     try:
         json.loads(text, object_pairs_hook=_discard)
     except RecursionError:  # pragma: no cover - the depth check runs first
