@@ -393,9 +393,12 @@ def create_app(
         if w is None:
             return JSONResponse({"ok": False, "reason": "starting"}, status_code=503)
         ok, reason = w.health()
+        # Rows no store would take even sanitised (in $KOLM_HOME/dead-letter.jsonl): shown once there are any.
+        extra = {"dead_lettered": w.dead_lettered} if w.dead_lettered else {}
         if not ok:
-            return JSONResponse({"ok": False, "reason": reason, "pending": w.pending}, status_code=503)
-        return JSONResponse({"ok": True, "store": scheme, "pending": w.pending})
+            body = {"ok": False, "reason": reason, "pending": w.pending, **extra}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"ok": True, "store": scheme, "pending": w.pending, **extra})
 
     app.router.add_route("/healthz", healthz, methods=["GET"])
 
