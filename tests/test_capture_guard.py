@@ -164,6 +164,26 @@ def test_sanitize_fixes_nul_surrogates_and_nan():
     assert o.input == "a\ufffdb\ufffd" and o.output == {"x": None, "s": "\ufffd"}
 
 
+def test_a_row_no_store_takes_goes_to_the_dead_letter_file_owner_only(tmp_path):
+    class Refusing:  # a store whose every insert fails on the data, sanitised or not
+        url = "sqlite:///x"
+
+        def append_many(self, observations, ignore_existing=False, timeout_s=None):
+            if any(o.input.startswith("bad") for o in observations):
+                raise ValueError("refused")
+            return len(observations)
+
+    dead = tmp_path / "dead.jsonl"
+    writer = BackgroundWriter(Refusing(), Spool(tmp_path / "spool"), dead)
+    try:
+        writer._handle([_obs("ok 1"), _obs("bad"), _obs("ok 2")], spill=False)
+        assert writer.written == 2 and writer.dead_lettered == 1 and writer.handled == 3
+        (line,) = dead.read_text().splitlines()
+        assert json.loads(line)["observation"]["input"] == "bad" and dead.stat().st_mode & 0o777 == 0o600
+    finally:
+        writer.close()
+
+
 def test_spool_replay_is_exactly_once_even_after_a_crash_before_the_ack(tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'obs.db'}")
     spool = Spool(tmp_path / "spool")

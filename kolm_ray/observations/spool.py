@@ -51,7 +51,8 @@ class Spool:
 
     def __init__(self, directory: Path, max_bytes: int = 1 << 30) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # spooled prompts: owner only
+        self.dir.mkdir(exist_ok=True, mode=0o700)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._fd: int | None = None

@@ -270,10 +270,12 @@ class BackgroundWriter:
         except Exception:  # even the dump fails (e.g. pathological nesting): keep what identifies it
             line = json.dumps({"error": str(error)[:500], "id": obs.id, "namespace": obs.namespace})
         self.dead_letter.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.dead_letter, "a", encoding="ascii") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(self.dead_letter, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # prompts: owner only
+        try:
+            os.write(fd, (line + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _to_spool(self, observations: list[Observation]) -> None:
         if not observations:
