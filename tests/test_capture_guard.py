@@ -204,6 +204,13 @@ def test_spool_replay_is_exactly_once_even_after_a_crash_before_the_ack(tmp_path
         store.close()
 
 
+def test_a_lone_surrogate_is_spooled_sanitised(tmp_path):
+    spool = Spool(tmp_path / "s")
+    spool.append([_obs("x \ud800"), _obs("fine")])
+    spool.seal()
+    assert [o.input for _, rows in spool.segments() for o in rows] == ["x \ufffd", "fine"]
+
+
 def test_a_torn_last_line_is_skipped_and_a_full_spool_says_so(tmp_path):
     spool = Spool(tmp_path / "s", max_bytes=4096)
     spool.append([_obs("whole")])

@@ -36,6 +36,15 @@ log = logging.getLogger("kolm.capture")
 SEGMENT_BYTES = 16 * 1024 * 1024  # a new segment past this: replayed (and deleted) piece by piece
 
 
+def _line(obs: Observation) -> str:
+    try:
+        return obs.model_dump_json() + "\n"
+    except ValueError:  # a lone surrogate has no UTF-8 form: spool it sanitised, as the store would get it
+        from kolm_ray.observations.exchange import sanitize
+
+        return sanitize(obs).model_dump_json() + "\n"
+
+
 class SpoolFull(OSError):
     """The spool is at its size bound (or its disk is full): the caller must count these as lost."""
 
@@ -103,7 +112,7 @@ class Spool:
         """Append a group durably (one write, one fsync). SpoolFull when over max_bytes or out of disk."""
         if not observations:
             return
-        data = "".join(o.model_dump_json() + "\n" for o in observations).encode("utf-8", "surrogatepass")
+        data = "".join(_line(o) for o in observations).encode("utf-8")
         with self._lock:
             total = self._total()
             if total + len(data) > self.max_bytes:

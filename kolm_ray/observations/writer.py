@@ -164,7 +164,13 @@ class BackgroundWriter:
                 with self._cond:
                     self.queued_bytes -= sum(ex.nbytes for ex in batch)
                 spill = self.queued_bytes > self.spill_bytes or bool(self.spool_rows) or self._past_deadline()
-                self._handle(observations, spill=spill)
+                try:
+                    self._handle(observations, spill=spill)
+                except Exception as e:  # never let the writer thread die: what is left is dead-lettered
+                    log.exception("capture writer: unexpected failure on a batch")
+                    for o in observations:
+                        self._dead_letter(o, e)
+                    self._count(0, False, dead=len(observations))
             if self.spool_rows and time.monotonic() - self._last_replay >= self.replay_interval_s:
                 self._replay()
             if stop:
