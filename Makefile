@@ -42,6 +42,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check kolm_ray deployments tests benchmarks
 
 bench: $(STAMP)
+	@command -v hey >/dev/null 2>&1 || apt-get install -y hey >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y hey >/dev/null 2>&1) \
+		|| { echo "make bench: benchmarks/capture.py drives load with hey; install it: sudo apt-get install -y hey"; exit 1; }
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/recipe.py --compile

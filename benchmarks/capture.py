@@ -1,32 +1,36 @@
-"""Capture proxy overhead: the same stand-in upstream called directly and through `kolm capture`.
+"""Capture proxy overhead, driven by `hey` (compiled) at fixed rates: direct vs proxied, same run.
 
-    .venv/bin/python benchmarks/capture.py                      # rates 50,100,200,400 rps, 10 s each
-    .venv/bin/python benchmarks/capture.py --rps 200 --duration 5 --upstream-latency-ms 20
+    flock /tmp/kolm-bench.lock .venv/bin/python benchmarks/capture.py                 # the full run
+    .venv/bin/python benchmarks/capture.py --duration 10 --soak-s 120 --ramp 600,800,1000
 
-Three processes on 127.0.0.1: the stand-in upstream (`python -m kolm_ray.simulate upstream`), the
-proxy (`kolm capture`, one uvicorn worker, uvloop + httptools) and this open-loop load generator
-(asyncio + httpx: request i is sent at t0 + i/rate whatever happened to earlier ones, and its latency
-counts from that scheduled time, so a stall is not hidden). For each rate: direct, then through the
-proxy. Added latency = proxy percentile - direct percentile. A rate is held when every request got a
-200, completions kept up (>= 95% of the offered rate) and p99 stayed under 250 ms. After the run
-the proxy gets SIGTERM and the store is counted: observations stored vs requests sent.
-Writes benchmarks/results/capture.json and capture.png.
+Three processes on 127.0.0.1: the stand-in upstream (`python -m kolm_ray.simulate upstream`, 20 ms
+per answer), the proxy (`kolm capture`, one uvicorn worker) and `hey` (Go: the load generator is
+never the bottleneck, unlike the Python one this replaces). For each rate in --rps: `hey` straight to
+the upstream, then through the proxy, 16 connections, the same body; added latency = proxied
+percentile - direct percentile. Then --ramp: proxied only, 64 connections, rising rates; a rate is
+"all stored" when hey achieved >= 95% of it with only 200s and the store holds one row per 200 (each
+phase has its own X-Kolm-Namespace; counted after /healthz shows nothing pending). Then a soak at
+--soak-rps for --soak-s seconds, sampling the proxy's RSS. The proxy's CPU per request (from /proc)
+says where the time goes when a target is missed. Writes benchmarks/results/capture.json + .png.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import csv
+import io
 import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,13 +38,19 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from kolm_ray.simulate import SYSTEM_PROMPT, generate_workload  # noqa: E402
-
 RESULTS = REPO / "benchmarks" / "results"
-HELD_P99_MS = 250.0
-TARGET = {"rate": 200, "added_p50_ms": 2.0, "added_p99_ms": 10.0}
+TARGET = {"rate": 200, "added_p50_ms": 2.0, "added_p99_ms": 10.0, "all_stored_rps": 1000}
+BODY = {
+    "model": "gpt-4o-mini",
+    "messages": [
+        {"role": "system", "content": "Route the request to a team. Answer JSON."},
+        {
+            "role": "user",
+            "content": "the ingest worker is stuck again after the deploy, how do I restart it?",
+        },
+    ],
+    "max_tokens": 20,
+}
 
 
 def free_port() -> int:
@@ -49,143 +59,106 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, timeout: float = 60) -> None:
+def wait_healthy(url: str, timeout: float = 60, pending_zero: bool = False) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+            r = httpx.get(f"{url}/healthz", timeout=2)
+            if r.status_code == 200 and (not pending_zero or r.json().get("pending", 0) == 0):
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
+    raise RuntimeError(f"{url} did not become healthy")
 
 
-def start_processes(
-    tmp: Path, latency_ms: float
-) -> tuple[subprocess.Popen, subprocess.Popen, str, str, Path]:
+def start(tmp: Path, latency_ms: float) -> tuple[subprocess.Popen, subprocess.Popen, str, str, Path]:
     env = {**os.environ, "KOLM_HOME": str(tmp), "PYTHONUNBUFFERED": "1"}
     env.pop("KOLM_ADMIN_TOKEN", None)
     up_port = free_port()
     upstream = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kolm_ray.simulate",
-            "upstream",
-            "--port",
-            str(up_port),
-            "--latency-ms",
-            str(latency_ms),
-        ],
+        [sys.executable, "-m", "kolm_ray.simulate", "upstream", "--port", str(up_port)]
+        + ["--latency-ms", str(latency_ms)],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         cwd=REPO,
     )
     up_url = f"http://127.0.0.1:{up_port}"
     db = tmp / "observations.db"
     proxy = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kolm_ray.cli",
-            "capture",
-            "--port",
-            "0",
-            "--store",
-            f"sqlite:///{db}",
-            "--openai-upstream",
-            up_url,
-            "--anthropic-upstream",
-            up_url,
-        ],
+        [sys.executable, "-m", "kolm_ray.cli", "capture", "--port", "0", "--store", f"sqlite:///{db}"]
+        + ["--openai-upstream", up_url, "--anthropic-upstream", up_url],
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
         cwd=REPO,
     )
-    line = proxy.stdout.readline()
-    m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+    m = re.search(r"http://127\.0\.0\.1:(\d+)", proxy.stdout.readline())
     if not m:
-        raise RuntimeError(f"proxy did not start: {line}{proxy.stderr.read()}")
+        raise RuntimeError("proxy did not start")
     proxy_url = f"http://127.0.0.1:{m.group(1)}"
     wait_healthy(up_url)
     wait_healthy(proxy_url)
     return upstream, proxy, up_url, proxy_url, db
 
 
-async def open_loop(
-    url: str, path: str, rate: float, duration: float, queries: list[str], headers: dict
-) -> dict:
-    """Send rate*duration requests at fixed times; latency from each request's scheduled time."""
-    n = int(rate * duration)
-    lat = np.full(n, np.nan)
-    overhead = np.full(n, np.nan)
-    status = np.zeros(n, dtype=int)
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        # warm the connection pool so the first measured requests do not pay for TCP setup
-        await asyncio.gather(*(client.get("/healthz") for _ in range(min(64, n))), return_exceptions=True)
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-        async def one(i: int, scheduled: float) -> None:
-            body = {
-                "model": "sim-frontier",
-                "messages": [
-                    {"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": queries[i % len(queries)]},
-                ],
-            }
-            try:
-                r = await client.post(path, json=body, headers=headers)
-                await r.aread()
-                status[i] = r.status_code
-                if "x-kolm-overhead-ms" in r.headers:
-                    overhead[i] = float(r.headers["x-kolm-overhead-ms"])
-            except httpx.HTTPError:
-                status[i] = -1
-            lat[i] = (time.perf_counter() - scheduled) * 1000
 
-        tasks = []
-        t0 = time.perf_counter() + 0.05
-        for i in range(n):
-            scheduled = t0 + i / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, scheduled)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - t0
-    ok = status == 200
-    done = lat[ok]
-    pct = (lambda q: float(np.percentile(done, q))) if len(done) else (lambda q: float("nan"))
-    oh = overhead[~np.isnan(overhead)]
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def hey(url: str, body: Path, rate: int, conns: int, seconds: float, namespace: str) -> dict:
+    """One fixed-rate hey run; latency percentiles (ms), achieved rps and status counts."""
+    cmd = ["hey", "-z", f"{seconds}s", "-c", str(conns), "-q", f"{rate / conns:.3f}", "-m", "POST"]
+    cmd += ["-T", "application/json", "-D", str(body), "-H", "Authorization: Bearer sk-bench"]
+    cmd += ["-H", f"X-Kolm-Namespace: {namespace}", "-t", "20", "-o", "csv", url]
+    t0 = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    wall = time.monotonic() - t0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    lat = np.array([float(r["response-time"]) * 1000 for r in rows]) if rows else np.array([np.nan])
+    statuses: dict[str, int] = {}
+    for r in rows:
+        statuses[r["status-code"]] = statuses.get(r["status-code"], 0) + 1
     return {
-        "sent": n,
-        "ok": int(ok.sum()),
-        "errors": int((~ok).sum()),
-        "achieved_rps": round(float(ok.sum()) / elapsed, 1),
-        "p50_ms": pct(50),
-        "p95_ms": pct(95),
-        "p99_ms": pct(99),
-        "mean_ms": float(done.mean()) if len(done) else float("nan"),
-        "overhead_header_p50_ms": float(np.percentile(oh, 50)) if len(oh) else None,
-        "overhead_header_p99_ms": float(np.percentile(oh, 99)) if len(oh) else None,
+        "offered_rps": rate,
+        "connections": conns,
+        "sent": len(rows),
+        "ok": statuses.get("200", 0),
+        "statuses": statuses,
+        "achieved_rps": round(len(rows) / min(wall, seconds), 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 3),
+        "p90_ms": round(float(np.percentile(lat, 90)), 3),
+        "p99_ms": round(float(np.percentile(lat, 99)), 3),
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc), to price the proxy per request."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
+def stored(db: Path, namespace: str) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+        return c.execute("SELECT COUNT(*) FROM observations WHERE namespace = ?", (namespace,)).fetchone()[0]
 
 
-def held(r: dict, rate: float) -> bool:
-    return r["errors"] == 0 and r["achieved_rps"] >= 0.95 * rate and r["p99_ms"] < HELD_P99_MS
+def proxied(
+    proxy_url: str, pid: int, db: Path, body: Path, rate: int, conns: int, secs: float, ns: str
+) -> dict:
+    cpu0 = cpu_seconds(pid)
+    r = hey(f"{proxy_url}/v1/capture/openai/chat/completions", body, rate, conns, secs, ns)
+    cpu = cpu_seconds(pid) - cpu0
+    wait_healthy(proxy_url, timeout=120, pending_zero=True)
+    r["stored"] = stored(db, ns)
+    r["all_stored"] = r["stored"] == r["ok"]
+    r["proxy_cpu_ms_per_request"] = round(1000 * cpu / max(r["sent"], 1), 3)
+    r["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    return r
 
 
 def plot(results: dict, out: Path) -> None:
@@ -194,113 +167,117 @@ def plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
     rows = results["rates"]
-    rates = [r["rate"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, style in (("direct", "--"), ("proxy", "-")):
-        a.plot(rates, [r[key]["p50_ms"] for r in rows], style, marker="o", label=f"{key} p50")
-        a.plot(rates, [r[key]["p99_ms"] for r in rows], style, marker="s", label=f"{key} p99")
-    a.set(xlabel="offered load (rps)", ylabel="latency (ms)", xscale="log", title="end-to-end latency")
-    a.set_xticks(rates, [str(r) for r in rates])
-    a.legend()
-    b.plot(rates, [r["added_p50_ms"] for r in rows], marker="o", label="added p50")
-    b.plot(rates, [r["added_p99_ms"] for r in rows], marker="s", label="added p99")
-    b.axhline(TARGET["added_p50_ms"], color="C0", ls=":", lw=1, label="target p50 (2 ms)")
-    b.axhline(TARGET["added_p99_ms"], color="C1", ls=":", lw=1, label="target p99 (10 ms)")
-    b.set(
-        xlabel="offered load (rps)", ylabel="proxy - direct (ms)", xscale="log", title="added by kolm capture"
-    )
-    b.set_xticks(rates, [str(r) for r in rates])
-    b.legend()
-    fig.suptitle(
-        f"kolm capture overhead ({results['machine']['cpus']} CPUs, upstream latency "
-        f"{results['config']['upstream_latency_ms']} ms)"
-    )
+    x = np.arange(len(rows))
+    for i, (key, label) in enumerate((("direct", "direct"), ("proxy", "through kolm capture"))):
+        a.bar(x + (i - 0.5) * 0.35, [r[key]["p50_ms"] for r in rows], 0.35, label=f"{label} p50")
+        a.scatter(
+            x + (i - 0.5) * 0.35, [r[key]["p99_ms"] for r in rows], marker="_", s=300, label=f"{label} p99"
+        )
+    a.set_xticks(x, [f"{r['rate']} rps" for r in rows])
+    a.set(ylabel="latency (ms)", title="hey, 16 connections, upstream 20 ms")
+    a.legend(fontsize=8)
+    ramp = results["ramp"]
+    b.plot([r["offered_rps"] for r in ramp], [r["achieved_rps"] for r in ramp], marker="o", label="achieved")
+    b.plot([r["offered_rps"] for r in ramp], [r["stored"] for r in ramp], alpha=0)
+    for r in ramp:
+        b.annotate(
+            "all stored" if r["all_stored"] and r["held"] else "not held",
+            (r["offered_rps"], r["achieved_rps"]),
+        )
+    lim = max(r["offered_rps"] for r in ramp)
+    b.plot([0, lim], [0, lim], ":", color="grey", label="offered")
+    b.set(xlabel="offered rps (64 connections)", ylabel="achieved rps", title="ramp, proxied")
+    b.legend(fontsize=8)
+    soak = results["soak"]
+    c.plot([s[0] for s in soak["rss_mib"]], [s[1] for s in soak["rss_mib"]])
+    c.set(xlabel="s", ylabel="proxy RSS (MiB)", title=f"soak at {soak['rps']} rps for {soak['seconds']:g} s")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-
-
-async def run(args: argparse.Namespace, up_url: str, proxy_url: str, proxy_pid: int) -> list[dict]:
-    queries = [item.query for item in generate_workload(2000, seed=args.seed)]
-    rows = []
-    for rate in args.rates:
-        if args.warmup > 0:
-            await open_loop(
-                proxy_url,
-                "/v1/capture/openai/chat/completions",
-                rate,
-                args.warmup,
-                queries,
-                {"Authorization": "Bearer sk-bench", "X-Kolm-Namespace": "bench-warmup"},
-            )
-        direct = await open_loop(
-            up_url, "/v1/chat/completions", rate, args.duration, queries, {"Authorization": "Bearer sk-bench"}
-        )
-        cpu0, load0 = cpu_seconds(proxy_pid), os.getloadavg()[0]
-        proxied = await open_loop(
-            proxy_url,
-            "/v1/capture/openai/chat/completions",
-            rate,
-            args.duration,
-            queries,
-            {"Authorization": "Bearer sk-bench", "X-Kolm-Namespace": f"bench-{rate}"},
-        )
-        proxied["proxy_cpu_ms_per_request"] = round(
-            (cpu_seconds(proxy_pid) - cpu0) * 1000 / proxied["sent"], 3
-        )
-        proxied["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
-        row = {
-            "rate": rate,
-            "direct": direct,
-            "proxy": proxied,
-            "added_p50_ms": round(proxied["p50_ms"] - direct["p50_ms"], 3),
-            "added_p99_ms": round(proxied["p99_ms"] - direct["p99_ms"], 3),
-            "direct_held": held(direct, rate),
-            "proxy_held": held(proxied, rate),
-        }
-        rows.append(row)
-        print(
-            f"{rate:>4} rps  direct p50 {direct['p50_ms']:.2f} p99 {direct['p99_ms']:.2f}  |  proxy p50 "
-            f"{proxied['p50_ms']:.2f} p99 {proxied['p99_ms']:.2f}  |  added p50 {row['added_p50_ms']:+.2f} "
-            f"p99 {row['added_p99_ms']:+.2f} ms  (header p50 {proxied['overhead_header_p50_ms']:.3f} ms)  "
-            f"cpu {proxied['proxy_cpu_ms_per_request']:.2f} ms/req  errors {proxied['errors']}  held {row['proxy_held']}  "
-            f"load {proxied['loadavg_1m']}",
-            flush=True,
-        )
-    return rows
+    fig.savefig(out, dpi=110)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rps", default="50,100,200,400")
-    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate and target")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds through the proxy before each rate")
-    p.add_argument(
-        "--upstream-latency-ms", type=float, default=20.0, help="the stand-in frontier's answer time"
-    )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rps", default="200,400", help="rates for direct vs proxied")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per hey run")
+    p.add_argument("--ramp", default="600,800,1000,1200", help="proxied-only rates for the all-stored ramp")
+    p.add_argument("--soak-rps", type=int, default=200)
+    p.add_argument("--soak-s", type=float, default=600.0, help="soak length (the issue asks 600 s)")
+    p.add_argument("--upstream-latency-ms", type=float, default=20.0)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
-    args.rates = [int(x) for x in args.rps.split(",")]
+    if shutil.which("hey") is None:
+        print(
+            "benchmarks/capture.py needs `hey` (apt-get install -y hey; `make bench` does it)",
+            file=sys.stderr,
+        )
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    with tempfile.TemporaryDirectory(prefix="kolm-bench-capture-") as tmpdir:
-        upstream, proxy, up_url, proxy_url, db = start_processes(Path(tmpdir), args.upstream_latency_ms)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="kolm-bench-") as d:
+        tmp = Path(d)
+        body = tmp / "body.json"
+        body.write_text(json.dumps(BODY))
+        upstream, proxy, up_url, proxy_url, db = start(tmp, args.upstream_latency_ms)
         try:
-            try:
-                import uvloop
+            direct_url = f"{up_url}/v1/chat/completions"
+            hey(direct_url, body, 100, 16, 2, "warmup")  # warm both, results discarded
+            proxied(proxy_url, proxy.pid, db, body, 100, 16, 2, "bench-warmup")
+            rows = []
+            for rate in [int(r) for r in args.rps.split(",")]:
+                d_ = hey(direct_url, body, rate, 16, args.duration, "direct")
+                p_ = proxied(proxy_url, proxy.pid, db, body, rate, 16, args.duration, f"bench-{rate}")
+                rows.append(
+                    {
+                        "rate": rate,
+                        "direct": d_,
+                        "proxy": p_,
+                        "added_p50_ms": round(p_["p50_ms"] - d_["p50_ms"], 3),
+                        "added_p99_ms": round(p_["p99_ms"] - d_["p99_ms"], 3),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+            ramp = []
+            for rate in [int(r) for r in args.ramp.split(",")]:
+                r = proxied(proxy_url, proxy.pid, db, body, rate, 64, args.duration, f"ramp-{rate}")
+                r["held"] = r["achieved_rps"] >= 0.95 * rate and r["ok"] == r["sent"]
+                ramp.append(r)
+                print(json.dumps(r), flush=True)
+                if not r["held"]:
+                    break
+            samples: list[tuple[float, float]] = []
+            t0 = time.monotonic()
+            done = threading.Event()
 
-                rows = uvloop.run(run(args, up_url, proxy_url, proxy.pid))
-            except ImportError:
-                rows = asyncio.run(run(args, up_url, proxy_url, proxy.pid))
-            proxy.send_signal(signal.SIGTERM)  # drain, then count what is on disk
-            proxy.wait(timeout=120)
-            conn = sqlite3.connect(db)
-            counts = dict(
-                conn.execute("SELECT namespace, COUNT(*) FROM observations GROUP BY namespace").fetchall()
+            def sample() -> None:
+                while not done.is_set():
+                    samples.append((round(time.monotonic() - t0, 1), round(rss_mib(proxy.pid), 1)))
+                    done.wait(2.0)
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            try:
+                soak = proxied(proxy_url, proxy.pid, db, body, args.soak_rps, 16, args.soak_s, "soak")
+            finally:
+                done.set()
+                sampler.join()
+            rss = [s[1] for s in samples]
+            half = len(rss) // 2
+            soak.update(
+                rps=args.soak_rps,
+                seconds=args.soak_s,
+                rss_mib=samples,
+                rss_start_mib=rss[0],
+                rss_max_mib=max(rss),
+                rss_end_mib=rss[-1],
+                rss_second_half_growth_mib=round(rss[-1] - rss[half], 1),
             )
-            conn.close()
+            t_stop = time.monotonic()
+            proxy.send_signal(signal.SIGTERM)
+            proxy.wait(timeout=120)
+            stop_s = round(time.monotonic() - t_stop, 2)
         finally:
             for proc in (proxy, upstream):
                 if proc.poll() is None:
@@ -309,61 +286,48 @@ def main() -> int:
                         proc.wait(timeout=30)
                     except subprocess.TimeoutExpired:
                         proc.kill()
-    for row in rows:
-        row["observations_sent"] = row["proxy"]["sent"]
-        row["observations_answered_200"] = row["proxy"]["ok"]
-        row["observations_stored"] = counts.get(f"bench-{row['rate']}", 0)
-    held_rates = [r["rate"] for r in rows if r["proxy_held"]]
     at = next((r for r in rows if r["rate"] == TARGET["rate"]), None)
-    import aiohttp
-    import fastapi
-    import uvicorn
-
+    all_stored = [r["offered_rps"] for r in ramp if r["held"] and r["all_stored"]]
     results = {
-        "benchmark": "capture proxy overhead",
+        "benchmark": "capture proxy overhead (hey, fixed rates)",
         "command": "python " + " ".join(sys.argv),
         "config": {
-            "rates": args.rates,
-            "duration_s": args.duration,
-            "warmup_s": args.warmup,
             "upstream_latency_ms": args.upstream_latency_ms,
-            "request": "OpenAI chat.completions, non-stream",
-            "proxy": "kolm capture: 1 uvicorn worker, uvloop + httptools, SQLite WAL store",
-            "held_means": f"0 errors, >= 95% of offered rps completed, p99 < {HELD_P99_MS} ms",
+            "duration_s": args.duration,
+            "request": "OpenAI chat.completions, non-stream, the same body each time",
+            "proxy": "kolm capture: 1 uvicorn worker (uvloop + httptools), SQLite WAL store",
+            "held_means": ">= 95% of the offered rate achieved, every answer a 200",
         },
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "platform": platform.platform(),
-            "uvicorn": uvicorn.__version__,
-            "fastapi": fastapi.__version__,
-            "httpx": httpx.__version__,
-            "aiohttp (the proxy's upstream client)": aiohttp.__version__,
-            "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
-            "note": "shared machine: other jobs' load shows in loadavg_1m per rate",
+            "hey": "hey (Debian package)",
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            "note": "shared machine: other jobs' load shows in loadavg_1m per run",
         },
         "rates": rows,
-        "highest_rate_held": max(held_rates) if held_rates else None,
-        "observations": {
-            "sent": sum(r["observations_sent"] for r in rows),
-            "answered_200": sum(r["observations_answered_200"] for r in rows),
-            "stored": sum(r["observations_stored"] for r in rows),
-            "warmup_sent_and_stored": counts.get("bench-warmup", 0),
-        },
+        "ramp": ramp,
+        "highest_rate_all_stored": max(all_stored) if all_stored else None,
+        "soak": soak,
+        "sigterm_exit_s": stop_s,
         "target": {
             **TARGET,
-            "met": bool(
+            "latency_met": bool(
                 at
                 and at["added_p50_ms"] <= TARGET["added_p50_ms"]
                 and at["added_p99_ms"] <= TARGET["added_p99_ms"]
-                and at["observations_stored"] == at["observations_sent"]
+            ),
+            "all_stored_met": bool(all_stored and max(all_stored) >= TARGET["all_stored_rps"]),
+            "where_the_time_goes": (
+                "one Python process: proxy CPU per request is proxy.proxy_cpu_ms_per_request; "
+                "1000 / that is the most one core can serve, shared here with hey and the upstream"
             ),
         },
     }
     (out / "capture.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "capture.png")
-    print(json.dumps({k: results[k] for k in ("highest_rate_held", "observations", "target")}, indent=2))
-    print(f"wrote {out / 'capture.json'} and {out / 'capture.png'}")
+    print(json.dumps({k: results[k] for k in ("highest_rate_all_stored", "target")}, indent=2))
     return 0
 
 

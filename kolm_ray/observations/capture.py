@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -41,11 +40,14 @@ from yarl import URL
 from kolm_ray.errors import KolmError
 from kolm_ray.observations.bridge import install_error_handlers, read_body
 from kolm_ray.observations.bridge import router as bridge_router
+from kolm_ray.observations.exchange import Exchange, check_request
 from kolm_ray.observations.model import check_namespace
+from kolm_ray.observations.server import guarded_protocol
+from kolm_ray.observations.spool import Spool, spool_dir
 from kolm_ray.observations.store import Store, open_store, redact_url
 from kolm_ray.observations.workers import mark_ready, run_workers, worker_index, write_report
-from kolm_ray.observations.writer import BackgroundWriter, Exchange
-from kolm_ray.settings import admin_token, store_url
+from kolm_ray.observations.writer import BackgroundWriter
+from kolm_ray.settings import admin_token, kolm_home, store_url
 
 log = logging.getLogger("kolm.capture")
 
@@ -57,6 +59,9 @@ CAPTURE_MAX_BODY = 32 * 1024 * 1024  # requests with images can be large; anythi
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=70.0, sock_connect=10.0, sock_read=600.0)
 UPSTREAM_CONNECTIONS = 1000  # concurrent upstream connections (the pool's limit; idle ones kept 30 s)
 UPSTREAM_KEEPALIVE_S = 30.0
+MAX_IN_FLIGHT = 2000  # requests being handled at once; past it: 503 + Retry-After, nothing forwarded
+PARSE_INLINE_BYTES = 256 * 1024  # bigger request bodies are validated in a worker thread, one at a time
+RECORD_MAX = 64 * 1024 * 1024  # the most of one streamed answer kept for its observation
 # What the upstream client raises for a failed exchange (aiohttp's timeouts are TimeoutErrors).
 _UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 # Hop-by-hop (RFC 9110 7.6.1) or recomputed by us / the server: never forwarded either way.
@@ -129,6 +134,7 @@ class _PassthroughResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         chunks: list[bytes] = []
+        kept = 0  # bytes of the stream kept for the observation (capped at RECORD_MAX)
         recorded = False
 
         def record(outcome: str, error: str | None = None) -> None:
@@ -152,7 +158,9 @@ class _PassthroughResponse(Response):
                 try:
                     await send(start)
                     async for chunk in self.upstream.content.iter_any():  # as they arrive, undecoded
-                        chunks.append(chunk)
+                        if kept < RECORD_MAX:
+                            chunks.append(chunk)
+                            kept += len(chunk)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     record("done")
                 except _UPSTREAM_ERRORS as e:  # the upstream broke mid-stream: end ours cleanly
@@ -172,16 +180,42 @@ class _PassthroughResponse(Response):
                 self.upstream.close()
 
 
+def _busy(message: str) -> JSONResponse:
+    # 503, not 429: the bound is the proxy's capacity, not this client's rate; both SDKs retry a 503
+    # with backoff, and Retry-After tells them when.
+    return JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "1"})
+
+
 async def _proxy(request: Request, provider: str) -> Response:
+    state = request.app.state
+    if state.in_flight >= state.max_in_flight:
+        return _busy(f"capture proxy is at its bound of {state.max_in_flight} requests in flight")
+    state.in_flight += 1
+    held = 0
+    try:
+        declared = request.headers.get("content-length", "")
+        writer: BackgroundWriter = state.writer
+        if declared.isdigit() and not writer.admit(state.held_bytes + int(declared)):
+            return _busy("capture backlog is at its byte bound; retry shortly")
+        body = await read_body(request, state.capture_max_body)
+        held = len(body)
+        state.held_bytes += held
+        return await _proxy_body(request, provider, body)
+    finally:
+        state.in_flight -= 1
+        state.held_bytes -= held
+
+
+async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
     t0 = time.perf_counter()
     state = request.app.state
-    body = await read_body(request, state.capture_max_body)
-    try:
-        payload = json.loads(body)
-    except ValueError as e:
-        return _error(400, f"request body is not valid JSON: {e}")
-    if not isinstance(payload, dict):
-        return _error(400, f"request body must be a JSON object, got {type(payload).__name__}")
+    if len(body) <= PARSE_INLINE_BYTES:
+        problem = check_request(body)
+    else:  # off the event loop, and one at a time: a big body's parse is transient memory
+        async with state.parse_lock:
+            problem = await anyio.to_thread.run_sync(check_request, body)
+    if problem is not None:
+        return _error(400, problem)
     namespace = request.headers.get("x-kolm-namespace") or "default"
     try:
         check_namespace(namespace)
@@ -193,16 +227,16 @@ async def _proxy(request: Request, provider: str) -> Response:
     session: aiohttp.ClientSession = state.http
     encoding: str | None = None  # the upstream answer's Content-Encoding, for the writer to decode
 
-    def record(status: int, latency_ms: float, body: bytes = b"", **kw: Any) -> None:
+    def record(status: int, latency_ms: float, answer: bytes = b"", **kw: Any) -> None:
         writer.submit(
             Exchange(
                 provider,
                 namespace,
                 tenant,
-                payload,
+                body,
                 status,
                 latency_ms,
-                body=body,
+                body=answer,
                 content_encoding=encoding,
                 **kw,
             )
@@ -282,11 +316,20 @@ def create_app(
     bridge_max_body: int | None = None,
     own_store: bool = False,
     upstream_timeout: aiohttp.ClientTimeout = UPSTREAM_TIMEOUT,
+    retry_window_s: float = 30.0,
+    drain_s: float = 10.0,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    max_queued_bytes: int = 512 * 1024 * 1024,
+    spool_max_bytes: int = 1 << 30,
 ) -> FastAPI:
     """The capture proxy + bridge API as one ASGI app over `store`.
 
     token: the bridge's bearer token (None: open). own_store: close the store on shutdown.
     upstream_timeout: connect / between-reads limits for upstream calls (a timeout answers 504).
+    retry_window_s: how long a failing store is retried before observations go to the spool.
+    drain_s: the most shutdown waits on the store before spooling what is left.
+    max_in_flight / max_queued_bytes: past either, requests get 503 + Retry-After before forwarding.
+    spool_max_bytes: the spool's size bound (past it observations are counted lost, loudly).
     The writer and the shared aiohttp session live for the app's lifespan; shutdown drains the writer.
     """
     upstreams = {
@@ -309,12 +352,21 @@ def create_app(
             cookie_jar=aiohttp.DummyCookieJar(),  # shared by all clients: never replay one's cookies
             raise_for_status=False,
         )
-        app.state.writer = BackgroundWriter(store)
+        home = kolm_home()
+        app.state.writer = BackgroundWriter(
+            store,
+            Spool(spool_dir(home, store.url), max_bytes=spool_max_bytes),
+            home / "dead-letter.jsonl",
+            retry_window_s=retry_window_s,
+            max_queued_bytes=max_queued_bytes,
+        )
+        app.state.parse_lock = anyio.Lock()
         try:
             yield
         finally:
             await app.state.http.close()
-            await anyio.to_thread.run_sync(app.state.writer.close)  # drain: every answer gets stored
+            # drain: every answer is stored, or (past drain_s, or the store failing) spooled
+            await anyio.to_thread.run_sync(lambda: app.state.writer.close(drain_s))
             if own_store:
                 store.close()
 
@@ -324,6 +376,9 @@ def create_app(
     app.state.upstream_urls = {k: URL(v) for k, v in upstreams.items()}  # parsed once, not per request
     app.state.admin_token = token
     app.state.capture_max_body = capture_max_body
+    app.state.max_in_flight = max_in_flight
+    app.state.in_flight = 0
+    app.state.held_bytes = 0  # request bodies being handled (the writer's queue counts the rest)
     if bridge_max_body is not None:
         app.state.bridge_max_body = bridge_max_body
     install_error_handlers(app)
@@ -332,19 +387,24 @@ def create_app(
     app.router.add_route("/v1/capture/anthropic/v1/messages", anthropic_messages, methods=["POST"])
     app.include_router(bridge_router)
 
-    @app.get("/healthz")
-    def healthz() -> dict:
-        """Liveness, the store URL and how many observations are still queued."""
-        w = getattr(app.state, "writer", None)
-        pending = 0 if w is None else w.submitted - w.written - w.lost
+    scheme = store.url.split(":", 1)[0]  # never the path or a password
+
+    async def healthz(request: Request) -> JSONResponse:
+        """200 {"ok": true, "store": scheme, "pending": n} while every answer is being stored; else 503."""
+        w: BackgroundWriter | None = getattr(app.state, "writer", None)
+        if w is None:
+            return JSONResponse({"ok": False, "reason": "starting"}, status_code=503)
+        ok, reason = w.health()
+        # Rows no store would take even sanitised (in $KOLM_HOME/dead-letter.jsonl): shown once there are any.
+        extra = {"dead_lettered": w.dead_lettered} if w.dead_lettered else {}
         # This process's own state: with --workers N each worker answers for itself (pid, "i/N").
-        return {
-            "ok": True,
-            "store": store.url,
-            "pending": pending,
-            "pid": os.getpid(),
-            "worker": worker_index(),
-        }
+        me = {"pid": os.getpid(), "worker": worker_index()}
+        if not ok:
+            body = {"ok": False, "reason": reason, "pending": w.pending, **extra, **me}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"ok": True, "store": scheme, "pending": w.pending, **extra, **me})
+
+    app.router.add_route("/healthz", healthz, methods=["GET"])
 
     return app
 
@@ -387,6 +447,38 @@ def _banner(upstreams: dict[str, str], token: str | None, store_shown: str, base
     ]
 
 
+# Operational limits of `kolm capture`, from the environment (seconds unless named otherwise).
+CAPTURE_ENV = {
+    "KOLM_CAPTURE_RETRY_S": 30.0,  # a failing store is retried this long, then observations are spooled
+    "KOLM_CAPTURE_DRAIN_S": 10.0,  # SIGTERM waits this long on a failing store, then spools the rest
+    "KOLM_CAPTURE_HEADER_TIMEOUT_S": 10.0,  # request line + headers must arrive within this
+    "KOLM_CAPTURE_BODY_TIMEOUT_S": 60.0,  # the body must arrive within this after the headers
+    "KOLM_CAPTURE_IDLE_TIMEOUT_S": 15.0,  # an idle keep-alive connection is closed after this
+    "KOLM_CAPTURE_MAX_IN_FLIGHT": float(MAX_IN_FLIGHT),
+    "KOLM_CAPTURE_MAX_QUEUED_MB": 512.0,  # answered-but-unwritten bytes held in memory, at most
+    "KOLM_SPOOL_MAX_MB": 1024.0,  # the on-disk spool's bound
+}
+
+
+def capture_settings() -> dict[str, float]:
+    """CAPTURE_ENV with the environment's values; KolmError naming a variable that is not a positive number."""
+
+    out = {}
+    for name, default in CAPTURE_ENV.items():
+        raw = os.environ.get(name)
+        if raw is None or raw == "":
+            out[name] = default
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0 or value != value or value == float("inf"):
+            raise KolmError(f"{name}={raw!r}: expected a positive number")
+        out[name] = value
+    return out
+
+
 def capture_command(args: argparse.Namespace) -> int:
     """`kolm capture`: run the proxy until SIGINT/SIGTERM, then finish in-flight answers and drain.
 
@@ -395,6 +487,7 @@ def capture_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     token = admin_token()
+    env = capture_settings()
     workers = getattr(args, "workers", 1) or 1
     worker = worker_index()
     if workers > 1 and worker is None:
@@ -415,6 +508,11 @@ def capture_command(args: argparse.Namespace) -> int:
             anthropic_upstream=args.anthropic_upstream,
             token=token,
             own_store=True,
+            retry_window_s=env["KOLM_CAPTURE_RETRY_S"],
+            drain_s=env["KOLM_CAPTURE_DRAIN_S"],
+            max_in_flight=int(env["KOLM_CAPTURE_MAX_IN_FLIGHT"]),
+            max_queued_bytes=int(env["KOLM_CAPTURE_MAX_QUEUED_MB"] * 1024 * 1024),
+            spool_max_bytes=int(env["KOLM_SPOOL_MAX_MB"] * 1024 * 1024),
         )
         sock = _bind(args.host, args.port, reuse_port=worker is not None)
     except BaseException:
@@ -423,11 +521,16 @@ def capture_command(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if worker is None:
-        lines = _banner(app.state.upstreams, token, store.url, f"http://{shown}:{port}")
+        lines = _banner(app.state.upstreams, token, redact_url(store.url), f"http://{shown}:{port}")
         print(f"kolm capture listening on http://{shown}:{port}\n" + "\n".join(lines), flush=True)
     else:
         mark_ready()  # listening: connections wait in this socket's backlog until the loop runs
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **uvicorn_config_kwargs()))
+    config = {
+        **uvicorn_config_kwargs(),
+        "http": guarded_protocol(env["KOLM_CAPTURE_HEADER_TIMEOUT_S"], env["KOLM_CAPTURE_BODY_TIMEOUT_S"]),
+        "timeout_keep_alive": env["KOLM_CAPTURE_IDLE_TIMEOUT_S"],
+    }
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **config))
     # uvicorn re-raises the signal it stopped on after its graceful shutdown; with SIGTERM's default
     # action that would kill us before the summary line. The shutdown already happened: ignore it then.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
@@ -438,12 +541,15 @@ def capture_command(args: argparse.Namespace) -> int:
         sock.close()
         writer = getattr(app.state, "writer", None)
         if writer is not None:
-            writer.close()
+            writer.close(env["KOLM_CAPTURE_DRAIN_S"])
         store.close()
     if writer is not None:
         if worker is None:
             print(
-                f"kolm capture stopped: {writer.written} observations stored, {writer.lost} lost", flush=True
+                f"kolm capture stopped: {writer.written} observations stored, {writer.lost} lost, "
+                f"{writer.spool_rows} in the spool (replayed at the next start), "
+                f"{writer.dead_lettered} dead-lettered, {writer.sanitized} sanitised",
+                flush=True,
             )
         else:
             write_report(writer.written, writer.lost)

@@ -18,6 +18,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kolm_ray.providers.scrub import REDACTED, is_credential_field, scrub_credentials, scrub_text
+
+__all__ = [
+    "REDACTED",
+    "Extracted",
+    "is_credential_field",
+    "scrub_credentials",
+    "scrub_text",
+]
+
 
 @dataclass
 class Extracted:
@@ -99,52 +109,6 @@ def input_from_turns(turns: list[tuple[str, str]]) -> str:
     if len(turns) == 1 and turns[0][0] == "user":
         return turns[0][1]
     return render_transcript(turns)
-
-
-def _words(name: str) -> list[str]:
-    """A field name's words, lower-cased: `openai_api_key`, `apiKey`, `X-API-Key` -> [..., "api", "key"]."""
-    return re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).lower())
-
-
-# A field is a credential when its name's last word is one of these (`api_key`, `github_token`, `apiKey`,
-# `client_secret`, `Authorization`, `APIKEY`...); `max_tokens` ends in "tokens" and stays.
-CREDENTIAL_WORDS = frozenset(
-    "key token secret password passwd passphrase credential credentials authorization auth bearer cookie"
-    " apikey xapikey accesstoken refreshtoken idtoken sessiontoken authtoken secretkey privatekey clientsecret".split()
-)
-NOT_CREDENTIALS = frozenset({("prompt", "cache", "key")})  # OpenAI's cache-routing hint: a label, not a key
-_KEYLIKE = re.compile(
-    r"^(?:Bearer\s+\S+"
-    r"|sk-[A-Za-z0-9_\-]{16,}"  # OpenAI, Anthropic (sk-ant-...)
-    r"|AIza[0-9A-Za-z_\-]{30,}"  # Google
-    r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}"  # GitHub
-    r"|xox[abprs]-[A-Za-z0-9\-]{10,}"  # Slack
-    r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key id
-    r"|eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,})$"  # a JWT
-)
-REDACTED = "[redacted]"
-
-
-def is_credential_field(name: str) -> bool:
-    words = _words(name)
-    return bool(words) and words[-1] in CREDENTIAL_WORDS and tuple(words[-3:]) not in NOT_CREDENTIALS
-
-
-def scrub_credentials(value: Any) -> Any:
-    """A copy of a JSON value without credentials: a field whose name ends in a credential word is dropped
-    unless it holds an object (then scrubbed like the rest: `{"auth": {"type": "basic", "password": ...}}`,
-    or a JSON schema's `{"token": {"type": "string"}}`), and key-shaped strings anywhere are redacted."""
-    if isinstance(value, dict):
-        return {
-            k: scrub_credentials(v)
-            for k, v in value.items()
-            if isinstance(v, dict) or not is_credential_field(str(k))
-        }
-    if isinstance(value, list):
-        return [scrub_credentials(v) for v in value]
-    if isinstance(value, str) and _KEYLIKE.match(value):
-        return REDACTED
-    return value
 
 
 def error_message(body: Any) -> str:
