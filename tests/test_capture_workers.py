@@ -42,7 +42,7 @@ def test_two_workers_one_port_sigterm_drains_both(pg_url, tmp_path):
             try:
                 h = httpx.get(f"{url}/healthz", headers={"Connection": "close"}).json()
                 pids.add(h["pid"])
-                assert h["worker"] in ("0/2", "1/2") and h["store"].startswith("postgresql://kolm:***@")
+                assert h["worker"] in ("0/2", "1/2") and h["store"] == "postgresql"
             except httpx.TransportError:
                 time.sleep(0.1)
 
