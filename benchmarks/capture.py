@@ -180,7 +180,6 @@ def plot(results: dict, out: Path) -> None:
     a.legend(fontsize=8)
     ramp = results["ramp"]
     b.plot([r["offered_rps"] for r in ramp], [r["achieved_rps"] for r in ramp], marker="o", label="achieved")
-    b.plot([r["offered_rps"] for r in ramp], [r["stored"] for r in ramp], alpha=0)
     for r in ramp:
         b.annotate(
             "all stored" if r["all_stored"] and r["held"] else "not held",
