@@ -360,7 +360,8 @@ def read_observations(store_url: str, namespaces: str | list[str], num_blocks: i
     open_store(store_url).close()  # applies the store's migrations, so the table below exists
     names = [namespaces] if isinstance(namespaces, str) else list(namespaces)
     quoted = ", ".join(f"'{_sql_str(n)}'" for n in names)
-    sql = f"SELECT seq, {_COLUMNS} FROM observations WHERE namespace IN ({quoted})"
+    # Local answers are the live model's own outputs: they never shape (or train) the next model.
+    sql = f"SELECT seq, {_COLUMNS} FROM observations WHERE namespace IN ({quoted}) AND provider <> 'local'"
     return ray.data.read_sql(
         sql,
         functools.partial(_sqlite_connect, path),
@@ -751,6 +752,7 @@ def cluster_members(result: ClusterResult, cluster_id: int) -> tuple[list[dict[s
                     "input": str(b["input"][i]),
                     "output": _loads(b["output"][i]),
                     "verified": None if _missing(v) else bool(int(v)),
+                    "request": _loads(b["request"][i]),  # the recipe records the cluster's request shape
                 }
             )
         emb.append(np.asarray(b["embedding"], dtype=np.float32))

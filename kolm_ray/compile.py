@@ -65,6 +65,7 @@ class Plan:
     deepspeed: dict[str, Any] | None = None
     deepspeed_path: str | None = None
     bundle_base: bool = False
+    request_shape: dict[str, Any] | None = None  # the recipe's; the registry's proxy match (None: plain calls)
 
 
 # ---- validate ----------------------------------------------------------------------------------------------
@@ -295,6 +296,7 @@ def validate(args) -> Plan:
         deepspeed=_read_deepspeed(ds_path) if ds_path else None,
         deepspeed_path=ds_path,
         bundle_base=bool(getattr(args, "bundle_base", False)),
+        request_shape=recipe.get("request_shape") if isinstance(recipe.get("request_shape"), dict) else None,
     )
 
 
@@ -430,6 +432,8 @@ def build_artifact(
             "spec": plan.spec.to_json(),
             "k_floor": plan.k_floor,
         }
+        if plan.request_shape is not None:
+            manifest["request_shape"] = plan.request_shape
         metrics = evaluate_staged(plan, staging, manifest)
         metrics["training"] = {**training, "n_train": len(plan.train_rows), "settings": plan.training}
         gate(plan, metrics)

@@ -260,14 +260,27 @@ async def _proxy(request: Request, provider: str) -> Response:
     return response
 
 
+async def _answer(request: Request, provider: str) -> Response:
+    # A promoted model answers its namespace's calls itself (observations/local.py); the rest go upstream.
+    local = request.app.state.local
+    response = await local.answer(request, provider) if local is not None else None
+    if response is None:
+        response = await _proxy(request, provider)
+        response.raw_headers.append((b"x-kolm-served-by", b"upstream"))
+        reason = getattr(request.state, "kolm_upstream_reason", None)
+        if reason:
+            response.raw_headers.append((b"x-kolm-upstream-reason", reason.encode("latin-1", "replace")))
+    return response
+
+
 async def openai_chat_completions(request: Request) -> Response:
     """POST /v1/capture/openai/chat/completions: OpenAI SDK base_url .../v1/capture/openai."""
-    return await _proxy(request, "openai")
+    return await _answer(request, "openai")
 
 
 async def anthropic_messages(request: Request) -> Response:
     """POST /v1/capture/anthropic/v1/messages: Anthropic SDK base_url .../v1/capture/anthropic."""
-    return await _proxy(request, "anthropic")
+    return await _answer(request, "anthropic")
 
 
 def create_app(
@@ -280,11 +293,13 @@ def create_app(
     bridge_max_body: int | None = None,
     own_store: bool = False,
     upstream_timeout: aiohttp.ClientTimeout = UPSTREAM_TIMEOUT,
+    local_answers: bool = True,
 ) -> FastAPI:
     """The capture proxy + bridge API as one ASGI app over `store`.
 
     token: the bridge's bearer token (None: open). own_store: close the store on shutdown.
     upstream_timeout: connect / between-reads limits for upstream calls (a timeout answers 504).
+    local_answers: let promoted models answer their namespaces (kolm models promote; observations/local.py).
     The writer and the shared aiohttp session live for the app's lifespan; shutdown drains the writer.
     """
     upstreams = {
@@ -308,9 +323,13 @@ def create_app(
             raise_for_status=False,
         )
         app.state.writer = BackgroundWriter(store)
+        if app.state.local is not None:
+            app.state.local.start()
         try:
             yield
         finally:
+            if app.state.local is not None:
+                await app.state.local.aclose()  # in-flight shadow calls finish and are stored
             await app.state.http.close()
             await anyio.to_thread.run_sync(app.state.writer.close)  # drain: every answer gets stored
             if own_store:
@@ -322,6 +341,9 @@ def create_app(
     app.state.upstream_urls = {k: URL(v) for k, v in upstreams.items()}  # parsed once, not per request
     app.state.admin_token = token
     app.state.capture_max_body = capture_max_body
+    from kolm_ray.observations.local import LocalAnswers
+
+    app.state.local = LocalAnswers(store) if local_answers else None
     if bridge_max_body is not None:
         app.state.bridge_max_body = bridge_max_body
     install_error_handlers(app)
@@ -335,7 +357,8 @@ def create_app(
         """Liveness, the store URL and how many observations are still queued."""
         w = getattr(app.state, "writer", None)
         pending = 0 if w is None else w.submitted - w.written - w.lost
-        return {"ok": True, "store": store.url, "pending": pending}
+        local = {} if app.state.local is None else app.state.local.status()
+        return {"ok": True, "store": store.url, "pending": pending, **local}
 
     return app
 

@@ -47,6 +47,10 @@ class Exchange:
     created_at: Any = field(default_factory=utcnow)
     content_encoding: str | None = None
     """The answer's Content-Encoding: `body` is the bytes as the upstream sent them (passed on undecoded)."""
+    local: bool = False
+    """Answered by the namespace's promoted model (observations/local.py): stored with provider "local"."""
+    observation_id: str | None = None
+    """The observation's id when the caller must know it (a shadow pair links the two); else a fresh one."""
 
 
 def _decoders() -> dict[str, Any]:
@@ -139,9 +143,10 @@ def to_observation(ex: Exchange) -> Observation:
     if ex.error is not None and not ex.body:
         output = {"error": ex.error}
     return Observation(
+        **({"id": ex.observation_id} if ex.observation_id else {}),
         namespace=ex.namespace,
         tenant=ex.tenant,
-        provider=ex.provider,
+        provider="local" if ex.local else ex.provider,
         model=parsed.model or (ex.request.get("model") if isinstance(ex.request.get("model"), str) else None),
         input=input_text,
         output=output,
