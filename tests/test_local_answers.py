@@ -42,12 +42,17 @@ QUERIES = [
 
 
 @pytest.fixture(scope="module")
-def taggers(tmp_path_factory) -> tuple[Path, Path]:
+def taggers(tmp_path_factory) -> tuple[Path, Path, Path]:
     mp = pytest.MonkeyPatch()
     mp.setenv("KOLM_SIGNING_KEY", SIGNING_KEY)
     try:
         d = tmp_path_factory.mktemp("taggers")
-        return build_tagger(d / "a", seed=0, name="tagger"), build_tagger(d / "b", seed=1, name="tagger2")
+        return (
+            build_tagger(d / "a", seed=0, name="tagger"),
+            build_tagger(d / "b", seed=1, name="tagger2"),
+            # a strict threshold, so that some queries fall below it (the taggers are confident otherwise)
+            build_tagger(d / "c", seed=2, epochs=4, name="strict", threshold=0.999),
+        )
     finally:
         mp.undo()
 
@@ -185,7 +190,7 @@ def test_anthropic_sdk_sync_async_and_streaming_answers_are_local_and_right(prox
     assert not any(ANTHROPIC_KEY in json.dumps(o.model_dump(mode="json")) for o in observations)
 
 
-def test_off_header_other_shape_and_low_confidence_go_upstream(proxy):
+def test_off_header_other_shape_and_low_confidence_go_upstream(proxy, taggers):
     url, store, app = proxy
     client = oai(url)
     raw = client.chat.completions.with_raw_response.create(
@@ -203,13 +208,16 @@ def test_off_header_other_shape_and_low_confidence_go_upstream(proxy):
     )
     assert raw.headers["x-kolm-served-by"] == "upstream"
 
-    # The threshold: each query goes local exactly when the model (the same Predictor, offline) is confident.
+    # The threshold: with `strict` live, each query goes local exactly when the same Predictor, offline,
+    # is at least as confident as the model's threshold (0.999).
     from kolm_ray.predictors import open_predictor
 
-    path = registry.live_models(store)[NS].path
-    queries = QUERIES + ["weather on mars 42", "zzz qqq xxy", "the and of", "purple elephant 9", "hmm"]
-    with open_predictor(path) as p:
-        expected = [a["confidence"] >= 0.7 and a["fallback"] == "narrow" for a in p.predict(queries)]
+    assert main(["models", "promote", str(taggers[2]), "--namespace", NS, "--store", store.url]) == 0
+    wait_for_model(url, "strict@2")
+    queries = QUERIES + ["weather on mars 42", "zzz qqq xxy", "the balance of the recipe", "bake the luggage",
+                         "passport playlist oven", "a hotel with a guitar", "deposit the lyrics"]  # fmt: skip
+    with open_predictor(registry.live_models(store)[NS].path) as p:
+        expected = [a["confidence"] >= 0.999 and a["fallback"] == "narrow" for a in p.predict(queries)]
     served = [
         client.chat.completions.with_raw_response.create(model="m", messages=user(q)).headers[
             "x-kolm-served-by"
@@ -217,11 +225,11 @@ def test_off_header_other_shape_and_low_confidence_go_upstream(proxy):
         for q in queries
     ]
     assert served == ["local" if e else "upstream" for e in expected]
-    assert not all(expected), "no query fell below the threshold: the test would not test it"
+    assert 0 < expected.count(True) < len(expected), "both paths must occur for the test to test them"
 
     observations = stored(app, store)
     upstream_obs = [o for o in observations if o.provider != "local"]
-    assert len(upstream_obs) == 4 + expected.count(False)
+    assert len(upstream_obs) == 3 + expected.count(False)  # off, two other shapes, below threshold
     assert all(o.status == 200 and o.verified is None for o in upstream_obs)
 
 
