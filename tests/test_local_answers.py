@@ -356,3 +356,50 @@ def test_cli_tampered_unfit_and_nothing_to_roll_back(tmp_path, taggers, monkeypa
     assert main(["models", "rollback", "--namespace", "other", "--store", url]) == 0
     assert capsys.readouterr().out.strip() == "ok other -> tagger@1"
     assert main(["models", "rollback", "--namespace", "other", "--store", url]) == 2
+
+
+def test_serve_tagger_follows_the_registry_without_a_failed_call(taggers, monkeypatch):
+    """`artifact: registry:NS`: the tagger replica class (called directly, as Serve would) serves NS's live
+    model and moves to a promoted one, then back on rollback, while queries keep being answered."""
+    from deployments.recall import NamespaceTagger, app_builder
+
+    monkeypatch.setenv("KOLM_SIGNING_KEY", SIGNING_KEY)
+    store = open_store()  # the default store of this test's KOLM_HOME: what a replica's environment names
+    try:
+        from kolm_ray.errors import KolmError
+
+        with pytest.raises(KolmError, match="no live model"):
+            app_builder({"artifact": f"registry:{NS}"})
+        first = registry.promote(store, taggers[0], NS)
+        app_builder({"artifact": f"registry:{NS}"})  # resolves and verifies at deploy time
+        tagger = NamespaceTagger.func_or_class(first.path, follow=NS)
+        results: list[dict] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                q = QUERIES[len(results) % len(QUERIES)]
+                results.append(asyncio.run(tagger.score(q, ["banking", "travel", "kitchen", "music"])))
+                time.sleep(0.02)
+
+        def wait_for(path: str) -> None:
+            deadline = time.monotonic() + 120
+            while tagger.info()["artifact"] != path and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert tagger.info()["artifact"] == path, tagger.follower.problem
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        try:
+            second = registry.promote(store, taggers[1], NS)
+            wait_for(second.path)
+            registry.rollback(store, NS)
+            wait_for(first.path)
+        finally:
+            stop.set()
+            thread.join()
+            tagger.follower.stop()
+        assert len(results) > 20
+        assert all(r["namespace"] == truth(q) for r, q in zip(results, QUERIES * len(results), strict=False))
+    finally:
+        store.close()
