@@ -76,12 +76,24 @@ def body(text: str) -> dict:
 async def capture(url: str, texts: list[str], concurrency: int = 64) -> int:
     sem = asyncio.Semaphore(concurrency)
     headers = {"Authorization": f"Bearer {KEY}", "X-Kolm-Namespace": NS}
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as c:
+    # keepalive_expiry below uvicorn's 5 s idle timeout: a pooled connection is never reused as the server
+    # closes it (both at 5 s race, and the client sees a ReadError).
+    limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
 
         async def one(t: str) -> int:
             async with sem:
-                r = await c.post(f"{url}/v1/capture/openai/chat/completions", json=body(t), headers=headers)
-                return r.status_code
+                for attempt in range(3):  # a connection reset is retried, as an SDK would (max_retries)
+                    try:
+                        r = await c.post(
+                            f"{url}/v1/capture/openai/chat/completions", json=body(t), headers=headers
+                        )
+                        return r.status_code
+                    except httpx.TransportError:
+                        if attempt == 2:
+                            return -1
+                        await asyncio.sleep(0.2)
+                return -1
 
         codes = await asyncio.gather(*(one(t) for t in texts))
     return sum(1 for s in codes if s == 200)
@@ -92,7 +104,7 @@ def replay(url: str, rows: list[tuple[str, str]], off: bool = False) -> list[dic
     if off:
         headers["X-Kolm-Local"] = "off"
     out = []
-    with httpx.Client(timeout=60) as c:
+    with httpx.Client(timeout=60, limits=httpx.Limits(keepalive_expiry=2.0)) as c:
         for text, intent in rows:
             t = time.perf_counter()
             r = c.post(f"{url}/v1/capture/openai/chat/completions", json=body(text), headers=headers)
@@ -157,7 +169,7 @@ def main() -> int:
     proxy = subprocess.Popen(
         [sys.executable, "-m", "kolm_ray.cli", "capture", "--port", str(port), "--store", store_url,
          "--openai-upstream", up_url, "--anthropic-upstream", up_url],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=(work / "proxy.log").open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     report: dict = {}
     try:
