@@ -168,7 +168,7 @@ def check_fit(store: Store, namespace: str, manifest: dict[str, Any], shape: dic
     q = _sql(
         store,
         "SELECT input, output, request FROM observations WHERE namespace = ? AND provider <> 'local'"
-        " AND (verified IS NULL OR verified = 1) ORDER BY seq DESC LIMIT ?",
+        " AND verified IS NOT FALSE ORDER BY seq DESC LIMIT ?",  # IS NOT FALSE: 0/1 or boolean columns alike
     )
     rows = store._read().execute(q, (namespace, FIT_SAMPLE * 5)).fetchall()
     checked, failures = 0, []
