@@ -341,10 +341,11 @@ def test_cli_tampered_unfit_and_nothing_to_roll_back(tmp_path, taggers, monkeypa
     assert main(["models", "list", "--json", "--store", url]) == 0
     assert json.loads(capsys.readouterr().out) == {"models": []}
 
-    # Recent outputs of the same task (and local answers, which are not checked) fit: promoted.
+    # Recent upstream outputs of the same task fit: promoted (local answers, misfits here, are not checked).
     store = open_store(url)
-    store.append_many([Observation(namespace="other", provider=p, input=f"q{i}", output={"namespace": "music"})
-                       for i, p in enumerate(["openai"] * 50 + ["local"] * 50)])  # fmt: skip
+    rows = [("openai", {"namespace": "music"})] * 50 + [("local", {"sentiment": "up"})] * 50
+    store.append_many([Observation(namespace="other", provider=p, input=f"q{i}", output=out)
+                       for i, (p, out) in enumerate(rows)])  # fmt: skip
     store.close()
     assert main(["models", "promote", str(taggers[0]), "--namespace", "other", "--store", url]) == 0
     assert capsys.readouterr().out.strip() == "ok other -> tagger@1"
