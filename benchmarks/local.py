@@ -220,6 +220,11 @@ def main() -> int:
 
         with open_predictor(artifact) as p:
             answers = p.predict([x for x, _ in test])
+            single = []  # the model alone, one query per call as the proxy runs it
+            for x, _ in test[:200]:
+                t1 = time.perf_counter()
+                p.predict([x])
+                single.append((time.perf_counter() - t1) * 1000)
         conf = np.array([a["confidence"] for a in answers])
         right = np.array([a.get("intent") == i for a, (_, i) in zip(answers, test, strict=True)])
         sweep = []
@@ -285,6 +290,7 @@ def main() -> int:
                 },  # fmt: skip
                 "speedup_p50": round(pct([r["ms"] for r in baseline], 50) / local_p50, 1) if local else None,
                 "proxy_cpu_ms_per_local_answer": round(cpu * 1000 / max(1, len(local)), 3),
+                "model_ms_per_call_offline": {"p50": pct(single, 50), "p95": pct(single, 95)},
                 "proxy_cpu_note": "all proxy threads over the whole replay (local answers, the upstream calls "
                 "below threshold, 5% shadow calls, the writer), divided by the local answers",
                 "shadowed": health["local"]["served"]["shadowed"],
