@@ -81,7 +81,7 @@ def proxy(tmp_path, upstream, taggers, monkeypatch):
         store.close()
 
 
-def wait_for_model(url: str, label: str, timeout: float = 60.0) -> None:
+def wait_for_model(url: str, label: str, timeout: float = 240.0) -> None:  # a loaded CI box is slow
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         health = httpx.get(f"{url}/healthz").json()
