@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/compile_tagger.py
 	$(PY) benchmarks/recall.py
 	$(PY) benchmarks/causal_scorer.py
+	$(PY) benchmarks/local.py
 
 # The GPU run (README "GPU run"): on a machine with a CUDA GPU, writes benchmarks/results/gpu.json. No
 # install step: a lent GPU machine has PyTorch/Transformers/PEFT and takes the rest as wheels in .whl/.

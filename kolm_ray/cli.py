@@ -178,6 +178,20 @@ def _bench(p: argparse.ArgumentParser) -> None:
     r.add_argument("--queries", default=None, help="JSON lines {input: ...} to send (default: built-in)")
 
 
+def _models(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pr = sub.add_parser("promote", help="verify a .kolm and make it a namespace's live model")
+    pr.add_argument("artifact", help="path of the .kolm to promote")
+    pr.add_argument("--namespace", required=True, help="the namespace it answers")
+    ls = sub.add_parser("list", help="registered versions (live marked)")
+    ls.add_argument("--namespace", default=None)
+    ls.add_argument("--json", action="store_true", help='print {"models": [...]}')
+    rb = sub.add_parser("rollback", help="make the previously live version live again")
+    rb.add_argument("--namespace", required=True)
+    for q in (pr, ls, rb):
+        q.add_argument("--store", default=None, help="store URL (default $KOLM_STORE or $KOLM_HOME)")
+
+
 # name -> (handler "module:function", help, argument builder)
 COMMANDS: dict[str, tuple[str, str, Builder]] = {
     "capture": ("kolm_ray.observations.capture:capture_command", "run the capture proxy", _capture),
@@ -211,6 +225,7 @@ COMMANDS: dict[str, tuple[str, str, Builder]] = {
     "inspect": ("kolm_ray.artifact:inspect_command", "print a .kolm's manifest", _artifact_only),
     "serve": ("kolm_ray.serving:serve_command", "run the Ray Serve recall router", _serve),
     "bench": ("kolm_ray.bench:bench_command", "load-test a running router", _bench),
+    "models": ("kolm_ray.registry:models_command", "promote, list or roll back registered models", _models),
 }
 
 

@@ -710,6 +710,7 @@ def cluster_members(result: ClusterResult, cluster_id: int) -> tuple[list[dict[s
                     "input": str(b["input"][i]),
                     "output": _loads(b["output"][i]),
                     "verified": None if _missing(v) else bool(int(v)),
+                    "request": _loads(b["request"][i]),  # the recipe records the cluster's request shape
                 }
             )
         emb.append(np.asarray(b["embedding"], dtype=np.float32))

@@ -65,6 +65,8 @@ class Plan:
     deepspeed: dict[str, Any] | None = None
     deepspeed_path: str | None = None
     bundle_base: bool = False
+    # The recipe's request shape: which proxied calls the model may answer once promoted (None: plain calls).
+    request_shape: dict[str, Any] | None = None
 
 
 # ---- validate ----------------------------------------------------------------------------------------------
@@ -295,6 +297,7 @@ def validate(args) -> Plan:
         deepspeed=_read_deepspeed(ds_path) if ds_path else None,
         deepspeed_path=ds_path,
         bundle_base=bool(getattr(args, "bundle_base", False)),
+        request_shape=recipe.get("request_shape") if isinstance(recipe.get("request_shape"), dict) else None,
     )
 
 
@@ -430,6 +433,8 @@ def build_artifact(
             "spec": plan.spec.to_json(),
             "k_floor": plan.k_floor,
         }
+        if plan.request_shape is not None:
+            manifest["request_shape"] = plan.request_shape
         metrics = evaluate_staged(plan, staging, manifest)
         metrics["training"] = {**training, "n_train": len(plan.train_rows), "settings": plan.training}
         gate(plan, metrics)

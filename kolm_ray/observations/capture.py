@@ -41,6 +41,7 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.bridge import install_error_handlers, read_body
 from kolm_ray.observations.bridge import router as bridge_router
 from kolm_ray.observations.exchange import Exchange, check_request
+from kolm_ray.observations.local import LocalAnswers
 from kolm_ray.observations.model import check_namespace
 from kolm_ray.observations.server import guarded_protocol
 from kolm_ray.observations.spool import Spool, spool_dir
@@ -296,14 +297,27 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
     return response
 
 
+async def _answer(request: Request, provider: str) -> Response:
+    # A promoted model answers its namespace's calls itself (observations/local.py); the rest go upstream.
+    local = request.app.state.local
+    response = await local.answer(request, provider) if local is not None else None
+    if response is None:
+        response = await _proxy(request, provider)
+        response.raw_headers.append((b"x-kolm-served-by", b"upstream"))
+        reason = getattr(request.state, "kolm_upstream_reason", None)
+        if reason:
+            response.raw_headers.append((b"x-kolm-upstream-reason", reason.encode("latin-1", "replace")))
+    return response
+
+
 async def openai_chat_completions(request: Request) -> Response:
     """POST /v1/capture/openai/chat/completions: OpenAI SDK base_url .../v1/capture/openai."""
-    return await _proxy(request, "openai")
+    return await _answer(request, "openai")
 
 
 async def anthropic_messages(request: Request) -> Response:
     """POST /v1/capture/anthropic/v1/messages: Anthropic SDK base_url .../v1/capture/anthropic."""
-    return await _proxy(request, "anthropic")
+    return await _answer(request, "anthropic")
 
 
 def create_app(
@@ -321,6 +335,7 @@ def create_app(
     max_in_flight: int = MAX_IN_FLIGHT,
     max_queued_bytes: int = 512 * 1024 * 1024,
     spool_max_bytes: int = 1 << 30,
+    local_answers: bool = True,
 ) -> FastAPI:
     """The capture proxy + bridge API as one ASGI app over `store`.
 
@@ -330,6 +345,7 @@ def create_app(
     drain_s: the most shutdown waits on the store before spooling what is left.
     max_in_flight / max_queued_bytes: past either, requests get 503 + Retry-After before forwarding.
     spool_max_bytes: the spool's size bound (past it observations are counted lost, loudly).
+    local_answers: let promoted models answer their namespaces (kolm models promote; observations/local.py).
     The writer and the shared aiohttp session live for the app's lifespan; shutdown drains the writer.
     """
     upstreams = {
@@ -361,9 +377,13 @@ def create_app(
             max_queued_bytes=max_queued_bytes,
         )
         app.state.parse_lock = anyio.Lock()
+        if app.state.local is not None:
+            app.state.local.start()
         try:
             yield
         finally:
+            if app.state.local is not None:
+                await app.state.local.aclose()  # in-flight shadow calls finish and are stored
             await app.state.http.close()
             # drain: every answer is stored, or (past drain_s, or the store failing) spooled
             await anyio.to_thread.run_sync(lambda: app.state.writer.close(drain_s))
@@ -379,6 +399,7 @@ def create_app(
     app.state.max_in_flight = max_in_flight
     app.state.in_flight = 0
     app.state.held_bytes = 0  # request bodies being handled (the writer's queue counts the rest)
+    app.state.local = LocalAnswers(store) if local_answers else None  # KOLM_SHADOW_RATE is checked here
     if bridge_max_body is not None:
         app.state.bridge_max_body = bridge_max_body
     install_error_handlers(app)
@@ -399,6 +420,8 @@ def create_app(
         extra = {"dead_lettered": w.dead_lettered} if w.dead_lettered else {}
         # This process's own state: with --workers N each worker answers for itself (pid, "i/N").
         me = {"pid": os.getpid(), "worker": worker_index()}
+        # Promoted models: which namespaces answer locally, and why one does not (a missing file, say).
+        me.update({} if app.state.local is None else app.state.local.status())
         if not ok:
             body = {"ok": False, "reason": reason, "pending": w.pending, **extra, **me}
             return JSONResponse(body, status_code=503)

@@ -50,6 +50,10 @@ class Exchange:
     created_at: Any = field(default_factory=utcnow)
     content_encoding: str | None = None
     """The answer's Content-Encoding: `body` is the bytes as the upstream sent them (passed on undecoded)."""
+    local: bool = False
+    """Answered by the namespace's promoted model (observations/local.py): stored with provider "local"."""
+    observation_id: str | None = None
+    """The observation's id when the caller must know it (a shadow pair links the two); else a fresh one."""
 
     @property
     def nbytes(self) -> int:
@@ -240,9 +244,10 @@ def _build(ex: Exchange) -> Observation:
         output = {"error": ex.error}
     model = parsed.model or (raw_request.get("model") if isinstance(raw_request.get("model"), str) else None)
     return Observation(
+        **({"id": ex.observation_id} if ex.observation_id else {}),
         namespace=ex.namespace,
         tenant=ex.tenant,
-        provider=ex.provider,
+        provider="local" if ex.local else ex.provider,
         model=model,
         input=scrub_text(input_text),
         output=scrub_credentials(output),
@@ -262,9 +267,10 @@ def to_observation(ex: Exchange) -> Observation:
         return _build(ex)
     except Exception as e:  # a provider parser's surprise must not cost the exchange its observation
         return Observation(
+            **({"id": ex.observation_id} if ex.observation_id else {}),
             namespace=ex.namespace,
             tenant=ex.tenant,
-            provider=ex.provider,
+            provider="local" if ex.local else ex.provider,
             input=scrub_text(ex.request_body[:10000].decode("utf-8", "replace")),
             output={"error": f"kolm could not parse this exchange: {type(e).__name__}: {e}"[:2000]},
             verified=False,

@@ -1,6 +1,6 @@
 """The Observation: one frontier-API call (or one imported example) as the rest of kolm sees it.
 
-    {"id", "namespace", "tenant", "provider": "openai"|"anthropic"|"import", "model", "input", "output",
+    {"id", "namespace", "tenant", "provider": "openai"|"anthropic"|"import"|"local", "model", "input", "output",
      "verified": true|false|null, "status", "latency_ms", "usage", "created_at", "request"}
 
 `status` is the HTTP status the client got (499 when the client went away mid-stream, the nginx
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
-Provider = Literal["openai", "anthropic", "import"]
+Provider = Literal["openai", "anthropic", "import", "local"]  # local: answered by a promoted model
 # fullmatch, never match with `$`: `$` also matches before a trailing newline ("support\n" would pass)
 NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 # Deepest JSON kolm stores. pydantic cannot serialize past ~255 levels, so a deeper row, once stored, would

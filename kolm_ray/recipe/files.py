@@ -31,7 +31,9 @@ RECIPE_YAML, SPEC_JSON, PAIRS_JSONL, DIAGNOSTICS_JSON = (
 MIN_PAIRS = 200  # fewer pairs cannot both train a model and measure it on >= 100 eval pairs
 K_FLOOR_RANGE = (0.5, 0.95)
 ENCODER_BASES = ("minilm-l6", "tiny-encoder")  # classifiers: need closed-vocab outputs
-SETTINGS_KEYS = {"description", "base", "k_floor", "verifiers", "training", "files", "namespace", "cluster"}
+SETTINGS_KEYS = {
+    "description", "base", "k_floor", "verifiers", "training", "files", "namespace", "cluster", "request_shape",
+}  # fmt: skip
 
 # Training settings that may be 0 (off); every other one must be positive.
 ZERO_OK = frozenset(
@@ -76,6 +78,7 @@ def render_recipe_yaml(
     counts: dict[str, int],
     namespace: str | None,
     cluster: int | None,
+    request_shape: dict[str, Any] | None = None,
 ) -> str:
     """recipe.yaml with a comment on every knob (YAML emitters drop comments, so it is written by hand)."""
     where = (
@@ -100,6 +103,11 @@ def render_recipe_yaml(
         lines.append(f"namespace: {json.dumps(namespace)}  # where the observations came from")
     if cluster is not None:
         lines.append(f"cluster: {cluster}  # `kolm cluster` id within the namespace")
+    if request_shape is not None:
+        lines.append(
+            f"request_shape: {json.dumps(request_shape, ensure_ascii=False)}"
+            "  # the calls the capture proxy may answer with this model once promoted (kolm models promote)"
+        )
     lines += [
         "files:",
         f"  pairs: {PAIRS_JSONL}  # {counts['train']} train + {counts['eval']} eval pairs, no input in both",

@@ -81,6 +81,10 @@ def recipe_from_observations(
         )
     inputs = [_field(observations[i], "input") for i in keep]
     outputs = [_field(observations[i], "output") for i in keep]
+    # What the capture proxy may answer with the compiled model: this cluster's system prompt and format.
+    from kolm_ray.request_shape import shape_of_cluster
+
+    request_shape = shape_of_cluster([_field(observations[i], "request") for i in keep])
 
     # 2. shape and schema; 3. verifiers, and gold outputs they reject
     shape = infer_shape(outputs, inputs)
@@ -185,7 +189,7 @@ def recipe_from_observations(
     ]
     yaml_text = render_recipe_yaml(
         str(out_dir), description, base, base_why, k_floor, floor_why, verifier_lines,
-        TRAINING[kind], dict(counts), namespace, cluster,
+        TRAINING[kind], dict(counts), namespace, cluster, request_shape,
     )  # fmt: skip
     files = {
         SPEC_JSON: json.dumps(spec.to_json(), indent=2, ensure_ascii=False) + "\n",
@@ -231,7 +235,9 @@ def _select(observations: list[Any], verified_only: bool) -> tuple[list[int], li
     for i, obs in enumerate(observations):
         verified, inp, out = _field(obs, "verified"), _field(obs, "input"), _field(obs, "output")
         reason = None
-        if verified is False:
+        if _field(obs, "provider") == "local":  # the live model's own answers never train its successor
+            reason = "local answer (a promoted model's output)"
+        elif verified is False:
             reason = "rejected (verified=false)"
         elif verified is None and verified_only:
             reason = "unverified (--verified-only)"

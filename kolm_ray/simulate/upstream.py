@@ -54,8 +54,15 @@ def _pieces(text: str) -> list[str]:
     return [text[i : i + step] for i in range(0, len(text), step)]
 
 
-def make_upstream_app(latency_ms: float = 0.0, chunk_delay_ms: float = 0.0, noise: float = 0.02) -> Starlette:
+def make_upstream_app(
+    latency_ms: float = 0.0,
+    chunk_delay_ms: float = 0.0,
+    noise: float = 0.02,
+    answer: Callable[[str], str] | None = None,
+) -> Starlette:
     """The stand-in frontier API: POST /v1/chat/completions (OpenAI) and POST /v1/messages (Anthropic).
+
+    `answer(query) -> assistant text` replaces the built-in support-namespace answer (a benchmark's task).
 
     `app.state.seen` keeps the last 1000 (path, credential header) pairs so tests can check forwarding.
     """
@@ -93,7 +100,7 @@ def make_upstream_app(latency_ms: float = 0.0, chunk_delay_ms: float = 0.0, nois
             return error
         model = str(body.get("model") or "sim-frontier")
         query = openai_fmt.input_text(body)
-        text = frontier_answer(query, noise)
+        text = answer(query) if answer is not None else frontier_answer(query, noise)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         usage = {"prompt_tokens": len(query.split()) + 40, "completion_tokens": len(text.split()) + 3}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -163,7 +170,7 @@ def make_upstream_app(latency_ms: float = 0.0, chunk_delay_ms: float = 0.0, nois
             return error
         model = str(body.get("model") or "sim-frontier")
         query = anthropic_fmt.input_text(body)
-        text = frontier_answer(query, noise)
+        text = answer(query) if answer is not None else frontier_answer(query, noise)
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         in_tok, out_tok = len(query.split()) + 40, len(text.split()) + 3
         if not body.get("stream"):
@@ -282,10 +289,11 @@ def start_upstream_in_thread(
     latency_ms: float = 0.0,
     chunk_delay_ms: float = 0.0,
     noise: float = 0.02,
+    answer: Callable[[str], str] | None = None,
 ) -> tuple[str, Callable[[], None]]:
     """Start the stand-in upstream in this process; returns (base URL, stop). Use the URL as
     `kolm capture --openai-upstream URL --anthropic-upstream URL`."""
-    return serve_in_thread(make_upstream_app(latency_ms, chunk_delay_ms, noise), host, port)
+    return serve_in_thread(make_upstream_app(latency_ms, chunk_delay_ms, noise, answer), host, port)
 
 
 def run_upstream(

@@ -47,6 +47,39 @@ SQLITE: list[Migration] = [
             "CREATE INDEX ix_obs_tenant_seq ON observations (tenant, seq)",
         ],
     ),
+    (
+        2,
+        [
+            # The model registry (kolm_ray/registry.py): one row per promoted artifact version.
+            """CREATE TABLE models (
+                namespace TEXT NOT NULL,
+                version INTEGER NOT NULL,   -- 1, 2, ... per namespace
+                name TEXT NOT NULL,
+                sha256 TEXT NOT NULL,       -- of the .kolm file
+                path TEXT NOT NULL,         -- the copy under $KOLM_HOME/models/
+                k_score REAL,
+                k_floor REAL,
+                threshold REAL NOT NULL,  -- confidence below this: the proxy asks the upstream
+                shape TEXT NOT NULL,        -- JSON: the request shape the model was compiled for
+                live INTEGER NOT NULL,      -- 1 for exactly one row per namespace while it has a model
+                created_at TEXT NOT NULL,   -- the artifact's manifest created_at
+                promoted_at TEXT NOT NULL,  -- last time it was made live
+                rolled_back_at TEXT,        -- set by rollback; cleared when promoted again
+                PRIMARY KEY (namespace, version)
+            )""",
+            # Shadow checks: a local answer and the upstream's answer to the same request.
+            """CREATE TABLE shadow_pairs (
+                local_id TEXT PRIMARY KEY,  -- observation id of the local answer
+                upstream_id TEXT,           -- observation id of the upstream's answer (null: it failed)
+                namespace TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                agree INTEGER,              -- 1/0 by the K-score's field rules; null when not comparable
+                detail TEXT,                -- JSON: per-field agreement or the failure
+                created_at TEXT NOT NULL
+            )""",
+            "CREATE INDEX ix_shadow_ns ON shadow_pairs (namespace, created_at)",
+        ],
+    ),
 ]
 
 POSTGRESQL: list[Migration] = [
@@ -74,6 +107,39 @@ POSTGRESQL: list[Migration] = [
             "CREATE INDEX ix_obs_ns_seq ON observations (namespace, seq)",
             "CREATE INDEX ix_obs_ns_verified_seq ON observations (namespace, verified, seq)",
             "CREATE INDEX ix_obs_tenant_seq ON observations (tenant, seq)",
+        ],
+    ),
+    (
+        2,
+        [
+            # The model registry (kolm_ray/registry.py): one row per promoted artifact version.
+            """CREATE TABLE models (
+                namespace TEXT NOT NULL,
+                version INTEGER NOT NULL,   -- 1, 2, ... per namespace
+                name TEXT NOT NULL,
+                sha256 TEXT NOT NULL,       -- of the .kolm file
+                path TEXT NOT NULL,         -- the copy under $KOLM_HOME/models/
+                k_score DOUBLE PRECISION,
+                k_floor DOUBLE PRECISION,
+                threshold DOUBLE PRECISION NOT NULL,  -- confidence below this: the proxy asks the upstream
+                shape TEXT NOT NULL,        -- JSON: the request shape the model was compiled for
+                live INTEGER NOT NULL,      -- 1 for exactly one row per namespace while it has a model
+                created_at TEXT NOT NULL,   -- the artifact's manifest created_at
+                promoted_at TEXT NOT NULL,  -- last time it was made live
+                rolled_back_at TEXT,        -- set by rollback; cleared when promoted again
+                PRIMARY KEY (namespace, version)
+            )""",
+            # Shadow checks: a local answer and the upstream's answer to the same request.
+            """CREATE TABLE shadow_pairs (
+                local_id TEXT PRIMARY KEY,  -- observation id of the local answer
+                upstream_id TEXT,           -- observation id of the upstream's answer (null: it failed)
+                namespace TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                agree INTEGER,              -- 1/0 by the K-score's field rules; null when not comparable
+                detail TEXT,                -- JSON: per-field agreement or the failure
+                created_at TEXT NOT NULL
+            )""",
+            "CREATE INDEX ix_shadow_ns ON shadow_pairs (namespace, created_at)",
         ],
     ),
 ]

@@ -82,6 +82,27 @@ def connect_error(e: BaseException, url: str) -> KolmError:
     return KolmError(f"cannot connect to the PostgreSQL store {redact_url(url)}: {scrub(text, url)}")
 
 
+class _Rows:
+    def __init__(self, rows: list[tuple]) -> None:
+        self._rows = rows
+
+    def fetchall(self) -> list[tuple]:
+        return self._rows
+
+    def fetchone(self) -> tuple | None:
+        return self._rows[0] if self._rows else None
+
+
+class _Reader:
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    def execute(self, sql: str, params: list[Any] | tuple = ()) -> _Rows:
+        with self._store._conn() as conn:
+            cur = conn.execute(sql, params)
+            return _Rows(cur.fetchall() if cur.description is not None else [])
+
+
 class PostgresStore:
     """The Store protocol over one PostgreSQL database (see the module docstring)."""
 
@@ -129,6 +150,16 @@ class PostgresStore:
 
     def schema_version(self) -> int:
         return self._fetchall("SELECT MAX(version) FROM schema_migrations")[0][0]
+
+    # The registry (kolm_ray/registry.py) runs its portable SQL through these two, as on SQLite.
+    def _write(self, fn: Callable[[psycopg.Connection], Any]) -> Any:
+        """fn(conn) inside one transaction on a pooled connection: committed whole or not at all."""
+        with self._conn() as conn, conn.transaction():
+            return fn(conn)
+
+    def _read(self) -> _Reader:
+        """`.execute(sql, params).fetchone()/.fetchall()` on a pooled connection, returned at once."""
+        return _Reader(self)
 
     # -- writes
 
@@ -256,7 +287,7 @@ class PostgresStore:
     def dataset_source(self, namespaces: list[str]) -> tuple[str, list[Any], Callable[[], Any]]:
         sql = (
             "SELECT seq, id, namespace, input, output::text AS output, verified::int AS verified, "
-            "request::text AS request FROM observations WHERE namespace = ANY(%s) ORDER BY seq"
+            "request::text AS request FROM observations WHERE namespace = ANY(%s) AND provider <> 'local' ORDER BY seq"
         )
         return sql, [list(namespaces)], functools.partial(_read_only, self._dsn)
 

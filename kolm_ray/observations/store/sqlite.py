@@ -223,7 +223,7 @@ class SQLiteStore:
 
     def dataset_source(self, namespaces: list[str]) -> tuple[str, list[Any], Callable[[], Any]]:
         marks = ",".join("?" * len(namespaces))
-        sql = f"SELECT seq, id, namespace, input, output, verified, request FROM observations WHERE namespace IN ({marks}) ORDER BY seq"
+        sql = f"SELECT seq, id, namespace, input, output, verified, request FROM observations WHERE namespace IN ({marks}) AND provider <> 'local' ORDER BY seq"
         return sql, list(namespaces), functools.partial(_read_only, str(self.path))
 
     def close(self) -> None:
