@@ -318,9 +318,11 @@ def test_broken_registry_file_goes_upstream_and_healthz_says_why(proxy):
     assert oai(url).chat.completions.create(model="m", messages=user(QUERIES[1])).choices[0].message.content
 
 
-def test_cli_tampered_unfit_and_nothing_to_roll_back(tmp_path, taggers, monkeypatch, capsys):
+def test_cli_tampered_unfit_and_nothing_to_roll_back(tmp_path, taggers, monkeypatch, capsys, store_url):
+    """The registry on each backend (SQLite, PostgreSQL): the same rows, versions and exit codes."""
     monkeypatch.setenv("KOLM_SIGNING_KEY", SIGNING_KEY)
-    url = f"sqlite:///{tmp_path / 'obs.db'}"
+    monkeypatch.setenv("KOLM_HOME", str(tmp_path / "home"))
+    url = store_url
     bad = tmp_path / "tampered.kolm"
     data = bytearray(taggers[0].read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -362,6 +364,19 @@ def test_cli_tampered_unfit_and_nothing_to_roll_back(tmp_path, taggers, monkeypa
     assert main(["models", "rollback", "--namespace", "other", "--store", url]) == 0
     assert capsys.readouterr().out.strip() == "ok other -> tagger@1"
     assert main(["models", "rollback", "--namespace", "other", "--store", url]) == 2
+
+    # Shadow pairs round-trip on this backend.
+    from kolm_ray import registry
+
+    store = open_store(url)
+    try:
+        registry.record_shadow(store, "l1", "u1", "other", 1, True, {"namespace": True})
+        registry.record_shadow(store, "l2", None, "other", 1, None, {"error": "upstream 502"})
+        pairs = registry.shadow_pairs(store, "other")
+        assert sorted((p["local_id"], p["agree"]) for p in pairs) == [("l1", True), ("l2", None)]
+        assert registry.live_models(store)["other"].version == 1
+    finally:
+        store.close()
 
 
 def test_serve_tagger_follows_the_registry_without_a_failed_call(taggers, monkeypatch):
