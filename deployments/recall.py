@@ -29,13 +29,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from kolm_ray.artifact import verify
-from kolm_ray.serving import DEFAULT_BUDGET_MS, DEFAULT_THRESHOLD, MAX_BODY_BYTES, Router, load_tenants
+from kolm_ray.serving import (
+    DEFAULT_BUDGET_MS,
+    DEFAULT_THRESHOLD,
+    MAX_BODY_BYTES,
+    Router,
+    TaggerHealth,
+    load_tenants,
+)
 
 log = logging.getLogger("ray.serve")
 
 ROUTE = "/v1/recall/route"
 HEALTH = "/v1/recall/healthz"
 REPO = Path(__file__).resolve().parent.parent
+# How often the ingress asks Serve's controller whether a tagger replica is RUNNING. A replica that dies is
+# also seen at once by the route (the call fails: broad, "tagger unavailable (...)"); this bounds how long
+# healthz and the route's fast path lag the controller.
+READINESS_POLL_S = 0.25
 
 
 class Args(BaseModel):
@@ -171,7 +182,30 @@ class RecallIngress:
 
     def __init__(self, tagger: DeploymentHandle, tenants: str, threshold: float, budget_ms: float):
         self.tagger = tagger
-        self.router = Router(load_tenants(tenants), threshold=threshold, budget_ms=budget_ms)
+        self.health = TaggerHealth()
+        self.router = Router(
+            load_tenants(tenants), threshold=threshold, budget_ms=budget_ms, health=self.health
+        )
+        # Serve runs the constructor on the replica's event loop: the watcher lives as long as the replica.
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_tagger())
+
+    async def _watch_tagger(self) -> None:
+        """Keep self.health current from the controller's view of the tagger's replicas."""
+        from ray.serve._private.common import ReplicaState
+        from ray.serve.context import _get_global_client
+
+        controller = _get_global_client()._controller
+        app, name = self.tagger.app_name, self.tagger.deployment_name
+        while True:
+            try:
+                details = await controller.get_deployment_details.remote(app, name)
+                running = sum(1 for r in details.replicas if r.state == ReplicaState.RUNNING)
+                before = self.health.status
+                if self.health.update(running) != before:
+                    log.info("tagger %s -> %s (%d replicas running)", before, self.health.status, running)
+            except Exception as e:  # controller restarting: keep the last known state, ask again
+                log.warning("tagger readiness unknown: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(READINESS_POLL_S)
 
     async def _tag(self, query: str, namespaces: list[str]) -> dict[str, Any]:
         response = self.tagger.score.remote(query, namespaces)
@@ -186,7 +220,8 @@ class RecallIngress:
     async def __call__(self, request: Request) -> JSONResponse:
         path = request.url.path.rstrip("/")
         if path == HEALTH and request.method == "GET":
-            return JSONResponse({"status": "ok"})
+            status, payload = self.health.healthz()
+            return JSONResponse(payload, status_code=status)
         if path != ROUTE:
             return JSONResponse({"error": f"no route {request.url.path}; POST {ROUTE}"}, status_code=404)
         if request.method != "POST":

@@ -233,11 +233,15 @@ def _wait_for(predicate, timeout: float, what: str, step: float = 0.25):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_serve_route_contract_and_a_killed_tagger_replica(
+def test_serve_route_contract_readiness_and_a_killed_tagger_replica(
     tagger_artifact, tenants_file, free_port, monkeypatch
 ):
-    """Real Serve: 401/422/200 shapes; a tagger replica killed under load -> broad with a reason, never a
-    5xx; the route recovers to tagger answers once Serve has replaced the replica."""
+    """Real Serve: while no tagger replica can start, healthz is 503 "starting" and the route answers broad
+    at once ("tagger unavailable"); once one is ready, healthz 200 and right answers in the contract's
+    shapes (401/422/405 too); a tagger replica killed under load -> broad with a reason, never a 5xx, healthz
+    503 "degraded" until Serve has replaced it."""
+    import threading
+
     import ray
     from ray import serve
 
@@ -247,13 +251,44 @@ def test_serve_route_contract_and_a_killed_tagger_replica(
     monkeypatch.setenv("KOLM_SIGNING_KEY", recall_artifact.SIGNING_KEY)
     monkeypatch.setenv("KOLM_SERVE_THREADS", "1")
     ray.init(address="local", num_cpus=2, include_dashboard=False)
+
+    @ray.remote(num_cpus=2)
+    class Hog:  # holds both CPUs, so the tagger replica (num_cpus=1) cannot be placed until it goes
+        def ping(self) -> bool:
+            return True
+
     try:
+        hog = Hog.remote()
+        ray.get(hog.ping.remote(), timeout=60)
         serve.start(http_options={"host": "127.0.0.1", "port": free_port})
         app = app_builder(Args(artifact=str(tagger_artifact), tenants=str(tenants_file), budget_ms=100))
-        serve.run(app, name="recall", route_prefix="/")
+        # serve.run returns once every deployment is ready: run it aside and look at the route meanwhile.
+        deploying = threading.Thread(
+            target=serve.run, args=(app,), kwargs={"name": "recall", "route_prefix": "/"}
+        )
+        deploying.start()
         url = f"http://127.0.0.1:{free_port}/v1/recall/route"
+        health = url.replace("/route", "/healthz")
         alpha = {"Authorization": "Bearer key-alpha"}
         with httpx.Client(timeout=10) as c:
+            r = _wait_for(lambda: c.get(health), 120, "the ingress to answer")
+            assert r.status_code == 503 and r.json() == {"status": "starting"}
+            for query in ("how do i check my balance", "book a flight"):
+                body = c.post(url, json={"query": query}, headers=alpha).json()
+                # broad before the tagger is even asked: not after waiting out the budget
+                assert body == {
+                    "mode": "broad",
+                    "namespaces": TENANT_NAMESPACES["alpha"],
+                    "confidence": 0.0,
+                    "fallback": "broad",
+                    "reason": "tagger unavailable",
+                }
+            ray.kill(hog)
+            deploying.join(timeout=300)
+            assert not deploying.is_alive(), "serve.run did not finish"
+            r = _wait_for(lambda: (lambda r: r if r.status_code == 200 else None)(c.get(health)), 30, "ready")
+            assert r.json() == {"status": "ok"}
+
             assert c.post(url, json={"query": "hi"}).status_code == 401
             assert (
                 c.post(url, json={"query": "hi"}, headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -264,27 +299,21 @@ def test_serve_route_contract_and_a_killed_tagger_replica(
             assert r.status_code == 422 and "empty" in r.json()["error"]
             r = c.post(url, json={"query": "x" * 5000}, headers=alpha)
             assert r.status_code == 422 and "longer than" in r.json()["error"]
-            assert c.get(url.replace("/route", "/healthz")).json() == {"status": "ok"}
             assert c.get(url, headers=alpha).status_code == 405
-            # The first answers may still be broad while the replica warms; wait for a tagger answer.
-            first = _wait_for(
-                lambda: (lambda b: b if "reason" not in b else None)(
-                    c.post(url, json={"query": "how do i check my balance"}, headers=alpha).json()
-                ),
-                60,
-                "a tagger answer",
-            )
-            assert (
-                first.get("namespace") in TENANT_NAMESPACES["alpha"]
-                or first["namespaces"] == TENANT_NAMESPACES["alpha"]
-            )
-            beta = c.post(
-                url, json={"query": "tell me about the song"}, headers={"Authorization": "Bearer key-beta"}
-            ).json()
-            assert (
-                beta.get("namespace") in TENANT_NAMESPACES["beta"]
-                or beta["namespaces"] == TENANT_NAMESPACES["beta"]
-            )
+            # Training phrases the tagger was compiled on: narrow, and the right namespace, for both tenants.
+            for key, query, want in (
+                ("key-alpha", "how do i check my balance", "banking"),
+                ("key-alpha", "can you find a flight for me", "travel"),
+                ("key-beta", "tell me about the song", "music"),
+                ("key-beta", "what is the best recipe for this weekend", "kitchen"),
+            ):
+                body = c.post(url, json={"query": query}, headers={"Authorization": f"Bearer {key}"}).json()
+                assert body["mode"] == "narrow" and body["namespace"] == want, (query, body)
+            # A namespace outside the tenant is never answered: alpha asking about music gets its own.
+            body = c.post(url, json={"query": "tell me about the song"}, headers=alpha).json()
+            assert body.get("namespace", "banking") in TENANT_NAMESPACES["alpha"]
+            if body["mode"] == "broad":
+                assert body["namespaces"] == TENANT_NAMESPACES["alpha"]
 
         def kill_tagger() -> str:
             actors = [
@@ -302,14 +331,23 @@ def test_serve_route_contract_and_a_killed_tagger_replica(
                     r = await client.post(url, json={"query": query}, headers=alpha)
                     return r.status_code, r.json()
 
+                async def watch_health():
+                    while True:
+                        seen_health.add((await client.get(health)).json()["status"])
+                        await asyncio.sleep(0.1)
+
                 loop = asyncio.get_running_loop()
                 killer = loop.call_later(3.0, lambda: loop.run_in_executor(None, kill_tagger))
+                watcher = asyncio.create_task(watch_health())
                 try:
                     return await open_loop(
                         send, [r["input"] for r in recall_artifact.pairs()[:20]], 20, 10.0, 0.0
                     )
                 finally:
                     killer.cancel()
+                    watcher.cancel()
+
+        seen_health: set[str] = set()
 
         summary = asyncio.run(load_with_kill())
         assert summary["errors"] == 0, summary["error_kinds"]  # no 5xx, no connection errors
@@ -324,6 +362,8 @@ def test_serve_route_contract_and_a_killed_tagger_replica(
                 "the replacement tagger replica",
                 step=0.5,
             )
+            assert c.get(health).json() == {"status": "ok"}
+        assert "degraded" in seen_health, seen_health  # healthz said so while no tagger was ready
     finally:
         serve.shutdown()
         ray.shutdown()
