@@ -7,8 +7,10 @@
 
 Two deployments:
 - RecallIngress: HTTP edge. Bearer key -> tenant (configs/tenants.yaml), request validation (401/422),
-  the latency budget around the tagger call, narrow/broad decision (kolm_ray.serving.Router). Tagger slow
-  or down -> 200 broad with "reason"; never a 5xx for those causes.
+  the cascade's first stage (the artifact's static-embedding student, kolm_ray.student, ~0.1 ms: it
+  answers the queries it is sure of without a hop), the latency budget around the tagger call for the
+  rest, narrow/broad decision (kolm_ray.serving.Router). Tagger slow or down -> 200 broad with "reason";
+  never a 5xx for those causes; no tagger replica ready -> healthz 503 and broad at once.
 - NamespaceTagger: loads and verifies the signed .kolm, builds its fastest agreeing form
   (kolm_ray.fastpath) and scores batches of queries, each against its own caller's namespaces only.
 """
@@ -180,8 +182,18 @@ class NamespaceTagger:
 class RecallIngress:
     """POST /v1/recall/route: tenant from the bearer key, validation, budget, narrow or broad."""
 
-    def __init__(self, tagger: DeploymentHandle, tenants: str, threshold: float, budget_ms: float):
+    def __init__(
+        self, tagger: DeploymentHandle, tenants: str, threshold: float, budget_ms: float, artifact: str
+    ):
+        from kolm_ray.artifact import open_artifact
+        from kolm_ray.student import META_FILE, STUDENT_DIR, Student
+
         self.tagger = tagger
+        # The same student Predictor.predict runs first (`kolm run`, compile's scoring): verified with the
+        # artifact, then held in memory; None when the artifact was compiled without one.
+        with open_artifact(artifact) as opened:
+            found = (opened.dir / STUDENT_DIR / META_FILE).is_file()
+            self.student = Student.load(opened.dir / STUDENT_DIR) if found else None
         self.health = TaggerHealth()
         self.router = Router(
             load_tenants(tenants), threshold=threshold, budget_ms=budget_ms, health=self.health
@@ -208,6 +220,10 @@ class RecallIngress:
             await asyncio.sleep(READINESS_POLL_S)
 
     async def _tag(self, query: str, namespaces: list[str]) -> dict[str, Any]:
+        if self.student is not None:
+            sure = self.student.sure(query, namespaces)  # masked to the caller's namespaces, like the tagger
+            if sure is not None:
+                return sure
         response = self.tagger.score.remote(query, namespaces)
         try:
             return await response
@@ -249,4 +265,4 @@ def app_builder(args: Args) -> Application:
     # while the replica fails to start (each replica verifies it again before reading a weight).
     verify(artifact)
     tagger = NamespaceTagger.bind(artifact)
-    return RecallIngress.bind(tagger, tenants, args.threshold, args.budget_ms)
+    return RecallIngress.bind(tagger, tenants, args.threshold, args.budget_ms, artifact)

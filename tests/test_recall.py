@@ -55,7 +55,19 @@ def served(tagger_artifact):
     with mock.patch.dict(os.environ, {"KOLM_SIGNING_KEY": recall_artifact.SIGNING_KEY}):
         predictor = open_predictor(tagger_artifact, device="cpu")
     fast, report = build_fast_tagger(EncoderParts.from_predictor(predictor), threads=1, repeat=3)
+    predictor.cascade = "teacher"  # the fast form is the teacher stage: compare it with the teacher alone
     yield predictor, fast, report
+    predictor.close()
+
+
+@pytest.fixture(scope="module")
+def cascade(tagger_artifact):
+    """The artifact's Predictor as `kolm run` opens it: student first, the encoder for the rest."""
+    from kolm_ray.predictors import open_predictor
+
+    with mock.patch.dict(os.environ, {"KOLM_SIGNING_KEY": recall_artifact.SIGNING_KEY}):
+        predictor = open_predictor(tagger_artifact, device="cpu")
+    yield predictor
     predictor.close()
 
 
@@ -95,6 +107,77 @@ def test_served_form_answers_like_the_predictor(served, allowed):
     for g, w in zip(got, want, strict=True):
         assert g["namespace"] == w["namespace"]
         assert abs(g["confidence"] - w["confidence"]) <= 0.03
+
+
+# --- the cascade: static-embedding student, then the encoder ---------------------------------------------
+
+
+def test_compiled_router_ships_a_student_scored_in_the_manifest(cascade):
+    report = cascade.manifest["metrics"]["student"]
+    assert report["used"] is True and cascade.student is not None
+    k = report["k_score"]
+    # the bar the threshold was chosen for, and the shipped cascade scored through predict()
+    assert k["cascade"] >= k["teacher"] - 0.005 and k["cascade"] >= cascade.manifest["k_floor"]
+    assert 0.0 < report["student_share"] <= 1.0 and 0.7 <= report["threshold"] < 1.0
+    assert (
+        cascade.student.threshold == report["threshold"]
+        and cascade.student.labels == cascade.labels["namespace"]
+    )
+    assert report["ms_per_query"]["student"] < report["ms_per_query"]["teacher"]
+
+
+HELD = [  # not among the training phrases: other frames around the same topics
+    ("is there a fee on my checking account", "banking"),
+    ("i lost my passport before the flight", "travel"),
+    ("how long do i bake it in the oven", "kitchen"),
+    ("who sings this song on the album", "music"),
+]
+
+
+def test_cascade_answers_are_right_and_only_the_callers(cascade):
+    pairs = recall_artifact.pairs()[:40]
+    got = cascade.predict([r["input"] for r in pairs])
+    assert [a["namespace"] for a in got] == [r["output"]["namespace"] for r in pairs]
+    held = cascade.predict([q for q, _ in HELD])
+    assert sum(a["namespace"] == want for a, (_, want) in zip(held, HELD, strict=True)) >= 3, held
+    # tenant masking holds in both stages: the student's sure answers and the escalated ones
+    for allowed in (["banking", "travel"], ["music"], ["kitchen", "podcasts"]):
+        for answer in cascade.predict([r["input"] for r in pairs], allowed=allowed):
+            assert answer["namespace"] in allowed
+    assert cascade.predict(["book a flight"], allowed=["podcasts"])[0]["namespace"] is None
+
+
+def test_cascade_answers_from_the_student_when_sure_and_escalates_the_rest(cascade):
+    queries = [r["input"] for r in recall_artifact.pairs()[:30]] + [q for q, _ in HELD] + list(PROBES)
+    threshold = cascade.student.threshold
+    try:
+        cascade.cascade = "student"
+        student = cascade.predict(queries)
+        cascade.cascade = "teacher"
+        teacher = cascade.predict(queries)
+        cascade.cascade = "cascade"
+        both = cascade.predict(queries)
+        for s, t, c in zip(student, teacher, both, strict=True):
+            assert c == (s if s["confidence"] >= threshold else t)
+        cascade.student.threshold = 1.01  # never sure: every query is the teacher's
+        assert cascade.predict(queries) == teacher
+    finally:
+        cascade.cascade, cascade.student.threshold = "cascade", threshold
+
+
+def test_ingress_first_stage_is_the_predictors_student(cascade):
+    """The Serve ingress answers with Student.sure and sends the rest to the tagger: the same split."""
+    queries = [r["input"] for r in recall_artifact.pairs()[:30]] + [q for q, _ in HELD]
+    for allowed in (list(recall_artifact.NAMESPACES), ["banking", "music"]):
+        cascade.cascade = "student"
+        student = cascade.predict(queries, allowed=allowed)
+        cascade.cascade = "cascade"
+        for q, s in zip(queries, student, strict=True):
+            sure = cascade.student.sure(q, allowed)
+            if s["confidence"] >= cascade.student.threshold:
+                assert sure == {"namespace": s["namespace"], "confidence": pytest.approx(s["confidence"])}
+            else:
+                assert sure is None
 
 
 def test_fastpath_measures_forms_and_serves_one_that_agrees(served):
