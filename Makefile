@@ -41,7 +41,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kolm_ray deployments tests benchmarks
 	$(VENV)/bin/ruff format --check kolm_ray deployments tests benchmarks
 
+# benchmarks/recall.py drives the route with wrk (Debian package): installed here when missing.
 bench: $(STAMP)
+	command -v wrk >/dev/null || { command -v sudo >/dev/null && sudo apt-get install -y wrk || apt-get install -y wrk; }
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/recipe.py --compile
 	$(PY) benchmarks/compile_tagger.py

@@ -183,7 +183,13 @@ class RecallIngress:
     """POST /v1/recall/route: tenant from the bearer key, validation, budget, narrow or broad."""
 
     def __init__(
-        self, tagger: DeploymentHandle, tenants: str, threshold: float, budget_ms: float, artifact: str
+        self,
+        tagger: DeploymentHandle,
+        tenants: str,
+        threshold: float,
+        budget_ms: float,
+        artifact: str,
+        use_student: bool = True,  # False: every query goes to the tagger (benchmarks/recall.py's baseline)
     ):
         from kolm_ray.artifact import open_artifact
         from kolm_ray.student import META_FILE, STUDENT_DIR, Student
@@ -193,7 +199,7 @@ class RecallIngress:
         # artifact, then held in memory; None when the artifact was compiled without one.
         with open_artifact(artifact) as opened:
             found = (opened.dir / STUDENT_DIR / META_FILE).is_file()
-            self.student = Student.load(opened.dir / STUDENT_DIR) if found else None
+            self.student = Student.load(opened.dir / STUDENT_DIR) if found and use_student else None
         self.health = TaggerHealth()
         self.router = Router(
             load_tenants(tenants), threshold=threshold, budget_ms=budget_ms, health=self.health
