@@ -197,9 +197,11 @@ class RecallIngress:
         self.tagger = tagger
         # The same student Predictor.predict runs first (`kolm run`, compile's scoring): verified with the
         # artifact, then held in memory; None when the artifact was compiled without one.
-        with open_artifact(artifact) as opened:
-            found = (opened.dir / STUDENT_DIR / META_FILE).is_file()
-            self.student = Student.load(opened.dir / STUDENT_DIR) if found and use_student else None
+        self.student: Student | None = None
+        if use_student:
+            with open_artifact(artifact) as opened:
+                if (opened.dir / STUDENT_DIR / META_FILE).is_file():
+                    self.student = Student.load(opened.dir / STUDENT_DIR)
         self.health = TaggerHealth()
         self.router = Router(
             load_tenants(tenants), threshold=threshold, budget_ms=budget_ms, health=self.health

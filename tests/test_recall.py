@@ -482,15 +482,19 @@ def test_kolm_serve_runs_the_yaml_and_stops_cleanly_on_sigterm(
     )
     try:
         url = f"http://127.0.0.1:{free_port}/v1/recall/route"
-        body = _wait_for(
-            lambda: httpx.post(
-                url, json={"query": "play a song"}, headers={"Authorization": "Bearer key-beta"}, timeout=5
-            ).json(),
+        _wait_for(
+            lambda: httpx.get(url.replace("/route", "/healthz"), timeout=5).json() == {"status": "ok"},
             240,
-            "kolm serve to answer",
+            "kolm serve to report a ready tagger",
             step=1.0,
         )
-        assert body["mode"] in ("narrow", "broad")
+        body = httpx.post(
+            url,
+            json={"query": "tell me about the song"},
+            headers={"Authorization": "Bearer key-beta"},
+            timeout=5,
+        ).json()
+        assert body["mode"] == "narrow" and body["namespace"] == "music", body
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=90)
         assert rc == 0, proc.stderr.read().decode()[-3000:]
