@@ -354,7 +354,14 @@ def test_serve_route_contract_readiness_and_a_killed_tagger_replica(
         health = url.replace("/route", "/healthz")
         alpha = {"Authorization": "Bearer key-alpha"}
         with httpx.Client(timeout=10) as c:
-            r = _wait_for(lambda: c.get(health), 120, "the ingress to answer")
+            # the proxy answers 404 until the app's route is up; then the ingress answers for itself
+            r = _wait_for(
+                lambda: (lambda r: r if r.status_code != 404 and "status" in r.json() else None)(
+                    c.get(health)
+                ),
+                120,
+                "the ingress to answer",
+            )
             assert r.status_code == 503 and r.json() == {"status": "starting"}
             for query in ("how do i check my balance", "book a flight"):
                 body = c.post(url, json={"query": query}, headers=alpha).json()
