@@ -303,7 +303,7 @@ def fit_student(teacher, plan, staging: Path) -> dict[str, Any]:
         teacher.student, teacher.cascade = None, "teacher"
         return {
             "used": False,
-            "reason": "no threshold keeps the cascade's K-score within 0.5 points of the teacher's on eval",
+            "reason": "no threshold keeps the cascade's K-score on eval within 0.5 points of the teacher's and at or above the floor",
             **report,
         }
     student.threshold = threshold

@@ -186,6 +186,12 @@ def test_compile_writes_signed_artifact_that_runs(ray_local, tmp_path: Path, cap
     assert {"brier", "ece", "field_accuracy", "temperature"} <= set(m["metrics"])
     losses = m["metrics"]["training"]["losses"]
     assert len(losses) == 6 and losses[-1] < losses[0]
+    student = m["metrics"]["student"]  # an encoder router: a student either holds the bar or is left out
+    if student["used"]:
+        assert student["k_score"]["cascade"] >= student["k_score"]["teacher"] - 0.005
+        assert zip_read(tmp_path / "tagger.kolm", "student/student.json")
+    else:
+        assert student["reason"]
     capsys.readouterr()
     assert main(["run", str(tmp_path / "tagger.kolm"), "how do i refund invoice charge"]) == 0
     assert json.loads(capsys.readouterr().out)["namespace"] == "billing"

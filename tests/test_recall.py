@@ -165,6 +165,40 @@ def test_cascade_answers_from_the_student_when_sure_and_escalates_the_rest(casca
         cascade.cascade, cascade.student.threshold = "cascade", threshold
 
 
+def test_fit_student_ships_one_only_when_the_cascade_holds_the_bar(tagger_artifact, signing_key, tmp_path):
+    """fit_student on the compiled teacher, end to end (distillation included): with the floor at 0 it ships a
+    student whose cascade is right; with a floor no cascade can reach, none, and the manifest says why."""
+    from types import SimpleNamespace
+
+    from kolm_ray.predictors import open_predictor
+    from kolm_ray.spec import validate_spec
+    from kolm_ray.student import fit_student
+
+    rows = recall_artifact.pairs(seed=3)
+    with open_predictor(tagger_artifact, device="cpu") as teacher:
+        spec = validate_spec(teacher.manifest["spec"], "spec")
+        plan = SimpleNamespace(
+            train_rows=rows[:120],
+            eval_rows=rows[120:],
+            spec=spec,
+            eval_negatives=[],
+            training={},
+            k_floor=0.0,
+        )
+        (tmp_path / "yes").mkdir()
+        report = fit_student(teacher, plan, tmp_path / "yes")
+        assert report["used"] is True and (tmp_path / "yes" / "student" / "student.json").is_file()
+        assert report["k_score"]["cascade"] >= report["k_score"]["teacher"] - 0.005
+        got = teacher.predict([r["input"] for r in plan.eval_rows])  # the cascade, with the new student
+        assert [a["namespace"] for a in got] == [r["output"]["namespace"] for r in plan.eval_rows]
+
+        plan.k_floor = 1.01  # above any K-score
+        (tmp_path / "no").mkdir()
+        report = fit_student(teacher, plan, tmp_path / "no")
+        assert report["used"] is False and "0.5 points" in report["reason"]
+        assert not (tmp_path / "no" / "student").exists() and teacher.student is None
+
+
 def test_ingress_first_stage_is_the_predictors_student(cascade):
     """The Serve ingress answers with Student.sure and sends the rest to the tagger: the same split."""
     queries = [r["input"] for r in recall_artifact.pairs()[:30]] + [q for q, _ in HELD]

@@ -43,7 +43,10 @@ def test_student_masks_every_label_outside_the_caller():
     s = _student()
     p = s.probs(s.logits(["pay pay", "fly"]), s.mask_for(["travel", "food"]))
     assert np.all(p[:, 0] == 0.0) and np.allclose(p.sum(axis=1), 1.0)
-    assert s.sure("fly", ["travel", "food"]) == {"namespace": "travel", "confidence": pytest.approx(1.0, abs=1e-3)}
+    assert s.sure("fly", ["travel", "food"]) == {
+        "namespace": "travel",
+        "confidence": pytest.approx(1.0, abs=1e-3),
+    }
     assert s.sure("pay", ["travel", "food"]) is None  # its own answer is masked: the rest is a coin toss
     assert s.sure("fly", ["podcasts"]) is None  # nothing this caller may see
     assert s.sure("um", ["bank", "travel", "food"]) is None  # 1/3 each: below the threshold -> escalate
