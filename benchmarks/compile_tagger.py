@@ -17,7 +17,11 @@ same speed: 3 epochs 0.982 / 0.0156 / 0.800 / 768 s; 2 epochs 0.982 / 0.0168 / 0
 Baseline in the same run: frozen all-MiniLM-L6-v2 sentence embeddings (mean pooled, L2-normalised) +
 scikit-learn LogisticRegression, its predict_proba max as the confidence.
 
-Writes benchmarks/results/compile_tagger.json and compile_tagger.png.
+The finished artifact is scored on test as shipped (the cascade, when compile kept a static-embedding
+student: kolm_ray/student.py) and stage by stage ("teacher alone", "student alone"), with the share of test
+queries the student answers; the student's threshold was chosen on val by compile.
+
+Writes benchmarks/results/<--name, default compile_tagger>.json and .png.
 """
 
 from __future__ import annotations
