@@ -52,6 +52,7 @@ def test_student_masks_every_label_outside_the_caller():
     assert s.sure("um", ["bank", "travel", "food"]) is None  # 1/3 each: below the threshold -> escalate
 
 
+@pytest.mark.slow  # a real distillation (every vocabulary token through the tiny encoder): up to minutes on a busy CPU
 def test_student_files_round_trip_through_model2vec(tmp_path):
     from kolm_ray.bases import resolve_base
 
