@@ -255,6 +255,9 @@ def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_
     assert len(plan.eval_negatives) == 40 and len(plan.eval_rows) == 30
 
     with open_predictor(artifact) as p:
+        p.cascade = (
+            "teacher"  # the encoder's own calibration path (the cascade's tests: tests/test_recall.py)
+        )
         scored: list[str] = []
         score = p.calibration_scores
         p.calibration_scores = lambda inputs, **kw: (scored.extend(inputs), score(inputs, **kw))[1]
@@ -297,6 +300,7 @@ def test_router_with_eval_negatives_ships_class_distances_the_fast_path_reproduc
     queries = ["how do i refund invoice card", "weather on mars 99", "restart deploy worker"]
     with open_predictor(artifact) as p:
         assert p.model.gaussians is not None and p.outlier == calibration["outlier"]
+        p.cascade = "teacher"  # the fast form is the teacher stage: compare it with the teacher alone
         answers = p.predict(queries, allowed=["billing", "incidents"])
         fast, report = build_fast_tagger(EncoderParts.from_predictor(p), candidates=("onnx-fp32",))
     assert {r["backend"]: r["agrees"] for r in report}["onnx-fp32"], report
