@@ -41,9 +41,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kolm_ray deployments tests benchmarks
 	$(VENV)/bin/ruff format --check kolm_ray deployments tests benchmarks
 
+# benchmarks/recall.py drives the route with wrk (Debian package): installed here when missing.
 bench: $(STAMP)
 	@command -v hey >/dev/null 2>&1 || apt-get install -y hey >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y hey >/dev/null 2>&1) \
 		|| { echo "make bench: benchmarks/capture.py drives load with hey; install it: sudo apt-get install -y hey"; exit 1; }
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y wrk >/dev/null 2>&1) \
+		|| { echo "make bench: benchmarks/recall.py drives load with wrk; install it: sudo apt-get install -y wrk"; exit 1; }
 	$(PY) benchmarks/capture.py
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/recipe.py --compile

@@ -17,7 +17,11 @@ same speed: 3 epochs 0.982 / 0.0156 / 0.800 / 768 s; 2 epochs 0.982 / 0.0168 / 0
 Baseline in the same run: frozen all-MiniLM-L6-v2 sentence embeddings (mean pooled, L2-normalised) +
 scikit-learn LogisticRegression, its predict_proba max as the confidence.
 
-Writes benchmarks/results/compile_tagger.json and compile_tagger.png.
+The finished artifact is scored on test as shipped (the cascade, when compile kept a static-embedding
+student: kolm_ray/student.py) and stage by stage ("teacher alone", "student alone"), with the share of test
+queries the student answers; the student's threshold was chosen on val by compile.
+
+Writes benchmarks/results/<--name, default compile_tagger>.json and .png.
 """
 
 from __future__ import annotations
@@ -113,13 +117,42 @@ def run_compile(
     )
     compile_s = time.perf_counter() - t0
 
-    t1 = time.perf_counter()
+    # The shipped form (the cascade, when compile kept a student) and each of its stages alone, on test.
+    stages: dict[str, dict] = {}
     with open_predictor(out) as p:
-        answers = p.predict([r["input"] for r in d["test"]])
-        oos = p.predict(d["oos_test"])
-    score_s = time.perf_counter() - t1
-    right = [a["namespace"] == r["output"]["namespace"] for a, r in zip(answers, d["test"], strict=True)]
-    res = summarise([a["confidence"] for a in answers], right, [a["confidence"] for a in oos], compile_s)
+        modes = ("cascade", "teacher", "student") if getattr(p, "student", None) is not None else ("teacher",)
+        for mode in modes:
+            p.cascade = mode
+            t1 = time.perf_counter()
+            answers = p.predict([r["input"] for r in d["test"]])
+            oos = p.predict(d["oos_test"])
+            seconds = time.perf_counter() - t1
+            right = [
+                a["namespace"] == r["output"]["namespace"] for a, r in zip(answers, d["test"], strict=True)
+            ]
+            stages[mode] = {
+                "answers": answers,
+                "oos": oos,
+                "right": right,
+                "seconds": seconds,
+                "summary": summarise(
+                    [a["confidence"] for a in answers], right, [a["confidence"] for a in oos], compile_s
+                )
+                | {"test_queries_per_s": (len(answers) + len(oos)) / seconds},
+            }
+        if "student" in stages:
+            t = p.student.threshold
+            stages["cascade"]["summary"]["student_share"] = sum(
+                a["confidence"] >= t for a in stages["student"]["answers"]
+            ) / len(d["test"])
+            stages["cascade"]["summary"]["student_share_oos"] = sum(
+                a["confidence"] >= t for a in stages["student"]["oos"]
+            ) / len(d["oos_test"])
+    shipped = stages[modes[0]]
+    answers, oos, right, score_s = shipped["answers"], shipped["oos"], shipped["right"], shipped["seconds"]
+    res = dict(shipped["summary"])
+    res["stages"] = {m: st["summary"] for m, st in stages.items()}
+    res["student"] = manifest_metrics.get("student")
     res.update(
         artifact_bytes=out.stat().st_size,
         train_seconds=result.seconds,
@@ -134,9 +167,12 @@ def run_compile(
         settings={**plan.training, "num_workers": workers},
     )
     curves = {
-        "conf": [a["confidence"] for a in answers],
-        "right": right,
-        "oos": [a["confidence"] for a in oos],
+        f"{m} (test)": {
+            "conf": [a["confidence"] for a in st["answers"]],
+            "right": st["right"],
+            "oos": [a["confidence"] for a in st["oos"]],
+        }
+        for m, st in stages.items()
     }
     return res, curves
 
@@ -191,9 +227,10 @@ def plot(results: dict, curves: dict, path: Path) -> None:
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
     keys = ["accuracy", "brier", "fallback_rate", "oos_broad"]
-    width = 0.38
+    width = 0.8 / len(results)
     for i, (name, res) in enumerate(results.items()):
-        ax1.bar([k + (i - 0.5) * width for k in range(len(keys))], [res[k] for k in keys], width, label=name)
+        offset = (i - (len(results) - 1) / 2) * width
+        ax1.bar([k + offset for k in range(len(keys))], [res[k] for k in keys], width, label=name)
     ax1.set_xticks(range(len(keys)), keys)
     ax1.axhline(TARGETS["accuracy"], ls=":", c="gray")
     ax1.set_title("test (4,500) and oos_test (1,000)")
@@ -235,24 +272,34 @@ def main() -> int:
         default=str(REPO / "bench-out" / "clinc-domains.kolm"),
         help="where the compiled artifact is kept (benchmarks/recall.py serves it)",
     )
+    ap.add_argument("--name", default="compile_tagger", help="results file stem under benchmarks/results/")
     a = ap.parse_args()
     # No private KOLM_HOME: the artifact is signed with the user's key, so benchmarks/recall.py and
     # `kolm run` verify it (compile removes its Ray Train run directory when it is done).
     d = load(Path(a.data))
     results, curves = {}, {}
     with tempfile.TemporaryDirectory(prefix="kolm-bench-") as tmp:
-        results["kolm compile (minilm-l6)"], curves["kolm compile (minilm-l6)"] = run_compile(
+        load_before = os.getloadavg()
+        results["kolm compile (minilm-l6)"], stage_curves = run_compile(
             d, Path(tmp), a.epochs, a.num_workers, a.freeze_layers, a.negative_weight
         )
+        curves.update(stage_curves)
         keep = Path(a.artifact_out)
         keep.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(tmp) / "clinc-domains.kolm", keep)
     if not a.skip_baseline:
         results["frozen MiniLM + logreg"], curves["frozen MiniLM + logreg"] = run_baseline(d)
+    for mode, summary in results["kolm compile (minilm-l6)"]["stages"].items():
+        if mode != "cascade":
+            results[f"{mode} alone"] = summary
     ours = results["kolm compile (minilm-l6)"]
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg_at_start": load_before,
+            "load_avg_at_end": os.getloadavg(),
+        },
         "data": {k: len(v) for k, v in d.items()},
         "threshold": THRESHOLD,
         "targets": TARGETS,
@@ -265,8 +312,8 @@ def main() -> int:
         "results": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compile_tagger.json").write_text(json.dumps(report, indent=2))
-    plot(results, curves, RESULTS / "compile_tagger.png")
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(report, indent=2))
+    plot(results, curves, RESULTS / f"{a.name}.png")
     print(
         json.dumps(
             {k: {m: round(v, 4) for m, v in r.items() if isinstance(v, float)} for k, r in results.items()},

@@ -7,8 +7,10 @@
 
 Two deployments:
 - RecallIngress: HTTP edge. Bearer key -> tenant (configs/tenants.yaml), request validation (401/422),
-  the latency budget around the tagger call, narrow/broad decision (kolm_ray.serving.Router). Tagger slow
-  or down -> 200 broad with "reason"; never a 5xx for those causes.
+  the cascade's first stage (the artifact's static-embedding student, kolm_ray.student, ~0.1 ms: it
+  answers the queries it is sure of without a hop), the latency budget around the tagger call for the
+  rest, narrow/broad decision (kolm_ray.serving.Router). Tagger slow or down -> 200 broad with "reason";
+  never a 5xx for those causes; no tagger replica ready -> healthz 503 and broad at once.
 - NamespaceTagger: loads and verifies the signed .kolm, builds its fastest agreeing form
   (kolm_ray.fastpath) and scores batches of queries, each against its own caller's namespaces only.
 """
@@ -29,13 +31,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from kolm_ray.artifact import verify
-from kolm_ray.serving import DEFAULT_BUDGET_MS, DEFAULT_THRESHOLD, MAX_BODY_BYTES, Router, load_tenants
+from kolm_ray.serving import (
+    DEFAULT_BUDGET_MS,
+    DEFAULT_THRESHOLD,
+    MAX_BODY_BYTES,
+    Router,
+    TaggerHealth,
+    load_tenants,
+)
 
 log = logging.getLogger("ray.serve")
 
 ROUTE = "/v1/recall/route"
 HEALTH = "/v1/recall/healthz"
 REPO = Path(__file__).resolve().parent.parent
+# How often the ingress asks Serve's controller whether a tagger replica is RUNNING. A replica that dies is
+# also seen at once by the route (the call fails: broad, "tagger unavailable (...)"); this bounds how long
+# healthz and the route's fast path lag the controller.
+READINESS_POLL_S = 0.25
 
 
 class Args(BaseModel):
@@ -175,7 +188,8 @@ class NamespaceTagger:
 
 
 @serve.deployment(
-    # Pure asyncio I/O: it waits on the tagger. No CPU reservation, so both cores stay for tagger replicas.
+    # Mostly asyncio I/O (it waits on the tagger) plus the student's ~0.2-0.8 ms per query (numpy). No CPU
+    # reservation, so both cores stay schedulable for tagger replicas.
     ray_actor_options={"num_cpus": 0},
     # Requests in flight per ingress replica. Each is bounded by the budget (100 ms), so 256 covers
     # 2500 rps of waiting before the proxy queues; Serve's default of 5 queued requests in the proxy.
@@ -185,11 +199,59 @@ class NamespaceTagger:
 class RecallIngress:
     """POST /v1/recall/route: tenant from the bearer key, validation, budget, narrow or broad."""
 
-    def __init__(self, tagger: DeploymentHandle, tenants: str, threshold: float, budget_ms: float):
+    def __init__(
+        self,
+        tagger: DeploymentHandle,
+        tenants: str,
+        threshold: float,
+        budget_ms: float,
+        artifact: str,
+        use_student: bool = True,  # False: every query goes to the tagger (benchmarks/recall.py's baseline)
+    ):
+        from kolm_ray.artifact import open_artifact
+        from kolm_ray.student import META_FILE, STUDENT_DIR, Student
+
         self.tagger = tagger
-        self.router = Router(load_tenants(tenants), threshold=threshold, budget_ms=budget_ms)
+        # The same student Predictor.predict runs first (`kolm run`, compile's scoring): verified with the
+        # artifact, then held in memory; None when the artifact was compiled without one.
+        self.student: Student | None = None
+        if use_student:
+            with open_artifact(artifact) as opened:
+                if (opened.dir / STUDENT_DIR / META_FILE).is_file():
+                    self.student = Student.load(opened.dir / STUDENT_DIR)
+        self.health = TaggerHealth()
+        self.router = Router(
+            load_tenants(tenants), threshold=threshold, budget_ms=budget_ms, health=self.health
+        )
+        # Serve runs the constructor on the replica's event loop: the watcher lives as long as the replica.
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_tagger())
+
+    async def _watch_tagger(self) -> None:
+        """Keep self.health current from the controller's view of the tagger's replicas."""
+        from ray.serve._private.common import ReplicaState
+        from ray.serve.context import _get_global_client
+
+        controller = _get_global_client()._controller
+        app, name = self.tagger.app_name, self.tagger.deployment_name
+        failing = False
+        while True:
+            try:
+                details = await controller.get_deployment_details.remote(app, name)
+                running = sum(1 for r in details.replicas if r.state == ReplicaState.RUNNING)
+                before, failing = self.health.status, False
+                if self.health.update(running) != before:
+                    log.info("tagger %s -> %s (%d replicas running)", before, self.health.status, running)
+            except Exception as e:  # controller restarting: keep the last known state, ask again
+                if not failing:  # once per outage, not every poll
+                    log.warning("tagger readiness unknown: %s: %s", type(e).__name__, e)
+                failing = True
+            await asyncio.sleep(READINESS_POLL_S)
 
     async def _tag(self, query: str, namespaces: list[str]) -> dict[str, Any]:
+        if self.student is not None:
+            sure = self.student.sure(query, namespaces)  # masked to the caller's namespaces, like the tagger
+            if sure is not None:
+                return sure
         response = self.tagger.score.remote(query, namespaces)
         try:
             return await response
@@ -202,7 +264,8 @@ class RecallIngress:
     async def __call__(self, request: Request) -> JSONResponse:
         path = request.url.path.rstrip("/")
         if path == HEALTH and request.method == "GET":
-            return JSONResponse({"status": "ok"})
+            status, payload = self.health.healthz()
+            return JSONResponse(payload, status_code=status)
         if path != ROUTE:
             return JSONResponse({"error": f"no route {request.url.path}; POST {ROUTE}"}, status_code=404)
         if request.method != "POST":
@@ -233,4 +296,6 @@ def app_builder(args: Args) -> Application:
     # while the replica fails to start (each replica verifies it again before reading a weight).
     verify(artifact)
     tagger = NamespaceTagger.bind(artifact, follow)
-    return RecallIngress.bind(tagger, tenants, args.threshold, args.budget_ms)
+    # The ingress's student belongs to one artifact; a tagger that follows the registry moves on without
+    # it, so a followed namespace routes every query through the (followed) tagger.
+    return RecallIngress.bind(tagger, tenants, args.threshold, args.budget_ms, artifact, follow is None)

@@ -388,8 +388,9 @@ def stage(plan: Plan, checkpoint_dir: Path, staging: Path) -> str:
 # ---- evaluate, gate, pack ----------------------------------------------------------------------------------
 
 
-def evaluate_staged(plan: Plan, staging: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Load the staged files through the same Predictor `kolm run` uses, calibrate, and score."""
+def evaluate_staged(plan: Plan, staging: Path, manifest: dict[str, Any]):
+    """Load the staged files through the same Predictor `kolm run` uses, calibrate, and score; returns
+    (metrics, the calibrated predictor)."""
     from kolm_ray.evaluate import NEGATIVE_CALIBRATION_WEIGHT, evaluate
     from kolm_ray.predictors import CALIBRATION_FILE, predictor_from_dir
 
@@ -403,7 +404,7 @@ def evaluate_staged(plan: Plan, staging: Path, manifest: dict[str, Any]) -> dict
         progress=True,
     )
     (staging / CALIBRATION_FILE).write_text(json.dumps(predictor.calibration(), indent=2))
-    return metrics
+    return metrics, predictor
 
 
 def gate(plan: Plan, metrics: dict[str, Any]) -> None:
@@ -435,9 +436,14 @@ def build_artifact(
         }
         if plan.request_shape is not None:
             manifest["request_shape"] = plan.request_shape
-        metrics = evaluate_staged(plan, staging, manifest)
+        metrics, teacher = evaluate_staged(plan, staging, manifest)
         metrics["training"] = {**training, "n_train": len(plan.train_rows), "settings": plan.training}
         gate(plan, metrics)
+        if kind == "encoder-tagger":  # the cascade's first stage, shipped only if it holds the teacher's K
+            from kolm_ray.student import fit_student
+
+            metrics["student"] = fit_student(teacher, plan, staging)
+        teacher.close()
         pack(staging, plan.output, {**manifest, "metrics": metrics})
     finally:
         shutil.rmtree(staging, ignore_errors=True)

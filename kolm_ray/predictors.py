@@ -150,6 +150,15 @@ class EncoderPredictor(Predictor):
             self.model.add_gaussians()
         self.model.load_state_dict(state, strict=True)
         self.model.to(self.device).eval()
+        # The static-embedding student (kolm_ray.student), when compile found one that holds the bar:
+        # "cascade" answers from it when it is sure and escalates the rest to this encoder; "teacher" and
+        # "student" (one stage alone) are for compile's own scoring.
+        from kolm_ray.student import META_FILE, STUDENT_DIR, Student
+
+        self.student: Student | None = None
+        if (self.dir / STUDENT_DIR / META_FILE).is_file():
+            self.student = Student.load(self.dir / STUDENT_DIR)
+        self.cascade = "cascade"
 
     @torch.no_grad()
     def calibration_scores(self, inputs, masks=None, batch_size: int = 128):
@@ -200,9 +209,32 @@ class EncoderPredictor(Predictor):
         if masks is not None and not masks[ALLOWED_FIELD].any():
             # nothing this caller may see: no narrow answer is possible
             return [self._finish({f: None for f in self.labels}, 0.0) for _ in inputs]
-        return self.answers_from_scores(self.calibration_scores(inputs, masks=masks))
+        if self.student is None or self.cascade == "teacher":
+            return self._teacher_answers(self.calibration_scores(inputs, masks=masks))
+        # The student first, under the same mask; the inputs it is not sure of go to the encoder.
+        mask = None if masks is None else masks[ALLOWED_FIELD].numpy()
+        best, conf = self.student.answer(inputs, mask)
+        answers: list[dict[str, Any] | None] = [
+            self._finish({self.student.field: self.student.labels[int(b)]}, float(c))
+            if self.cascade == "student" or c >= self.student.threshold
+            else None
+            for b, c in zip(best, conf, strict=True)
+        ]
+        unsure = [i for i, a in enumerate(answers) if a is None]
+        if unsure:
+            escalated = self._teacher_answers(
+                self.calibration_scores([inputs[i] for i in unsure], masks=masks)
+            )
+            for i, a in zip(unsure, escalated, strict=True):
+                answers[i] = a
+        return answers  # type: ignore[return-value]
 
     def answers_from_scores(self, scores):
+        if self.student is not None and self.cascade != "teacher":
+            return None  # the answers are the cascade's, not these scores' alone: evaluate calls predict()
+        return self._teacher_answers(scores)
+
+    def _teacher_answers(self, scores):
         from kolm_ray.models import outlier_probs
 
         logits, dists = scores

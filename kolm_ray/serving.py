@@ -239,11 +239,43 @@ def narrow(namespace: str, confidence: float) -> dict[str, Any]:
     }
 
 
+class TaggerHealth:
+    """Whether a tagger replica is ready, as the ingress last heard from Serve's controller.
+
+    "starting" until a replica has been ready once, "ok" while one is, "degraded" when none is any more.
+    While it is not "ok" the router answers broad at once instead of waiting out the budget on a tagger
+    that cannot answer (the contract's "Serve readiness").
+    """
+
+    def __init__(self) -> None:
+        self.status = "starting"
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ok"
+
+    def update(self, running_replicas: int) -> str:
+        """Record how many tagger replicas Serve reports RUNNING; returns the new status."""
+        if running_replicas > 0:
+            self.status = "ok"
+        elif self.status == "ok":
+            self.status = "degraded"
+        return self.status
+
+    def healthz(self) -> tuple[int, dict[str, str]]:
+        """GET /v1/recall/healthz: 200 {"status": "ok"} while a tagger is ready, else 503 with the state."""
+        return (200 if self.ready else 503), {"status": self.status}
+
+
 class Router:
     """Authenticate, validate, ask the tagger within the budget, decide narrow or broad."""
 
     def __init__(
-        self, tenants: Tenants, threshold: float = DEFAULT_THRESHOLD, budget_ms: float = DEFAULT_BUDGET_MS
+        self,
+        tenants: Tenants,
+        threshold: float = DEFAULT_THRESHOLD,
+        budget_ms: float = DEFAULT_BUDGET_MS,
+        health: TaggerHealth | None = None,
     ):
         if not 0.0 <= threshold <= 1.0:
             raise KolmError(f"threshold {threshold} is not in [0, 1]")
@@ -252,6 +284,8 @@ class Router:
         self.tenants = tenants
         self.threshold = threshold
         self.budget_s = budget_ms / 1000.0
+        # None: the tagger is assumed ready (plain-Python use); the Serve ingress passes the one it keeps.
+        self.health = health
         # The same verifier table compile and evaluation use; here it is the last gate before the answer.
         self._authorized = TenantAuthorizedVerifier(
             VerifierSpec(name="tenant-authorized"), Spec(output_kind="json")
@@ -289,6 +323,8 @@ class Router:
             query = parse_query(body)
         except RouteError as e:
             return e.status, {"error": e.reason}
+        if self.health is not None and not self.health.ready:
+            return 200, broad(tenant, 0.0, "tagger unavailable")
         remaining = self.budget_s - (time.perf_counter() - start)
         try:
             tagged = await asyncio.wait_for(

@@ -74,7 +74,7 @@ def build(out_dir: Path) -> Path:
         "--base", "tiny-encoder", "--pairs", str(out_dir / "pairs.jsonl"),
         "--namespaces", str(out_dir / "namespaces.json"),
         "--verifier", "closed-vocab,low-confidence-fallback-broad",
-        "--k-floor", "0.0", "--epochs", "8", "--output", str(artifact),
+        "--k-floor", "0.95", "--epochs", "8", "--output", str(artifact),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0 or not artifact.exists():

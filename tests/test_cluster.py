@@ -530,7 +530,9 @@ def test_drill_replica_node_lost_router_keeps_answering(sim, tagger_artifact, tm
     ingress = RecallIngress.options(
         ray_actor_options={"num_cpus": 0, "label_selector": {placement.NODE_KIND_LABEL: "head"}}
     )
-    serve.run(ingress.bind(tagger, str(tenants), 0.0, 2000.0), name="recall-drill", route_prefix="/")
+    # use_student=False: every query goes to the tagger replicas, whose node this drill takes away
+    app = ingress.bind(tagger, str(tenants), 0.0, 2000.0, str(tagger_artifact), use_student=False)
+    serve.run(app, name="recall-drill", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/recall/route"
     queries = [r["input"] for r in recall_artifact.pairs()[:8]]
     try:

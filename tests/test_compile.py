@@ -186,6 +186,12 @@ def test_compile_writes_signed_artifact_that_runs(ray_local, tmp_path: Path, cap
     assert {"brier", "ece", "field_accuracy", "temperature"} <= set(m["metrics"])
     losses = m["metrics"]["training"]["losses"]
     assert len(losses) == 6 and losses[-1] < losses[0]
+    student = m["metrics"]["student"]  # an encoder router: a student either holds the bar or is left out
+    if student["used"]:
+        assert student["k_score"]["cascade"] >= student["k_score"]["teacher"] - 0.005
+        assert zip_read(tmp_path / "tagger.kolm", "student/student.json")
+    else:
+        assert student["reason"]
     capsys.readouterr()
     assert main(["run", str(tmp_path / "tagger.kolm"), "how do i refund invoice charge"]) == 0
     assert json.loads(capsys.readouterr().out)["namespace"] == "billing"
@@ -249,6 +255,9 @@ def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_
     assert len(plan.eval_negatives) == 40 and len(plan.eval_rows) == 30
 
     with open_predictor(artifact) as p:
+        p.cascade = (
+            "teacher"  # the encoder's own calibration path (the cascade's tests: tests/test_recall.py)
+        )
         scored: list[str] = []
         score = p.calibration_scores
         p.calibration_scores = lambda inputs, **kw: (scored.extend(inputs), score(inputs, **kw))[1]
@@ -291,6 +300,7 @@ def test_router_with_eval_negatives_ships_class_distances_the_fast_path_reproduc
     queries = ["how do i refund invoice card", "weather on mars 99", "restart deploy worker"]
     with open_predictor(artifact) as p:
         assert p.model.gaussians is not None and p.outlier == calibration["outlier"]
+        p.cascade = "teacher"  # the fast form is the teacher stage: compare it with the teacher alone
         answers = p.predict(queries, allowed=["billing", "incidents"])
         fast, report = build_fast_tagger(EncoderParts.from_predictor(p), candidates=("onnx-fp32",))
     assert {r["backend"]: r["agrees"] for r in report}["onnx-fp32"], report

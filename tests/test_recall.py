@@ -55,7 +55,19 @@ def served(tagger_artifact):
     with mock.patch.dict(os.environ, {"KOLM_SIGNING_KEY": recall_artifact.SIGNING_KEY}):
         predictor = open_predictor(tagger_artifact, device="cpu")
     fast, report = build_fast_tagger(EncoderParts.from_predictor(predictor), threads=1, repeat=3)
+    predictor.cascade = "teacher"  # the fast form is the teacher stage: compare it with the teacher alone
     yield predictor, fast, report
+    predictor.close()
+
+
+@pytest.fixture(scope="module")
+def cascade(tagger_artifact):
+    """The artifact's Predictor as `kolm run` opens it: student first, the encoder for the rest."""
+    from kolm_ray.predictors import open_predictor
+
+    with mock.patch.dict(os.environ, {"KOLM_SIGNING_KEY": recall_artifact.SIGNING_KEY}):
+        predictor = open_predictor(tagger_artifact, device="cpu")
+    yield predictor
     predictor.close()
 
 
@@ -95,6 +107,111 @@ def test_served_form_answers_like_the_predictor(served, allowed):
     for g, w in zip(got, want, strict=True):
         assert g["namespace"] == w["namespace"]
         assert abs(g["confidence"] - w["confidence"]) <= 0.03
+
+
+# --- the cascade: static-embedding student, then the encoder ---------------------------------------------
+
+
+def test_compiled_router_ships_a_student_scored_in_the_manifest(cascade):
+    report = cascade.manifest["metrics"]["student"]
+    assert report["used"] is True and cascade.student is not None
+    k = report["k_score"]
+    # the bar the threshold was chosen for, and the shipped cascade scored through predict()
+    assert k["cascade"] >= k["teacher"] - 0.005 and k["cascade"] >= cascade.manifest["k_floor"]
+    assert 0.0 < report["student_share"] <= 1.0 and 0.7 <= report["threshold"] < 1.0
+    assert (
+        cascade.student.threshold == report["threshold"]
+        and cascade.student.labels == cascade.labels["namespace"]
+    )
+    assert report["ms_per_query"]["student"] < report["ms_per_query"]["teacher"]
+
+
+HELD = [  # not among the training phrases: other frames around the same topics
+    ("is there a fee on my checking account", "banking"),
+    ("i lost my passport before the flight", "travel"),
+    ("how long do i bake it in the oven", "kitchen"),
+    ("who sings this song on the album", "music"),
+]
+
+
+def test_cascade_answers_are_right_and_only_the_callers(cascade):
+    pairs = recall_artifact.pairs()[:40]
+    got = cascade.predict([r["input"] for r in pairs])
+    assert [a["namespace"] for a in got] == [r["output"]["namespace"] for r in pairs]
+    held = cascade.predict([q for q, _ in HELD])
+    assert sum(a["namespace"] == want for a, (_, want) in zip(held, HELD, strict=True)) >= 3, held
+    # tenant masking holds in both stages: the student's sure answers and the escalated ones
+    for allowed in (["banking", "travel"], ["music"], ["kitchen", "podcasts"]):
+        for answer in cascade.predict([r["input"] for r in pairs], allowed=allowed):
+            assert answer["namespace"] in allowed
+    assert cascade.predict(["book a flight"], allowed=["podcasts"])[0]["namespace"] is None
+
+
+def test_cascade_answers_from_the_student_when_sure_and_escalates_the_rest(cascade):
+    queries = [r["input"] for r in recall_artifact.pairs()[:30]] + [q for q, _ in HELD] + list(PROBES)
+    threshold = cascade.student.threshold
+    try:
+        cascade.cascade = "student"
+        student = cascade.predict(queries)
+        cascade.cascade = "teacher"
+        teacher = cascade.predict(queries)
+        cascade.cascade = "cascade"
+        both = cascade.predict(queries)
+        for s, t, c in zip(student, teacher, both, strict=True):
+            assert c == (s if s["confidence"] >= threshold else t)
+        cascade.student.threshold = 1.01  # never sure: every query is the teacher's
+        assert cascade.predict(queries) == teacher
+    finally:
+        cascade.cascade, cascade.student.threshold = "cascade", threshold
+
+
+def test_fit_student_ships_one_only_when_the_cascade_holds_the_bar(tagger_artifact, signing_key, tmp_path):
+    """fit_student on the compiled teacher, end to end (distillation included): with the floor at 0 it ships a
+    student whose cascade is right; with a floor no cascade can reach, none, and the manifest says why."""
+    from types import SimpleNamespace
+
+    from kolm_ray.predictors import open_predictor
+    from kolm_ray.spec import validate_spec
+    from kolm_ray.student import fit_student
+
+    rows = recall_artifact.pairs(seed=3)
+    with open_predictor(tagger_artifact, device="cpu") as teacher:
+        spec = validate_spec(teacher.manifest["spec"], "spec")
+        plan = SimpleNamespace(
+            train_rows=rows[:120],
+            eval_rows=rows[120:],
+            spec=spec,
+            eval_negatives=[],
+            training={},
+            k_floor=0.0,
+        )
+        (tmp_path / "yes").mkdir()
+        report = fit_student(teacher, plan, tmp_path / "yes")
+        assert report["used"] is True and (tmp_path / "yes" / "student" / "student.json").is_file()
+        assert report["k_score"]["cascade"] >= report["k_score"]["teacher"] - 0.005
+        got = teacher.predict([r["input"] for r in plan.eval_rows])  # the cascade, with the new student
+        assert [a["namespace"] for a in got] == [r["output"]["namespace"] for r in plan.eval_rows]
+
+        plan.k_floor = 1.01  # above any K-score
+        (tmp_path / "no").mkdir()
+        report = fit_student(teacher, plan, tmp_path / "no")
+        assert report["used"] is False and "0.5 points" in report["reason"]
+        assert not (tmp_path / "no" / "student").exists() and teacher.student is None
+
+
+def test_ingress_first_stage_is_the_predictors_student(cascade):
+    """The Serve ingress answers with Student.sure and sends the rest to the tagger: the same split."""
+    queries = [r["input"] for r in recall_artifact.pairs()[:30]] + [q for q, _ in HELD]
+    for allowed in (list(recall_artifact.NAMESPACES), ["banking", "music"]):
+        cascade.cascade = "student"
+        student = cascade.predict(queries, allowed=allowed)
+        cascade.cascade = "cascade"
+        for q, s in zip(queries, student, strict=True):
+            sure = cascade.student.sure(q, allowed)
+            if s["confidence"] >= cascade.student.threshold:
+                assert sure == {"namespace": s["namespace"], "confidence": pytest.approx(s["confidence"])}
+            else:
+                assert sure is None
 
 
 def test_fastpath_measures_forms_and_serves_one_that_agrees(served):
@@ -233,11 +350,15 @@ def _wait_for(predicate, timeout: float, what: str, step: float = 0.25):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_serve_route_contract_and_a_killed_tagger_replica(
+def test_serve_route_contract_readiness_and_a_killed_tagger_replica(
     tagger_artifact, tenants_file, free_port, monkeypatch
 ):
-    """Real Serve: 401/422/200 shapes; a tagger replica killed under load -> broad with a reason, never a
-    5xx; the route recovers to tagger answers once Serve has replaced the replica."""
+    """Real Serve: while no tagger replica can start, healthz is 503 "starting" and the route answers broad
+    at once ("tagger unavailable"); once one is ready, healthz 200 and right answers in the contract's
+    shapes (401/422/405 too); a tagger replica killed under load -> broad with a reason, never a 5xx, healthz
+    503 "degraded" until Serve has replaced it."""
+    import threading
+
     import ray
     from ray import serve
 
@@ -247,13 +368,51 @@ def test_serve_route_contract_and_a_killed_tagger_replica(
     monkeypatch.setenv("KOLM_SIGNING_KEY", recall_artifact.SIGNING_KEY)
     monkeypatch.setenv("KOLM_SERVE_THREADS", "1")
     ray.init(address="local", num_cpus=2, include_dashboard=False)
+
+    @ray.remote(num_cpus=2)
+    class Hog:  # holds both CPUs, so the tagger replica (num_cpus=1) cannot be placed until it goes
+        def ping(self) -> bool:
+            return True
+
     try:
+        hog = Hog.remote()
+        ray.get(hog.ping.remote(), timeout=60)
         serve.start(http_options={"host": "127.0.0.1", "port": free_port})
         app = app_builder(Args(artifact=str(tagger_artifact), tenants=str(tenants_file), budget_ms=100))
-        serve.run(app, name="recall", route_prefix="/")
+        # serve.run returns once every deployment is ready: run it aside and look at the route meanwhile.
+        deploying = threading.Thread(
+            target=serve.run, args=(app,), kwargs={"name": "recall", "route_prefix": "/"}
+        )
+        deploying.start()
         url = f"http://127.0.0.1:{free_port}/v1/recall/route"
+        health = url.replace("/route", "/healthz")
         alpha = {"Authorization": "Bearer key-alpha"}
         with httpx.Client(timeout=10) as c:
+            # the proxy answers 404 until the app's route is up; then the ingress answers for itself
+            r = _wait_for(
+                lambda: (lambda r: r if r.status_code != 404 and "status" in r.json() else None)(
+                    c.get(health)
+                ),
+                120,
+                "the ingress to answer",
+            )
+            assert r.status_code == 503 and r.json() == {"status": "starting"}
+            for query in ("how do i check my balance", "book a flight"):
+                body = c.post(url, json={"query": query}, headers=alpha).json()
+                # broad before the tagger is even asked: not after waiting out the budget
+                assert body == {
+                    "mode": "broad",
+                    "namespaces": TENANT_NAMESPACES["alpha"],
+                    "confidence": 0.0,
+                    "fallback": "broad",
+                    "reason": "tagger unavailable",
+                }
+            ray.kill(hog)
+            deploying.join(timeout=300)
+            assert not deploying.is_alive(), "serve.run did not finish"
+            r = _wait_for(lambda: (lambda r: r if r.status_code == 200 else None)(c.get(health)), 30, "ready")
+            assert r.json() == {"status": "ok"}
+
             assert c.post(url, json={"query": "hi"}).status_code == 401
             assert (
                 c.post(url, json={"query": "hi"}, headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -264,27 +423,21 @@ def test_serve_route_contract_and_a_killed_tagger_replica(
             assert r.status_code == 422 and "empty" in r.json()["error"]
             r = c.post(url, json={"query": "x" * 5000}, headers=alpha)
             assert r.status_code == 422 and "longer than" in r.json()["error"]
-            assert c.get(url.replace("/route", "/healthz")).json() == {"status": "ok"}
             assert c.get(url, headers=alpha).status_code == 405
-            # The first answers may still be broad while the replica warms; wait for a tagger answer.
-            first = _wait_for(
-                lambda: (lambda b: b if "reason" not in b else None)(
-                    c.post(url, json={"query": "how do i check my balance"}, headers=alpha).json()
-                ),
-                60,
-                "a tagger answer",
-            )
-            assert (
-                first.get("namespace") in TENANT_NAMESPACES["alpha"]
-                or first["namespaces"] == TENANT_NAMESPACES["alpha"]
-            )
-            beta = c.post(
-                url, json={"query": "tell me about the song"}, headers={"Authorization": "Bearer key-beta"}
-            ).json()
-            assert (
-                beta.get("namespace") in TENANT_NAMESPACES["beta"]
-                or beta["namespaces"] == TENANT_NAMESPACES["beta"]
-            )
+            # Training phrases the tagger was compiled on: narrow, and the right namespace, for both tenants.
+            for key, query, want in (
+                ("key-alpha", "how do i check my balance", "banking"),
+                ("key-alpha", "can you find a flight for me", "travel"),
+                ("key-beta", "tell me about the song", "music"),
+                ("key-beta", "what is the best recipe for this weekend", "kitchen"),
+            ):
+                body = c.post(url, json={"query": query}, headers={"Authorization": f"Bearer {key}"}).json()
+                assert body["mode"] == "narrow" and body["namespace"] == want, (query, body)
+            # A namespace outside the tenant is never answered: alpha asking about music gets its own.
+            body = c.post(url, json={"query": "tell me about the song"}, headers=alpha).json()
+            assert body.get("namespace", "banking") in TENANT_NAMESPACES["alpha"]
+            if body["mode"] == "broad":
+                assert body["namespaces"] == TENANT_NAMESPACES["alpha"]
 
         def kill_tagger() -> str:
             actors = [
@@ -302,14 +455,23 @@ def test_serve_route_contract_and_a_killed_tagger_replica(
                     r = await client.post(url, json={"query": query}, headers=alpha)
                     return r.status_code, r.json()
 
+                async def watch_health():
+                    while True:
+                        seen_health.add((await client.get(health)).json()["status"])
+                        await asyncio.sleep(0.1)
+
                 loop = asyncio.get_running_loop()
                 killer = loop.call_later(3.0, lambda: loop.run_in_executor(None, kill_tagger))
+                watcher = asyncio.create_task(watch_health())
                 try:
                     return await open_loop(
                         send, [r["input"] for r in recall_artifact.pairs()[:20]], 20, 10.0, 0.0
                     )
                 finally:
                     killer.cancel()
+                    watcher.cancel()
+
+        seen_health: set[str] = set()
 
         summary = asyncio.run(load_with_kill())
         assert summary["errors"] == 0, summary["error_kinds"]  # no 5xx, no connection errors
@@ -324,6 +486,8 @@ def test_serve_route_contract_and_a_killed_tagger_replica(
                 "the replacement tagger replica",
                 step=0.5,
             )
+            assert c.get(health).json() == {"status": "ok"}
+        assert "degraded" in seen_health, seen_health  # healthz said so while no tagger was ready
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -359,15 +523,19 @@ def test_kolm_serve_runs_the_yaml_and_stops_cleanly_on_sigterm(
     )
     try:
         url = f"http://127.0.0.1:{free_port}/v1/recall/route"
-        body = _wait_for(
-            lambda: httpx.post(
-                url, json={"query": "play a song"}, headers={"Authorization": "Bearer key-beta"}, timeout=5
-            ).json(),
+        _wait_for(
+            lambda: httpx.get(url.replace("/route", "/healthz"), timeout=5).json() == {"status": "ok"},
             240,
-            "kolm serve to answer",
+            "kolm serve to report a ready tagger",
             step=1.0,
         )
-        assert body["mode"] in ("narrow", "broad")
+        body = httpx.post(
+            url,
+            json={"query": "tell me about the song"},
+            headers={"Authorization": "Bearer key-beta"},
+            timeout=5,
+        ).json()
+        assert body["mode"] == "narrow" and body["namespace"] == "music", body
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=90)
         assert rc == 0, proc.stderr.read().decode()[-3000:]

@@ -18,6 +18,7 @@ from kolm_ray.serving import (
     MAX_BODY_BYTES,
     MAX_QUERY_CHARS,
     Router,
+    TaggerHealth,
     Tenants,
     TenantsFile,
     load_tenants,
@@ -385,3 +386,45 @@ def test_fast_serve_env_for_a_ray_started_here(monkeypatch):
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
     assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+
+
+# --- readiness ---------------------------------------------------------------------------------------------
+
+
+def test_tagger_health_is_starting_then_ok_then_degraded():
+    h = TaggerHealth()
+    assert (h.status, h.ready, h.healthz()) == ("starting", False, (503, {"status": "starting"}))
+    assert h.update(0) == "starting"  # never ready yet: still starting, not degraded
+    assert h.update(2) == "ok" and h.healthz() == (200, {"status": "ok"})
+    assert h.update(1) == "ok"
+    assert h.update(0) == "degraded" and h.healthz() == (503, {"status": "degraded"})
+    assert h.update(1) == "ok"
+
+
+def test_no_ready_tagger_routes_broad_at_once_without_asking_it():
+    asked = []
+
+    async def tag(query, namespaces):
+        asked.append(query)
+        await asyncio.sleep(10)  # a tagger that would never answer within the budget
+
+    health = TaggerHealth()
+    r = Router(tenants(acme=["runbooks", "incidents"]), budget_ms=5000, health=health)
+    for state in ("starting", "degraded"):
+        health.status = state
+        status, out = route(r, "Bearer key-acme", b'{"query": "disk full on db-1"}', tag)
+        assert status == 200
+        assert out == {
+            "mode": "broad",
+            "namespaces": ["runbooks", "incidents"],
+            "confidence": 0.0,
+            "fallback": "broad",
+            "reason": "tagger unavailable",
+        }
+    assert asked == []  # answered without waiting on the tagger, let alone for the 5 s budget
+    # Auth and validation come first, whatever the tagger's state.
+    assert route(r, "Bearer nope", b'{"query": "q"}', tag)[0] == 401
+    assert route(r, "Bearer key-acme", b'{"query": ""}', tag)[0] == 422
+    health.update(1)
+    status, out = route(r, "Bearer key-acme", b'{"query": "q"}', confident("runbooks"))
+    assert out["mode"] == "narrow" and out["namespace"] == "runbooks"

@@ -1,0 +1,172 @@
+"""HTTP load on the recall route with wrk (C, Debian package `wrk`): a different query per request, Poisson-paced.
+
+    rows = run_rates("http://127.0.0.1:8000", "bench-all-key", queries, [50, 100, 400], duration=10)
+
+Each connection sends one request at a time and waits an exponential think time before the next (wrk's
+`delay()`), so with `rate / PER_CONNECTION_RPS` connections the offered load is about `rate` requests per
+second while answers stay well under the think time (100 ms at 10 rps per connection, the route's budget);
+the achieved rate is reported beside the target. The Lua script counts, from each answer's body, narrow,
+broad, over budget ("exceeded the ... budget") and tagger unavailable; wrk itself measures latency (from
+sending a request to its full response) and reports the percentiles below.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PER_CONNECTION_RPS = 10.0
+PERCENTILES = (50, 90, 95, 99, 99.9)
+
+LUA = r"""
+local bodies, threads, counter = {}, {}, 0
+local rate, stride, offset = 10, 1, 0
+local auth = ""
+
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  for line in io.lines(args[1]) do bodies[#bodies + 1] = line end
+  rate = tonumber(args[2])
+  auth = args[3]
+  math.randomseed(1000 + id)
+  -- threads walk the query list from different places, so concurrent requests carry different queries
+  offset = math.floor(#bodies * id / tonumber(args[4]))
+  narrow, broad, over, unavailable, bad = 0, 0, 0, 0, 0
+end
+
+function request()
+  offset = offset + 1
+  local body = bodies[(offset % #bodies) + 1]
+  return wrk.format("POST", "/v1/recall/route",
+    {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. auth}, body)
+end
+
+function delay()
+  return -math.log(1 - math.random()) * 1000 / rate  -- exponential think time (ms): Poisson per connection
+end
+
+function response(status, headers, body)
+  if status ~= 200 then bad = bad + 1
+  elseif body:find('budget', 1, true) then over = over + 1
+  elseif body:find('unavailable', 1, true) then unavailable = unavailable + 1
+  elseif body:find('"narrow"', 1, true) then narrow = narrow + 1
+  else broad = broad + 1 end
+end
+
+function done(summary, latency, requests)
+  local c = {narrow = 0, broad = 0, over_budget = 0, unavailable = 0, non_200 = 0}
+  for _, t in ipairs(threads) do
+    c.narrow = c.narrow + t:get("narrow")
+    c.broad = c.broad + t:get("broad")
+    c.over_budget = c.over_budget + t:get("over")
+    c.unavailable = c.unavailable + t:get("unavailable")
+    c.non_200 = c.non_200 + t:get("bad")
+  end
+  local p = {}
+  for _, q in ipairs(PERCENTILE_LIST) do p[#p + 1] = string.format('"%s": %.3f', q, latency:percentile(q) / 1000) end
+  io.write(string.format(
+    'KOLM-RESULT {"requests": %d, "duration_s": %.3f, "socket_errors": %d, "latency_ms": {%s}, ' ..
+    '"mean_ms": %.3f, "max_ms": %.3f, "narrow": %d, "broad": %d, "over_budget": %d, "unavailable": %d, ' ..
+    '"non_200": %d}\n',
+    summary.requests, summary.duration / 1e6,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    table.concat(p, ", "), latency.mean / 1000, latency.max / 1000,
+    c.narrow, c.broad, c.over_budget, c.unavailable, c.non_200))
+end
+""".replace("PERCENTILE_LIST", "{" + ", ".join(str(p) for p in PERCENTILES) + "}")
+
+
+def require_wrk() -> str:
+    path = shutil.which("wrk")
+    if path is None:
+        raise SystemExit("wrk is not installed: `sudo apt-get install -y wrk` (make bench installs it)")
+    return path
+
+
+def run_rate(url: str, key: str, queries: list[str], rate: float, duration: float, threads: int = 1) -> dict:
+    """One wrk run at about `rate` requests per second for `duration` seconds; its counts and latencies."""
+    connections = max(threads, round(rate / PER_CONNECTION_RPS))
+    with tempfile.TemporaryDirectory(prefix="kolm-wrk-") as tmp:
+        script, bodies = Path(tmp) / "route.lua", Path(tmp) / "bodies.jsonl"
+        script.write_text(LUA)
+        bodies.write_text("".join(json.dumps({"query": q}) + "\n" for q in queries))
+        per_conn = rate / connections
+        cmd = [
+            require_wrk(), f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
+            "-s", str(script), url, "--", str(bodies), f"{per_conn:.4f}", key, str(threads),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("KOLM-RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    out: dict[str, Any] = json.loads(line.removeprefix("KOLM-RESULT "))
+    n = max(out["requests"], 1)
+    out.update(
+        target_rps=rate,
+        achieved_rps=round(out["requests"] / out["duration_s"], 1),
+        connections=connections,
+        over_budget_share=out["over_budget"] / n,
+        narrow_share=out["narrow"] / n,
+        # the keys kolm_ray.bench.plot_latency reads
+        offered_rps=rate,
+        p50=out["latency_ms"]["50"],
+        p95=out["latency_ms"]["95"],
+        p99=out["latency_ms"]["99"],
+    )
+    return out
+
+
+def run_rates(
+    url: str,
+    key: str,
+    queries: list[str],
+    rates: list[float],
+    duration: float,
+    warmup: float = 3.0,
+    meter=None,
+) -> list[dict[str, Any]]:
+    """Each rate after a short warm-up at that rate; `meter` (benchmarks/recall.py cpu_meter) adds CPU per
+    request by process."""
+    rows = []
+    for rate in rates:
+        run_rate(url, key, queries, rate, warmup)
+        finish = meter() if meter is not None else None
+        row = run_rate(url, key, queries, rate, duration)
+        if finish is not None:
+            row.update(finish(row["requests"]))
+        p = row["latency_ms"]
+        print(
+            f"  {rate:>5g} rps (achieved {row['achieved_rps']}): p50 {p['50']:.1f} ms  p99 {p['99']:.1f} ms  "
+            f"over budget {row['over_budget_share']:.2%}  narrow {row['narrow_share']:.1%}",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def max_rate_within(
+    rows: list[dict[str, Any]], p99_ms: float = 100.0, over_budget: float = 0.01
+) -> float | None:
+    """The highest target rate whose p99 <= p99_ms and over-budget share <= over_budget (all lower rates too)."""
+    best = None
+    for row in sorted(rows, key=lambda r: r["target_rps"]):
+        ok = (
+            row["latency_ms"]["99"] <= p99_ms
+            and row["over_budget_share"] <= over_budget
+            and row["non_200"] == 0
+            and row["socket_errors"] == 0
+            and row["achieved_rps"] >= 0.9 * row["target_rps"]
+        )
+        if not ok:
+            break
+        best = row["target_rps"]
+    return best
