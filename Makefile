@@ -41,7 +41,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kolm_ray deployments tests benchmarks
 	$(VENV)/bin/ruff format --check kolm_ray deployments tests benchmarks
 
-# benchmarks/recall.py drives the route with wrk (Debian package): installed here when missing.
+# The HTTP benchmarks drive load with compiled generators (Debian packages), installed here when missing:
+# hey for capture.py and store.py, wrk (a Lua script, a different query per request) for recall.py.
 bench: $(STAMP)
 	@command -v hey >/dev/null 2>&1 || apt-get install -y hey >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y hey >/dev/null 2>&1) \
 		|| { echo "make bench: benchmarks/capture.py drives load with hey; install it: sudo apt-get install -y hey"; exit 1; }
