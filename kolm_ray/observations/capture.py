@@ -419,7 +419,7 @@ def create_app(
         # Rows no store would take even sanitised (in $KOLM_HOME/dead-letter.jsonl): shown once there are any.
         extra = {"dead_lettered": w.dead_lettered} if w.dead_lettered else {}
         # This process's own state: with --workers N each worker answers for itself (pid, "i/N").
-        me = {"pid": os.getpid(), "worker": worker_index()}
+        me = {"pid": os.getpid(), "worker": worker_index()} if worker_index() is not None else {}
         # Promoted models: which namespaces answer locally, and why one does not (a missing file, say).
         me.update({} if app.state.local is None else app.state.local.status())
         if not ok:

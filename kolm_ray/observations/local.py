@@ -179,7 +179,10 @@ class LocalAnswers:
         self._retired.append((time.monotonic(), loaded.predictor))
 
     def status(self) -> dict[str, Any]:
-        """For /healthz: live models per namespace and why any registered model is not being served."""
+        """For /healthz: live models per namespace and why any registered model is not being served
+        (nothing while the registry has no model for this proxy: /healthz keeps its plain shape)."""
+        if not self.live and not self.problems:
+            return {}
         return {
             "local": {
                 "models": {ns: m.row.label for ns, m in sorted(self.live.items())},
