@@ -236,7 +236,7 @@ class LocalAnswers:
             return "parameters a local answer cannot honour"
         if not matches(loaded.row.shape, shape_of_request(payload)):
             return "another request shape"
-        from kolm_ray.observations.writer import FORMATS
+        from kolm_ray.observations.exchange import FORMATS
 
         try:
             text = FORMATS[provider].input_text(payload)
@@ -280,10 +280,12 @@ class LocalAnswers:
 
     def _record(self, request: Request, provider: str, namespace: str, payload: dict, content: bytes,
                 stream: bool, latency_ms: float, obs_id: str, local: bool = True, status: int = 200) -> None:  # fmt: skip
-        from kolm_ray.observations.writer import Exchange
+        from kolm_ray.observations.exchange import Exchange
 
         request.app.state.writer.submit(
-            Exchange(provider, namespace, request.headers.get("x-kolm-tenant") or None, payload, status, latency_ms,
+            # ASCII JSON of the parsed request: a lone surrogate stays an escape, as the client sent it.
+            Exchange(provider, namespace, request.headers.get("x-kolm-tenant") or None, json.dumps(payload).encode(),
+                     status, latency_ms,
                      body=content, streamed=stream, local=local, observation_id=obs_id)
         )  # fmt: skip
 
@@ -292,15 +294,16 @@ class LocalAnswers:
                       loaded: Loaded, local_id: str) -> None:  # fmt: skip
         """Ask the upstream the same question (non-streamed), store its answer and the pair's agreement."""
         from kolm_ray.observations.capture import _UPSTREAM_ERRORS, _forward_headers
-        from kolm_ray.observations.writer import FORMATS
+        from kolm_ray.observations.exchange import FORMATS
 
         state = request.app.state
         shadow = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
+        shadow_body = json.dumps(shadow).encode()
         headers = _forward_headers(request.headers.raw)  # the caller's own key, in this task's memory only
         up_id, detail, agree = new_id(), {}, None
         t0 = time.perf_counter()
         try:
-            async with state.http.post(state.upstream_urls[provider], data=json.dumps(shadow).encode(),
+            async with state.http.post(state.upstream_urls[provider], data=shadow_body,
                                        headers=headers, allow_redirects=False) as up:  # fmt: skip
                 content = await up.read()
                 status, encoding = up.status, up.headers.get("content-encoding")
@@ -308,10 +311,10 @@ class LocalAnswers:
             detail = {"error": f"shadow upstream call failed: {type(e).__name__}: {e}"}
             up_id = None
         else:
-            from kolm_ray.observations.writer import Exchange
+            from kolm_ray.observations.exchange import Exchange
 
             state.writer.submit(
-                Exchange(provider, namespace, request.headers.get("x-kolm-tenant") or None, shadow, status,
+                Exchange(provider, namespace, request.headers.get("x-kolm-tenant") or None, shadow_body, status,
                          (time.perf_counter() - t0) * 1000, body=content, content_encoding=encoding,
                          observation_id=up_id)
             )  # fmt: skip
@@ -337,7 +340,7 @@ def _agreement(
 ):
     """(agree, detail) under the K-score's field rules; agree None when the upstream gave no usable answer."""
     from kolm_ray.evaluate import field_correct
-    from kolm_ray.observations.writer import decode_body
+    from kolm_ray.observations.exchange import decode_body
     from kolm_ray.spec import CONFIDENCE_FIELD, FALLBACK_FIELD
 
     if not 200 <= status < 300:
