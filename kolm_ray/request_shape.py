@@ -16,7 +16,7 @@ import hashlib
 from collections import Counter
 from typing import Any
 
-from kolm_ray.clustering import _normalize_prompt, response_format, system_prompt
+from kolm_ray.clustering.featurize import _normalize_prompt, response_format, system_prompt
 
 EMPTY_SHAPE = {"system_prompt": "", "response_format": "", "turns": "single"}
 """What an artifact compiled from plain pairs (no recipe, so no captured requests) answers: calls with no
