@@ -306,7 +306,10 @@ def test_broken_registry_file_goes_upstream_and_healthz_says_why(proxy):
     data = Path(row.path).read_bytes()
     Path(row.path).write_bytes(data[:-100] + bytes(100))  # corrupt the registry's copy
     deadline = time.monotonic() + 30
-    while NS not in httpx.get(f"{url}/healthz").json().get("local", {}).get("problems", {}) and time.monotonic() < deadline:
+    while (
+        NS not in httpx.get(f"{url}/healthz").json().get("local", {}).get("problems", {})
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
     health = httpx.get(f"{url}/healthz").json()
     assert health["ok"] is True and "answering upstream" in health["local"]["problems"][NS]
