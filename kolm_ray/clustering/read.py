@@ -27,6 +27,7 @@ def _loads(x: Any) -> Any:
 
 # ---- reading ------------------------------------------------------------------------------------------------
 
+
 def read_observations(store_url: str, namespaces: str | list[str], num_blocks: int):
     """A Ray Dataset of the namespaces' rows (seq, id, namespace, input, output JSON, verified, request JSON),
     read through the store (SQLite or PostgreSQL) in `num_blocks` shards: see observations/dataset.py.
