@@ -17,6 +17,8 @@ Per namespace, in one pass:
 4. Candidate: cluster the namespace (Ray Data) and write a recipe from the live model's cluster (same
    request shape key; the largest cluster when nothing is live), minus the held-out rows, then compile it
    (a Ray Train run, K-score gate, signed .kolm) - the same functions `kolm recipe` and `kolm compile` run.
+   A drifting namespace's recipe also leaves out everything up to the live model's compile: the upstream
+   answers differently now, and the older answers would teach the candidate the old task.
 5. Decide on the held-out rows of the candidate's request shape: both models answer them; a row is right
    when every field equals the upstream's (the K-score's field rules). Promote when the candidate's
    held-out agreement is at least its own k_floor AND it is not worse than the live model: b = rows only
@@ -121,6 +123,12 @@ def holdout_rows(store: Any, namespace: str, after: str | None, n: int = HOLDOUT
         {"id": i, "input": t, "output": json.loads(o) if o else None, "request": json.loads(r) if r else None}
         for i, t, o, r in rows
     ]
+
+
+def older_than(store: Any, namespace: str, when: str) -> set[str]:
+    """Ids of the namespace's observations up to `when` (what a drifting namespace's candidate leaves out)."""
+    q = _sql(store, "SELECT id FROM observations WHERE namespace = ? AND created_at <= ?")
+    return {i for (i,) in store._read().execute(q, (namespace, _iso(when))).fetchall()}
 
 
 # ---- the paired comparison ---------------------------------------------------------------------------------
@@ -252,7 +260,10 @@ def run_namespace(store: Any, namespace: str, min_new: int, owner: str, build: B
         workdir = Path(tempfile.mkdtemp(prefix=f"kolm-loop-{namespace}-"))
         try:
             try:
-                artifact = build(store, namespace, {r["id"] for r in rows}, workdir, name, live)
+                exclude = {r["id"] for r in rows}
+                if state != "ok":  # the upstream's answers changed: learn from what it says now
+                    exclude |= older_than(store, namespace, after)
+                artifact = build(store, namespace, exclude, workdir, name, live)
             except (KolmError, GateError) as e:
                 if live is None:
                     return f"{namespace}: skipped (candidate: {e})"

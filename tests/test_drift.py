@@ -85,7 +85,12 @@ def wait(pred, timeout: float = 30.0):
 def test_disagreeing_shadow_pairs_raise_the_rate_then_stop_local_answers(proxy, taggers):
     url, store, app = proxy
     d = wait(lambda: health(url)["drift"].get(NS))
-    assert d == {"state": "drifting", "live_agreement": 0.45, "pairs": 40, "shadow_rate": drift.DRIFT_SHADOW_RATE}
+    assert d == {
+        "state": "drifting",
+        "live_agreement": 0.45,
+        "pairs": 40,
+        "shadow_rate": drift.DRIFT_SHADOW_RATE,
+    }
     before = len(registry.shadow_pairs(store, NS))
     served = []
     for i in range(200):  # until the proxy stops answering locally (bounded)

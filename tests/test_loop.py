@@ -116,6 +116,22 @@ def test_skips_too_few_new_observations(store, taggers):
     assert loop.new_usable(store, NS, registry.live_models(store)[NS].created_at) == 30
 
 
+def test_drift_recompiles_below_min_new_from_the_new_answers_only(store, taggers):
+    live = registry.promote(store, taggers["weak"], NS)
+    old = [
+        o.model_copy(update={"created_at": datetime(2020, 1, 1, tzinfo=timezone.utc)})
+        for o in traffic(50, seed=9)
+    ]
+    store.append_many(old + traffic(120))
+    for i in range(30):  # the upstream now disagrees with the live model
+        registry.record_shadow(store, f"pair-{i}", None, NS, live.version, i < 3, {})
+    seen: list = []
+    (line,) = loop.loop_once(store, min_new=500, build=builder(taggers["strong"], seen))
+    assert line.startswith(f"{NS}: promoted tagger@2 (k="), line  # 120 < 500 new, but drifting
+    assert {o.id for o in old} <= seen[0]  # answers from before the live model's compile left out
+    assert len(seen[0]) == 50 + 120  # and the held-out calls: all 120 newer ones (fewer than HOLDOUT)
+
+
 def test_two_loops_at_once_promote_at_most_once(tmp_path, store, taggers):
     registry.promote(store, taggers["weak"], NS)
     store.append_many(traffic(300))

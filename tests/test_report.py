@@ -109,7 +109,7 @@ def test_user_price_table_wins(store, tmp_path, monkeypatch, kolm_home):
     support = next(n for n in data["public"]["namespaces"] if n["name"] == "support")
     assert support["spend_usd"] == (1000 + 200 + 2000 + 400 + 3000 + 600 + 9000 + 9000) / 1e6
     assert data["public"]["unpriced"] == {"claude-3-5-haiku-20241022": 1, "sim-frontier": 1}
-    (kolm_home / "prices.yaml").write_text('models:\n  gpt-4o: {input: 0, output: 0}\n')
+    (kolm_home / "prices.yaml").write_text("models:\n  gpt-4o: {input: 0, output: 0}\n")
     assert load_prices().path == str(kolm_home / "prices.yaml")
     monkeypatch.setenv("KOLM_PRICES", str(table))
     assert load_prices().path == str(table)
