@@ -56,7 +56,9 @@ def spend_plot(ns: Any) -> str:
     ax2.set_ylabel("share answered locally")
     ax.set_title(f"{ns.name}: spend and local share")
     fig.autofmt_xdate()
-    fig.legend(loc="upper left", fontsize=8, bbox_to_anchor=(0.1, 0.9))
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=8)
     try:
         return _svg(fig)
     finally:
@@ -80,14 +82,18 @@ def agreement_plot(ns: Any) -> str:
     if ns.k_floor is not None:
         ax.axhline(ns.k_floor, color="#c44e52", linestyle="--", label=f"k_floor {ns.k_floor:.2f}")
         ax.axhline(ns.k_floor - STOP_MARGIN, color="#c44e52", linestyle=":", label="stop local answers")
-    for t, label in ns.promotions:
-        ax.axvline(_dt(t), color="#8172b2", alpha=0.5)
-        ax.annotate(label, (_dt(t), 0.02), rotation=90, fontsize=7, color="#8172b2")
+    span = (_dt(ns.agreement_series[0][0]), _dt(ns.agreement_series[-1][0])) if ns.agreement_series else None
+    for t, label in ns.promotions:  # within the plotted window (a version's pairs start after its promotion)
+        if span is None or span[0] <= _dt(t) <= span[1]:
+            ax.axvline(_dt(t), color="#8172b2", alpha=0.5)
+            ax.annotate(label, (_dt(t), 0.05), rotation=90, fontsize=7, color="#8172b2")
     ax.set_ylim(0, 1.05)
+    if span is not None and span[0] < span[1]:
+        ax.set_xlim(span)
     ax.set_ylabel("agreement (trailing window)")
     ax.set_title(f"{ns.name}: live agreement vs floor")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower left", fontsize=7)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, fontsize=7)
     fig.autofmt_xdate()
     try:
         return _svg(fig)
