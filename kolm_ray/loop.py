@@ -12,8 +12,8 @@ Per namespace, in one pass:
 2. Lease: a row in the store's `loop_leases` table (namespace, owner, expires_at), taken in one write
    transaction and renewed right before promoting. A second loop on the same store finds it held and skips
    the namespace, so two loops never both promote; a crashed loop's lease expires after LEASE_S.
-3. Held out: the newest HOLDOUT usable upstream observations after the live model's compile (neither model
-   trained on them: the live one was compiled before them, the candidate's recipe excludes them).
+3. Held out: the newest quarter (20 to HOLDOUT = 200) of the new usable upstream observations after the live
+   model's compile (neither model trained on them: the live one was compiled before them, the candidate's recipe excludes them).
 4. Candidate: cluster the namespace (Ray Data) and write a recipe from the live model's cluster (same
    request shape key; the largest cluster when nothing is live), minus the held-out rows, then compile it
    (a Ray Train run, K-score gate, signed .kolm) - the same functions `kolm recipe` and `kolm compile` run.
@@ -48,7 +48,7 @@ from typing import Any
 from kolm_ray.errors import KolmError
 
 DEFAULT_MIN_NEW = 500
-HOLDOUT = 200  # newest upstream calls held out per pass (at most)
+HOLDOUT = 200  # newest upstream calls held out per pass: a quarter of the new ones, 20 to 200
 MIN_HOLDOUT = 20  # fewer rows of the candidate's shape: no verdict, the live model stays
 ALPHA = 0.05
 LEASE_S = 6 * 3600  # longer than any compile on a small cluster; renewed before promoting
@@ -253,7 +253,7 @@ def run_namespace(store: Any, namespace: str, min_new: int, owner: str, build: B
         state = drift.namespace_state(store, live)[0] if live is not None else "ok"
         if new < min_new and state == "ok":
             return f"{namespace}: skipped ({new} new usable observations, fewer than {min_new})"
-        rows = holdout_rows(store, namespace, after)
+        rows = holdout_rows(store, namespace, after, min(HOLDOUT, max(MIN_HOLDOUT, new // 4)))
         if len(rows) < MIN_HOLDOUT:
             return f"{namespace}: skipped ({len(rows)} held-out calls, fewer than {MIN_HOLDOUT})"
         name = live.name if live is not None else namespace
