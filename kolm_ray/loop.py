@@ -278,7 +278,10 @@ def run_namespace(store: Any, namespace: str, min_new: int, owner: str, build: B
                 return f"{namespace}: kept {live.label} ({why})" if live else f"{namespace}: skipped ({why})"
             floor = float(manifest.get("k_floor") or 0.0)
             cand = correctness(artifact, rows)
-            live_right = correctness(live.path, rows) if live is not None else None
+            # A live model whose file is gone or broken is not answering anything (the proxy skips it):
+            # the candidate then only has to pass its own floor.
+            usable_live = live is not None and registry.check_file(live) is None
+            live_right = correctness(live.path, rows) if usable_live else None
             v = decide(cand, live_right, floor)
             print(f"{namespace}: {v.reason}", file=sys.stderr)
             if not v.promote:
@@ -290,7 +293,11 @@ def run_namespace(store: Any, namespace: str, min_new: int, owner: str, build: B
             held = acquire(store, namespace, owner)  # renew: only the lease holder promotes
             if held is not None:
                 return f"{namespace}: skipped ({held})"
-            row = registry.promote(store, artifact, namespace)
+            try:
+                row = registry.promote(store, artifact, namespace)
+            except KolmError as e:  # e.g. the spec no longer fits the newest outputs (registry.check_fit)
+                kept = f"kept {live.label}" if live is not None else "skipped"
+                return f"{namespace}: {kept} (promotion refused: {e})"
             k = (manifest.get("metrics") or {}).get("k_score")
             return (
                 f"{namespace}: promoted {row.label} (k={k:.2f})"
@@ -313,7 +320,13 @@ def loop_once(store: Any, min_new: int = DEFAULT_MIN_NEW, namespaces: list[str] 
     names = namespaces or sorted({n["name"] for n in store.namespaces()} | set(registry.live_models(store)))
     lines = []
     for ns in names:
-        line = run_namespace(store, ns, min_new, owner, build or recipe_and_compile)
+        try:
+            line = run_namespace(store, ns, min_new, owner, build or recipe_and_compile)
+        except Exception as e:  # one namespace's failure (Ray, disk) must not end the others' pass
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            line = f"{ns}: skipped (error: {type(e).__name__}: {str(e)[:200]})"
         print(line, flush=True)
         lines.append(line)
     return lines

@@ -197,3 +197,19 @@ def test_loop_compile_end_to_end(store, taggers, capsys):
     live = registry.live_models(store)[NS]
     manifest = json.loads(json.dumps(live.public()))
     assert live.version == 2 and manifest["k_score"] >= manifest["k_floor"]
+
+
+def test_one_namespace_failing_does_not_end_the_pass(store, taggers):
+    store.append_many(traffic(120))
+    other = [o.model_copy(update={"namespace": "billing", "id": "b" + o.id}) for o in traffic(120)]
+    store.append_many(other)
+
+    def build(store, namespace, exclude, workdir, name, live):
+        if namespace == "billing":
+            raise RuntimeError("the Ray cluster went away")
+        return builder(taggers["strong"])(store, namespace, exclude, workdir, name, live)
+
+    lines = loop.loop_once(store, min_new=100, build=build)
+    assert lines[0] == "billing: skipped (error: RuntimeError: the Ray cluster went away)"
+    assert lines[1].startswith(f"{NS}: promoted tagger@1 (k=")
+    assert loop.acquire(store, "billing", "later") is None  # its lease was released
