@@ -74,7 +74,7 @@ class NamespaceReport:
     local_calls: int = 0
     spend: Decimal = Decimal(0)
     saved: Decimal = Decimal(0)
-    days: dict[str, dict[str, Any]] = field(default_factory=dict)  # day -> {upstream, local, spend, saved}
+    days: dict[str, dict[str, Any]] = field(default_factory=dict)  # minute -> {upstream, local, spend, saved}
     live_agreement: float | None = None
     pairs: int = 0
     k_floor: float | None = None
@@ -86,7 +86,7 @@ class NamespaceReport:
 
     def day(self, created_at: str) -> dict[str, Any]:
         return self.days.setdefault(
-            created_at[:10], {"upstream": 0, "local": 0, "spend": Decimal(0), "saved": Decimal(0)}
+            created_at[:16], {"upstream": 0, "local": 0, "spend": Decimal(0), "saved": Decimal(0)}
         )
 
     def public(self) -> dict[str, Any]:

@@ -36,20 +36,39 @@ def _dt(s: str) -> datetime:
     return datetime.fromisoformat(s)
 
 
+# (unit, key length of an ISO timestamp, bin width in days): the finest that spans at most ~60 bins
+_UNITS = (("minute", 16, 1 / 1440), ("hour", 13, 1 / 24), ("day", 10, 1.0))
+
+
+def _bins(minutes: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], str, float]:
+    """Per-minute sums regrouped by minute, hour or day, whichever keeps the plot to about 60 bars."""
+    keys = sorted(minutes)
+    span = (_dt(keys[-1]) - _dt(keys[0])).total_seconds() / 86400 if keys else 0.0
+    unit, n, width = next((u for u in _UNITS if span / u[2] <= 60), _UNITS[-1])
+    out: dict[str, dict[str, Any]] = {}
+    for k in keys:
+        head = k[:n]
+        key = head + {16: "", 13: ":00", 10: "T00:00"}[n]
+        b = out.setdefault(key, {"upstream": 0, "local": 0, "spend": 0.0})
+        b["upstream"] += minutes[k]["upstream"]
+        b["local"] += minutes[k]["local"]
+        b["spend"] += float(minutes[k]["spend"])
+    return out, unit, width
+
+
 def spend_plot(ns: Any) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    days = sorted(ns.days)
-    x = [datetime.fromisoformat(d) for d in days]
-    spend = [float(ns.days[d]["spend"]) for d in days]
-    calls = [ns.days[d]["upstream"] + ns.days[d]["local"] for d in days]
-    share = [ns.days[d]["local"] / c if c else 0.0 for d, c in zip(days, calls, strict=True)]
+    bins, unit, width = _bins(ns.days)
+    x = [datetime.fromisoformat(b) for b in sorted(bins)]
+    spend = [float(bins[b]["spend"]) for b in sorted(bins)]
+    share = [bins[b]["local"] / max(1, bins[b]["upstream"] + bins[b]["local"]) for b in sorted(bins)]
     fig, ax = plt.subplots(figsize=(5.2, 3.0))
-    ax.bar(x, spend, color="#4c72b0", width=0.8, label="upstream spend ($)")
-    ax.set_ylabel("spend per day ($)")
+    ax.bar(x, spend, color="#4c72b0", width=width * 0.8, align="edge", label="upstream spend ($)")
+    ax.set_ylabel(f"spend per {unit} ($)")
     ax2 = ax.twinx()
     ax2.plot(x, share, color="#dd8452", marker="o", label="answered locally")
     ax2.set_ylim(0, 1.05)
