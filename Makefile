@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/compile_tagger.py
 	$(PY) benchmarks/recall.py
 	$(PY) benchmarks/causal_scorer.py
+	$(PY) benchmarks/local.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-out

@@ -42,7 +42,8 @@ class Args(BaseModel):
     """The application's arguments: the four keys under `args:` in deployments/recall.yaml."""
 
     artifact: str = "demo-out/namespace-tagger.kolm"
-    """Signed namespace-tagger .kolm (written by `make demo` or `kolm compile`); relative to the working dir."""
+    """Signed namespace-tagger .kolm (written by `make demo` or `kolm compile`); relative to the working dir.
+    `registry:NS` serves NS's live model from the registry (`kolm models promote`) and follows promotions."""
     tenants: str = "configs/tenants.yaml"
     """Tenants file: bearer-key sha256 -> authorized namespaces."""
     threshold: float = Field(DEFAULT_THRESHOLD, ge=0.0, le=1.0)
@@ -87,33 +88,47 @@ def _resolve(path: str) -> str:
 class NamespaceTagger:
     """Verifies the artifact, builds its fastest form, and scores batches of (query, caller's namespaces)."""
 
-    def __init__(self, artifact: str):
-        from kolm_ray.fastpath import EncoderParts, build_fast_tagger
+    def __init__(self, artifact: str, follow: str | None = None):
         from kolm_ray.placement import pick_device
-        from kolm_ray.predictors import open_predictor
 
         self.device = pick_device()  # cuda, then mps, then cpu
-        # open_predictor verifies the HMAC signature and every file hash before reading a weight.
-        self.predictor = open_predictor(artifact, device=self.device)
-        self.report: list[dict[str, Any]] = []
-        self.fast = None
-        if self.predictor.kind == "encoder-tagger" and "namespace" in self.predictor.labels:
-            parts = EncoderParts.from_predictor(self.predictor)
-            if self.device == "cpu":
-                self.fast, self.report = build_fast_tagger(parts)
-            else:  # on a GPU the torch module is already fast; ONNX Runtime here is the CPU build
-                self.fast, self.report = build_fast_tagger(parts, candidates=("torch-inference",))
-            self.backend = self.fast.backend
-        else:
-            self.backend = f"predictor:{self.predictor.kind}"
         self.batched = self.device != "cpu"
+        self.artifact = artifact
+        self._load(artifact)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagger")
-        # Everything is in memory now: remove the extracted artifact, so a replica that is killed (not
-        # shut down) leaves no copy of the weights in /tmp.
-        self.predictor.close()
+        # `artifact: registry:NS`: load NS's next live model on the follower's thread, then swap it in.
+        self.follower = None
+        if follow is not None:
+            from kolm_ray.registry_follow import RegistryFollower
+
+            self.follower = RegistryFollower(follow, artifact, self._load)
         log.info(
             "NamespaceTagger ready: device=%s backend=%s batched=%s", self.device, self.backend, self.batched
         )
+
+    def _load(self, artifact: str) -> None:
+        """Verify and load `artifact`, build its fastest form, then swap it in (one assignment each)."""
+        from kolm_ray.fastpath import EncoderParts, build_fast_tagger
+        from kolm_ray.predictors import open_predictor
+
+        # open_predictor verifies the HMAC signature and every file hash before reading a weight.
+        predictor = open_predictor(artifact, device=self.device)
+        report: list[dict[str, Any]] = []
+        fast = None
+        if predictor.kind == "encoder-tagger" and "namespace" in predictor.labels:
+            parts = EncoderParts.from_predictor(predictor)
+            if self.device == "cpu":
+                fast, report = build_fast_tagger(parts)
+            else:  # on a GPU the torch module is already fast; ONNX Runtime here is the CPU build
+                fast, report = build_fast_tagger(parts, candidates=("torch-inference",))
+            backend = fast.backend
+        else:
+            backend = f"predictor:{predictor.kind}"
+        # Everything is in memory now: remove the extracted artifact, so a replica that is killed (not
+        # shut down) leaves no copy of the weights in /tmp.
+        predictor.close()
+        self.predictor, self.fast, self.report, self.backend = predictor, fast, report, backend
+        self.artifact = artifact
 
     def _score(self, queries: list[str], namespaces: list[list[str]]) -> list[dict[str, Any]]:
         if self.fast is not None:
@@ -151,6 +166,7 @@ class NamespaceTagger:
 
     def info(self) -> dict[str, Any]:
         return {
+            "artifact": self.artifact,
             "device": self.device,
             "backend": self.backend,
             "batched": self.batched,
@@ -203,7 +219,10 @@ def app_builder(args: Args) -> Application:
     """Build the application from the YAML's `args` (Ray Serve app builder)."""
     if isinstance(args, dict):  # serve.run(app_builder({...})) from Python
         args = Args.model_validate(args)
-    artifact = _resolve(args.artifact)
+    from kolm_ray.registry_follow import live_artifact, registry_namespace
+
+    follow = registry_namespace(args.artifact)  # `registry:NS`: NS's live model, followed as it changes
+    artifact = live_artifact(follow) if follow is not None else _resolve(args.artifact)
     tenants = _resolve(args.tenants)
     load_tenants(tenants)  # fail at deploy time, with every problem listed, not on the first request
     if not Path(artifact).is_file():
@@ -213,5 +232,5 @@ def app_builder(args: Args) -> Application:
     # Refuse a tampered or wrongly keyed artifact at deploy time, not by answering broad on every request
     # while the replica fails to start (each replica verifies it again before reading a weight).
     verify(artifact)
-    tagger = NamespaceTagger.bind(artifact)
+    tagger = NamespaceTagger.bind(artifact, follow)
     return RecallIngress.bind(tagger, tenants, args.threshold, args.budget_ms)

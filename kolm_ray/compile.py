@@ -65,7 +65,8 @@ class Plan:
     deepspeed: dict[str, Any] | None = None
     deepspeed_path: str | None = None
     bundle_base: bool = False
-    request_shape: dict[str, Any] | None = None  # the recipe's; the registry's proxy match (None: plain calls)
+    # The recipe's request shape: which proxied calls the model may answer once promoted (None: plain calls).
+    request_shape: dict[str, Any] | None = None
 
 
 # ---- validate ----------------------------------------------------------------------------------------------

@@ -155,16 +155,20 @@ def check_fit(store: Store, namespace: str, manifest: dict[str, Any], shape: dic
     """Refuse (KolmError, exit 2) a spec that the namespace's recent upstream answers of this shape do not fit:
     a model trained on another task, or the task changed since it was compiled. No traffic yet: nothing to
     contradict, so the promotion stands."""
+    import jsonschema
+
     from kolm_ray.request_shape import matches, shape_of_request
     from kolm_ray.spec import validate_spec
     from kolm_ray.verifiers import build, hard_failures
 
     spec = validate_spec(manifest["spec"], "artifact spec")
     verifiers = build(spec)
+    vocab = spec.vocab()
+    schema = jsonschema.Draft202012Validator(spec.output_schema) if spec.output_schema else None
     q = _sql(
         store,
         "SELECT input, output, request FROM observations WHERE namespace = ? AND provider <> 'local'"
-        " AND (verified IS NULL OR verified = 1) ORDER BY seq DESC LIMIT ?",
+        " AND verified IS NOT FALSE ORDER BY seq DESC LIMIT ?",  # IS NOT FALSE: 0/1 or boolean columns alike
     )
     rows = store._read().execute(q, (namespace, FIT_SAMPLE * 5)).fetchall()
     checked, failures = 0, []
@@ -175,8 +179,15 @@ def check_fit(store: Store, namespace: str, manifest: dict[str, Any], shape: dic
         if spec.output_kind == "json" and not isinstance(value, (dict, list)):
             failures.append("output is not JSON")
         elif spec.output_kind == "json":
-            bad = hard_failures(verifiers, _without_model_fields(value, spec), inp)
-            if bad:
+            value = _without_model_fields(value, spec)
+            missing = [f for f in vocab if not isinstance(value, dict) or value.get(f) not in vocab[f]]
+            invalid = next(iter(schema.iter_errors(value)), None) if schema is not None else None
+            bad = hard_failures(verifiers, value, inp)
+            if missing:
+                failures.append(f"field {missing[0]!r} missing or outside the model's vocabulary")
+            elif invalid is not None:
+                failures.append(f"schema: {invalid.message}")
+            elif bad:
                 failures.append(bad[0])
         checked += 1
         if checked >= FIT_SAMPLE:

@@ -30,7 +30,9 @@ def upstream_answer(query: str) -> str:
     return json.dumps({"namespace": truth(query)})
 
 
-def build_tagger(tmp: Path, seed: int = 0, epochs: int = 8, name: str = "tagger") -> Path:
+def build_tagger(
+    tmp: Path, seed: int = 0, epochs: int = 8, name: str = "tagger", threshold: float | None = None
+) -> Path:
     """validate -> train_loop_per_worker (plain) -> build_artifact: a signed tiny-encoder tagger.
 
     KOLM_TEST_TAGGER_CACHE names a directory where taggers built earlier by this function (signed with
@@ -40,7 +42,8 @@ def build_tagger(tmp: Path, seed: int = 0, epochs: int = 8, name: str = "tagger"
     import shutil
 
     cache = os.environ.get("KOLM_TEST_TAGGER_CACHE")
-    cached = Path(cache) / f"{name}-{seed}-{epochs}.kolm" if cache else None
+    cached = Path(cache) / f"{name}-{seed}-{epochs}-{threshold}.kolm" if cache else None
+    fallback = "low-confidence-fallback-broad" + (f"={threshold}" if threshold is not None else "")
     if cached is not None and cached.is_file():
         return cached
     from kolm_ray.cli import build_parser
@@ -52,7 +55,7 @@ def build_tagger(tmp: Path, seed: int = 0, epochs: int = 8, name: str = "tagger"
     (tmp / "namespaces.json").write_text(json.dumps(NAMESPACES))
     argv = [
         "compile", "topic router", "--base", "tiny-encoder", "--pairs", str(tmp / "pairs.jsonl"),
-        "--namespaces", str(tmp / "namespaces.json"), "--verifier", "closed-vocab,low-confidence-fallback-broad",
+        "--namespaces", str(tmp / "namespaces.json"), "--verifier", f"closed-vocab,{fallback}",
         "--k-floor", "0.5", "--epochs", str(epochs), "--output", str(tmp / f"{name}.kolm"),
     ]  # fmt: skip
     plan = validate(build_parser().parse_args(argv))

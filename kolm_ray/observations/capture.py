@@ -40,6 +40,7 @@ from yarl import URL
 from kolm_ray.errors import KolmError
 from kolm_ray.observations.bridge import install_error_handlers, read_body
 from kolm_ray.observations.bridge import router as bridge_router
+from kolm_ray.observations.local import LocalAnswers
 from kolm_ray.observations.model import check_namespace
 from kolm_ray.observations.store import Store, open_store
 from kolm_ray.observations.writer import BackgroundWriter, Exchange
@@ -341,9 +342,7 @@ def create_app(
     app.state.upstream_urls = {k: URL(v) for k, v in upstreams.items()}  # parsed once, not per request
     app.state.admin_token = token
     app.state.capture_max_body = capture_max_body
-    from kolm_ray.observations.local import LocalAnswers
-
-    app.state.local = LocalAnswers(store) if local_answers else None
+    app.state.local = LocalAnswers(store) if local_answers else None  # KOLM_SHADOW_RATE is checked here
     if bridge_max_body is not None:
         app.state.bridge_max_body = bridge_max_body
     install_error_handlers(app)
