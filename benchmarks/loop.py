@@ -1,6 +1,6 @@
 """The loop under a shift: simulated days of CLINC150 traffic through the proxy, `kolm loop` once a day.
 
-    flock /tmp/kolm-bench.lock .venv/bin/python benchmarks/loop.py               # 8 days x 300 calls
+    flock /tmp/kolm-bench.lock .venv/bin/python benchmarks/loop.py --days 8 --per-day 250 --shift-day 3 --min-new 200  # the committed run
     .venv/bin/python benchmarks/loop.py --days 6 --per-day 250 --shift-day 3
 
 On 127.0.0.1, in one process: the stand-in upstream (kolm_ray.simulate) answers {"intent": ...} with the
