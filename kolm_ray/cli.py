@@ -192,6 +192,29 @@ def _models(p: argparse.ArgumentParser) -> None:
         q.add_argument("--store", default=None, help="store URL (default $KOLM_STORE or $KOLM_HOME)")
 
 
+def _report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--namespace", default=None, help="one namespace (default: all)")
+    p.add_argument("--json", action="store_true", help='print {"namespaces": [...], "prices", "since"}')
+    p.add_argument("--html", default=None, metavar="FILE", help="also write a self-contained HTML page")
+    p.add_argument(
+        "--prices", default=None, help="price table (default $KOLM_PRICES, $KOLM_HOME/prices.yaml, configs/)"
+    )
+    p.add_argument("--store", default=None, help="store URL (default $KOLM_STORE or $KOLM_HOME)")
+
+
+def _loop(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--once", action="store_true", help="one pass over the namespaces, then exit")
+    p.add_argument(
+        "--min-new",
+        type=int,
+        default=None,
+        help="new usable observations that start a recompile (default 500)",
+    )
+    p.add_argument("--interval", type=float, default=3600.0, help="seconds between passes without --once")
+    p.add_argument("--namespace", action="append", default=None, help="only these namespaces (repeatable)")
+    p.add_argument("--store", default=None, help="store URL (default $KOLM_STORE or $KOLM_HOME)")
+
+
 # name -> (handler "module:function", help, argument builder)
 COMMANDS: dict[str, tuple[str, str, Builder]] = {
     "capture": ("kolm_ray.observations.capture:capture_command", "run the capture proxy", _capture),
@@ -226,6 +249,12 @@ COMMANDS: dict[str, tuple[str, str, Builder]] = {
     "serve": ("kolm_ray.serving:serve_command", "run the Ray Serve recall router", _serve),
     "bench": ("kolm_ray.bench:bench_command", "load-test a running router", _bench),
     "models": ("kolm_ray.registry:models_command", "promote, list or roll back registered models", _models),
+    "report": ("kolm_ray.report:report_command", "spend, savings and drift per namespace", _report),
+    "loop": (
+        "kolm_ray.loop:loop_command",
+        "recompile, evaluate and promote namespaces on new traffic",
+        _loop,
+    ),
 }
 
 

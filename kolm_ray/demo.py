@@ -10,7 +10,10 @@
              K-score and signs demo-out/namespace-tagger.kolm.
 4. serve     the recall router on Ray Serve (deployments/recall.py with the args of
              deployments/recall.yaml), routes held-out queries as a demo tenant.
-5. summary   observations captured, recipe, K-score, route accuracy, fallback share, latency.
+5. loop      `kolm loop --once` recompiles the namespace and promotes the model (kolm_ray/demo_loop.py).
+6. local     `kolm capture` again: the promoted model answers new calls itself, some shadow-checked.
+7. report    `kolm report --html`: spend, savings, live agreement; the page's path.
+8. summary   observations captured, recipe, K-score, route accuracy, fallback share, latency, loop, report.
 
 Everything runs on 127.0.0.1 and offline. Observations, recipe and artifact live under --out; the
 artifact is signed with your usual key ($KOLM_SIGNING_KEY or $KOLM_HOME/signing.key), so that
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kolm_ray.demo", description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=1600, help="support queries sent through the proxy")
     p.add_argument("--route-queries", type=int, default=400, help="held-out queries routed through Serve")
+    p.add_argument("--local-calls", type=int, default=300, help="new calls sent once the loop promoted")
     p.add_argument("--out", default="demo-out", help="where the demo keeps everything (wiped first)")
     args = p.parse_args(argv)
 
@@ -239,16 +243,33 @@ def main(argv: list[str] | None = None) -> int:
     route = serve_and_route(out, comp["artifact"], args.route_queries)
     route["seconds"] = time.perf_counter() - t
 
+    from kolm_ray import demo_loop
+
+    t = _step(5, "loop: kolm loop --once -> recipe, Ray Train compile, held-out comparison, promotion")
+    looped = demo_loop.loop_phase(store_url)
+    looped["seconds"] = time.perf_counter() - t
+
+    t = _step(6, "local answers: kolm capture answers new calls with the promoted model")
+    local = demo_loop.local_phase(out, store_url, DEMO_NAMESPACE, args.local_calls)
+    local["seconds"] = time.perf_counter() - t
+
+    t = _step(7, "report: spend, savings, live agreement")
+    report = demo_loop.report_phase(out, store_url)
+    report["seconds"] = time.perf_counter() - t
+
     summary = {
         "capture": cap,
         "recipe": {k: rec[k] for k in ("recipe_dir", "k_floor", "seconds")},
         "compile": {k: comp[k] for k in ("artifact", "k_score", "seconds")},
         "route": route,
+        "loop": looped,
+        "local": local,
+        "report": report,
         "total_seconds": time.perf_counter() - t_all,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    print("\n== 5. summary")
+    print("\n== 8. summary")
     print(f"  observations captured  {cap['stored']} of {cap['answered']} answered calls")
     print(f"  recipe                 {rec['recipe_dir']}  (k_floor {rec['k_floor']:.2f})")
     print(
@@ -261,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  route latency          p50 {route['p50_ms']:.1f} ms, p99 {route['p99_ms']:.1f} ms (sequential, via Serve)"
     )
+    print(f"  loop                   {'; '.join(looped['lines'])}")
+    print(f"  local answers          {local['local']} of {local['calls']} new calls, by {local['model']}")
+    ns = next(n for n in report["namespaces"] if n["name"] == DEMO_NAMESPACE)
+    print(
+        f"  spend / saved          ${ns['spend_usd']:.4f} upstream, ${ns['saved_usd']:.4f} saved (gpt-4o-mini prices)"
+    )
+    print(f"  report                 {report['html']}")
     print(f"  total                  {summary['total_seconds']:.0f} s; summary in {out / 'summary.json'}")
     print(
         "\nnext: serve run deployments/recall.yaml   (then POST /v1/recall/route with 'Bearer demo-acme-key')"

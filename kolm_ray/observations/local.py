@@ -98,6 +98,7 @@ class LocalAnswers:
         self.poll_s = poll_s
         self.live: dict[str, Loaded] = {}  # replaced whole (never mutated): readers need no lock
         self.problems: dict[str, str] = {}
+        self.drift: dict[str, tuple[str, float | None, int]] = {}  # ns -> drift.namespace_state (poller)
         self.served = {"local": 0, "upstream": 0, "shadowed": 0}
         # One thread: the model is CPU-bound and uses torch's intra-op threads; two calls at once would
         # only contend for the same cores.
@@ -159,6 +160,10 @@ class LocalAnswers:
             if ns in live:
                 self._retire(live.pop(ns))
         self.live, self.problems = live, problems
+        from kolm_ray.drift import namespace_state
+
+        # Live agreement per namespace: one indexed read each, here off the hot path (kolm_ray/drift.py).
+        self.drift = {ns: namespace_state(self.store, m.row) for ns, m in live.items()}
         now = time.monotonic()
         for t, p in [r for r in self._retired if now - r[0] > RETIRE_S]:
             self._retired.remove((t, p))
@@ -189,6 +194,11 @@ class LocalAnswers:
                 "problems": dict(self.problems),
                 "served": dict(self.served),
                 "shadow_rate": self.rate,
+                "drift": {
+                    ns: {"state": st, "live_agreement": a, "pairs": n, "shadow_rate": self._rate(ns)}
+                    for ns, (st, a, n) in sorted(self.drift.items())
+                    if st != "ok"
+                },
             }
         }
 
@@ -217,6 +227,9 @@ class LocalAnswers:
         t0 = time.perf_counter()
         if request.headers.get("x-kolm-local", "").strip().lower() == "off":
             return "x-kolm-local off"
+        state, agreement, _ = self.drift.get(namespace, ("ok", None, 0))
+        if state == "stopped":  # until another version is promoted (drift.py): every call goes upstream
+            return f"drift: live agreement {agreement:.3f} far below k_floor {loaded.row.k_floor}"
         body = await read_body(request, request.app.state.capture_max_body)
         request._body = body  # Starlette replays a cached body: the upstream path reads it again
         # The upstream path bounds, validates (400s) and parses big bodies off the loop: leave those to it.
@@ -264,7 +277,8 @@ class LocalAnswers:
         latency_ms = (time.perf_counter() - t0) * 1000
         local_id = new_id()
         self._record(request, provider, namespace, payload, content, stream, latency_ms, local_id)
-        if self.rate > 0 and random.random() < self.rate:
+        rate = self._rate(namespace)
+        if rate > 0 and random.random() < rate:
             task = asyncio.create_task(
                 self._shadow(request, provider, namespace, payload, output, loaded, local_id)
             )
@@ -288,6 +302,14 @@ class LocalAnswers:
                      status, latency_ms,
                      body=content, streamed=stream, local=local, observation_id=obs_id)
         )  # fmt: skip
+
+    def _rate(self, namespace: str) -> float:
+        """The shadow rate: raised to drift.DRIFT_SHADOW_RATE while the namespace drifts."""
+        from kolm_ray.drift import DRIFT_SHADOW_RATE
+
+        if self.drift.get(namespace, ("ok",))[0] == "drifting":
+            return max(self.rate, DRIFT_SHADOW_RATE)
+        return self.rate
 
     # ---- shadow ------------------------------------------------------------------------------------------
     async def _shadow(self, request: Request, provider: str, namespace: str, payload: dict, local_output: Any,

@@ -1,0 +1,231 @@
+"""The loop under a shift: simulated days of CLINC150 traffic through the proxy, `kolm loop` once a day.
+
+    flock /tmp/kolm-bench.lock .venv/bin/python benchmarks/loop.py --days 8 --per-day 250 --shift-day 3 --min-new 200  # the committed run
+    .venv/bin/python benchmarks/loop.py --days 6 --per-day 250 --shift-day 3
+
+On 127.0.0.1, in one process: the stand-in upstream (kolm_ray.simulate) answers {"intent": ...} with the
+CLINC150 label; the capture proxy (create_app, local answers on, KOLM_SHADOW_RATE 0.05) sits in front; calls
+go one at a time (httpx), each a random banking query (the train + val split). After each simulated day,
+`kolm loop --once`'s pass (loop.loop_once: clustering, recipe, Ray Train compile, held-out comparison,
+promotion) runs on the store. At the start of --shift-day the task shifts: five credit_cards intents
+appear in the traffic, and the upstream renames three banking intents (transfer -> send_money,
+balance -> account_balance, bill_due -> payment_due).
+
+Reported per day: calls, the share answered locally, live agreement (drift.py's window), spend and savings
+(kolm report's arithmetic, gpt-4o-mini prices), the loop's line. And: calls from the shift to the proxy's
+drift flag, from the flag to a promoted replacement, and from the shift until the local share over the
+last 200 calls is back above 70%; every promotion's held-out comparison (no promotion lowered held-out
+agreement: the candidate's >= the live model's on the same rows). Writes benchmarks/results/loop.json and
+loop.png; records os.getloadavg() before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "benchmarks" / "results"
+DATA = Path(os.environ.get("KOLM_CLINC", REPO.parent / "shared" / "datasets" / "clinc150"))
+NS = "intents"
+SYSTEM = 'Classify the customer\'s message into one intent. Answer only JSON: {"intent": "<intent>"}.'
+RENAMED = {"transfer": "send_money", "balance": "account_balance", "bill_due": "payment_due"}
+NEW_INTENTS = ["card_declined", "credit_limit", "report_lost_card", "new_card", "apr"]
+KEY = "sk-bench-loop-0123456789abcdef0123"
+TARGET = {"flag_within_calls": 500, "local_share_back": 0.70, "back_within_calls": 2000}
+
+
+def load(seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(before-shift pool, after-shift pool) of (text, CLINC intent)."""
+    data = json.loads((DATA / "data_full.json").read_text())
+    doms = json.loads((DATA / "domains.json").read_text())
+    rows = data["train"] + data["val"]
+    before = [(t, i) for t, i in rows if i in doms["banking"]]
+    after = before + [(t, i) for t, i in rows if i in NEW_INTENTS]
+    random.Random(seed).shuffle(before)
+    return before, after
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--days", type=int, default=8)
+    p.add_argument("--per-day", type=int, default=300)
+    p.add_argument("--shift-day", type=int, default=4, help="the first day of shifted traffic (1-based)")
+    p.add_argument("--min-new", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("KOLM_HOME", tempfile.mkdtemp(prefix="kolm-bench-loop-home-"))
+    os.environ["KOLM_SHADOW_RATE"] = "0.05"
+    from kolm_ray import drift, loop, registry
+    from kolm_ray.observations.capture import create_app
+    from kolm_ray.observations.store import open_store
+    from kolm_ray.placement import quiet_deepspeed_on_cpu
+    from kolm_ray.prices import load_prices
+    from kolm_ray.report import build_report
+    from kolm_ray.simulate import serve_in_thread, start_upstream_in_thread
+
+    quiet_deepspeed_on_cpu()
+    load_before = os.getloadavg()
+    before, after = load(args.seed)
+    truth = {t: i for t, i in after}
+    shifted = {"on": False}
+
+    def answer(text: str) -> str:
+        intent = truth.get(text, "unknown")
+        return json.dumps({"intent": RENAMED.get(intent, intent) if shifted["on"] else intent})
+
+    work = Path(tempfile.mkdtemp(prefix="kolm-bench-loop-"))
+    store = open_store(f"sqlite:///{work / 'obs.db'}")
+    up_url, stop_up = start_upstream_in_thread(answer=answer)
+    app = create_app(store, openai_upstream=up_url, anthropic_upstream=up_url)
+    url, stop = serve_in_thread(app)
+    rng = random.Random(args.seed)
+    prices = load_prices()
+    days, served_log, events = (
+        [],
+        [],
+        {"shift": None, "flag": None, "promoted_after_flag": None, "back": None},
+    )
+    promotions, call_no, prev_spend, prev_saved = [], 0, 0.0, 0.0
+    t_all = time.perf_counter()
+    try:
+        with httpx.Client(timeout=60) as client:
+            for day in range(1, args.days + 1):
+                if day == args.shift_day:
+                    shifted["on"], events["shift"] = True, call_no
+                pool = after if shifted["on"] else before
+                local = 0
+                for _ in range(args.per_day):
+                    text, _ = rng.choice(pool)
+                    body = {"model": "gpt-4o-mini",
+                            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]}  # fmt: skip
+                    r = client.post(f"{url}/v1/capture/openai/chat/completions", json=body,
+                                    headers={"Authorization": f"Bearer {KEY}", "X-Kolm-Namespace": NS})  # fmt: skip
+                    r.raise_for_status()
+                    is_local = r.headers.get("x-kolm-served-by") == "local"
+                    local += is_local
+                    served_log.append(is_local)
+                    call_no += 1
+                    state = app.state.local.drift.get(NS, ("ok",))[0]
+                    if shifted["on"] and events["flag"] is None and state != "ok":
+                        events["flag"] = call_no
+                    recent = served_log[-200:]
+                    if (events["promoted_after_flag"] is not None and events["back"] is None
+                            and len(recent) == 200 and sum(recent) / 200 > TARGET["local_share_back"]):  # fmt: skip
+                        events["back"] = call_no
+                assert app.state.writer.flush(30)
+                time.sleep(1.5)  # in-flight shadow checks land
+                err = io.StringIO()
+                t = time.perf_counter()
+                with redirect_stderr(err):
+                    (line,) = loop.loop_once(store, args.min_new, [NS])
+                loop_s = time.perf_counter() - t
+                reason = [ln for ln in err.getvalue().splitlines() if ln.startswith(f"{NS}: candidate")]
+                if ": promoted " in line:
+                    promotions.append(
+                        {"day": day, "line": line, "comparison": reason[-1] if reason else None}
+                    )
+                    if events["flag"] is not None and events["promoted_after_flag"] is None:
+                        events["promoted_after_flag"] = call_no
+                    time.sleep(2.0)  # the proxy's poller loads the new version
+                live = registry.live_models(store).get(NS)
+                agreement, pairs = drift.live_agreement(store, NS, live.version) if live else (None, 0)
+                rep = next(n for n in build_report(store, prices, NS)["public"]["namespaces"])
+                days.append({
+                    "day": day, "calls": args.per_day, "local_share": round(local / args.per_day, 4),
+                    "live_agreement": agreement, "shadow_pairs_in_window": pairs,
+                    "spend_usd": round(rep["spend_usd"] - prev_spend, 6),
+                    "saved_usd": round(rep["saved_usd"] - prev_saved, 6),
+                    "drift": rep["drift"], "loop": line, "loop_seconds": round(loop_s, 1),
+                    "live": live.label if live else None,
+                })  # fmt: skip
+                prev_spend, prev_saved = rep["spend_usd"], rep["saved_usd"]
+                print(json.dumps(days[-1]), flush=True)
+    finally:
+        stop()
+        stop_up()
+        store.close()
+
+    def parse(comparison: str | None) -> dict | None:
+        if not comparison:
+            return None
+        c = comparison.split("candidate ", 1)[1]
+        return {"candidate": float(c.split(" ")[0]), "live": float(c.split("vs live ")[1].split(" ")[0])}
+
+    for pr in promotions:
+        pr["held_out"] = parse(pr["comparison"])
+    shift, flag = events["shift"], events["flag"]
+    result = {
+        "params": vars(args) | {"renamed": RENAMED, "new_intents": NEW_INTENTS, "shadow_rate": 0.05},
+        "days": days,
+        "promotions": promotions,
+        "calls_shift_to_flag": None if flag is None or shift is None else flag - shift,
+        "calls_flag_to_promotion": None
+        if events["promoted_after_flag"] is None or flag is None
+        else events["promoted_after_flag"] - flag,
+        "calls_shift_to_local_share_back": None
+        if events["back"] is None or shift is None
+        else events["back"] - shift,
+        "no_promotion_lowered_held_out": all(
+            pr["held_out"] is None or pr["held_out"]["candidate"] >= pr["held_out"]["live"]
+            for pr in promotions
+        ),
+        "targets": TARGET,
+        "seconds": round(time.perf_counter() - t_all, 1),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loop.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "loop.png")
+    print(json.dumps({k: v for k, v in result.items() if k != "days"}, indent=2))
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = result["days"]
+    x = [r["day"] for r in d]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(x, [r["local_share"] for r in d], marker="o", label="answered locally")
+    a1.plot(x, [r["live_agreement"] if r["live_agreement"] is not None else float("nan") for r in d],
+            marker="s", label="live agreement (window)")  # fmt: skip
+    a1.axvline(result["params"]["shift_day"] - 0.5, color="#c44e52", linestyle="--", label="shift")
+    for pr in result["promotions"]:
+        a1.axvline(pr["day"] + 0.5, color="#8172b2", alpha=0.5)
+    a1.set_ylim(0, 1.05)
+    a1.set_xlabel("simulated day")
+    a1.legend(fontsize=8)
+    a1.set_title("local share and live agreement (purple: promotions)")
+    a2.bar([v - 0.2 for v in x], [r["spend_usd"] for r in d], width=0.4, label="spend $")
+    a2.bar([v + 0.2 for v in x], [r["saved_usd"] for r in d], width=0.4, label="saved $")
+    a2.set_xlabel("simulated day")
+    a2.legend(fontsize=8)
+    a2.set_title("upstream spend and savings per day (gpt-4o-mini prices)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
