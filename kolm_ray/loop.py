@@ -52,7 +52,7 @@ HOLDOUT = 200  # newest upstream calls held out per pass: a quarter of the new o
 MIN_HOLDOUT = 20  # fewer rows of the candidate's shape: no verdict, the live model stays
 ALPHA = 0.05
 LEASE_S = 6 * 3600  # longer than any compile on a small cluster; renewed before promoting
-USABLE = "provider IN ('openai', 'anthropic', 'import') AND (verified IS NULL OR verified = 1)"
+USABLE = "provider IN ('openai', 'anthropic', 'import') AND verified IS NOT FALSE"
 
 # (store, namespace, exclude ids, workdir, name) -> candidate .kolm path; raises KolmError/GateError
 Builder = Callable[[Any, str, set[str], Path, str, Any], Path]
@@ -68,30 +68,27 @@ def _iso(text: str) -> str:
 
 
 # ---- the lease ---------------------------------------------------------------------------------------------
-def _ensure_leases(store: Any) -> None:
-    # Portable DDL, idempotent. (Belongs in the store's migrations once store.py is a package.)
-    store._write(lambda c: c.execute(
-        "CREATE TABLE IF NOT EXISTS loop_leases (namespace TEXT PRIMARY KEY, owner TEXT NOT NULL,"
-        " expires_at TEXT NOT NULL)"
-    ))  # fmt: skip
-
-
+# The loop_leases table is the store's migration 3 (observations/store/migrations.py), on both backends.
 def acquire(store: Any, namespace: str, owner: str, seconds: float = LEASE_S) -> str | None:
     """Take or renew the namespace's lease for `owner`; None on success, else who holds it until when."""
     now = datetime.now(timezone.utc)
 
     def write(c: Any) -> str | None:
+        # One atomic upsert (SQLite >= 3.24 and PostgreSQL alike): two loops racing for a free or expired
+        # lease cannot both take it, under SQLite's write lock or PostgreSQL's unique index.
+        taken = c.execute(
+            _sql(store, "INSERT INTO loop_leases (namespace, owner, expires_at) VALUES (?, ?, ?)"
+                        " ON CONFLICT (namespace) DO UPDATE SET owner = excluded.owner,"
+                        " expires_at = excluded.expires_at"
+                        " WHERE loop_leases.owner = excluded.owner OR loop_leases.expires_at <= ?"),
+            (namespace, owner, (now + timedelta(seconds=seconds)).isoformat(), now.isoformat()),
+        ).rowcount  # fmt: skip
+        if taken:
+            return None
         row = c.execute(
             _sql(store, "SELECT owner, expires_at FROM loop_leases WHERE namespace = ?"), (namespace,)
         ).fetchone()
-        if row is not None and row[0] != owner and row[1] > now.isoformat():
-            return f"another kolm loop ({row[0]}) holds its lease until {row[1][:19]}"
-        c.execute(_sql(store, "DELETE FROM loop_leases WHERE namespace = ?"), (namespace,))
-        c.execute(
-            _sql(store, "INSERT INTO loop_leases (namespace, owner, expires_at) VALUES (?, ?, ?)"),
-            (namespace, owner, (now + timedelta(seconds=seconds)).isoformat()),
-        )
-        return None
+        return f"another kolm loop ({row[0]}) holds its lease until {row[1][:19]}"
 
     return store._write(write)
 
@@ -315,7 +312,6 @@ def loop_once(store: Any, min_new: int = DEFAULT_MIN_NEW, namespaces: list[str] 
     """One pass: a line per namespace (every namespace with observations or a live model, or `namespaces`)."""
     from kolm_ray import registry
 
-    _ensure_leases(store)
     owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     names = namespaces or sorted({n["name"] for n in store.namespaces()} | set(registry.live_models(store)))
     lines = []

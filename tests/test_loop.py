@@ -57,9 +57,10 @@ def traffic(n: int, seed: int = 3) -> list[Observation]:
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(store_url, monkeypatch):
+    """Each loop test on each backend (SQLite; PostgreSQL, slow-marked): the lease, the queries, promote."""
     monkeypatch.setenv("KOLM_SIGNING_KEY", SIGNING_KEY)
-    s = open_store(f"sqlite:///{tmp_path / 'obs.db'}")
+    s = open_store(store_url)
     yield s
     s.close()
 
@@ -101,11 +102,11 @@ def test_keeps_the_live_model_over_a_weakened_candidate(store, taggers):
     assert len(registry.list_models(store, NS)) == 1
 
 
-def test_skips_too_few_new_observations(store, taggers):
+def test_skips_too_few_new_observations(store, taggers, store_url):
     registry.promote(store, taggers["strong"], NS)
     store.append_many(traffic(30))
     calls: list = []
-    assert main(["loop", "--once", "--min-new", "50", "--store", store.url]) == 0
+    assert main(["loop", "--once", "--min-new", "50", "--store", store_url]) == 0
     assert loop.loop_once(store, min_new=50, build=builder(taggers["weak"], calls)) == [
         f"{NS}: skipped (30 new usable observations, fewer than 50)"
     ]
@@ -132,13 +133,13 @@ def test_drift_recompiles_below_min_new_from_the_new_answers_only(store, taggers
     assert len(seen[0]) == 50 + 30  # and the held-out calls: the newest quarter of the 120
 
 
-def test_two_loops_at_once_promote_at_most_once(tmp_path, store, taggers):
+def test_two_loops_at_once_promote_at_most_once(tmp_path, store, taggers, store_url):
     registry.promote(store, taggers["weak"], NS)
     store.append_many(traffic(300))
     barrier, lines = threading.Barrier(2), []
 
     def run(owner: str) -> None:
-        s = open_store(store.url)  # its own connections, like a second process
+        s = open_store(store_url)  # its own connections, like a second process
         try:
             barrier.wait()
             lines.extend(loop.loop_once(s, min_new=100, build=builder(taggers["strong"]), owner=owner))
@@ -160,7 +161,6 @@ def test_two_loops_at_once_promote_at_most_once(tmp_path, store, taggers):
 
 
 def test_an_expired_lease_is_taken_over(store):
-    loop._ensure_leases(store)
     assert loop.acquire(store, NS, "a", seconds=-1) is None  # already expired
     assert loop.acquire(store, NS, "b") is None
     assert "another kolm loop (b)" in loop.acquire(store, NS, "a")
@@ -187,11 +187,13 @@ def test_cli_bad_flags(capsys):
 
 
 @pytest.mark.slow
-def test_loop_compile_end_to_end(store, taggers, capsys):
+def test_loop_compile_end_to_end(store, taggers, capsys, store_url):
     """`kolm loop --once` through the real clustering, recipe and Ray Train compile, on a weak live model."""
+    if store_url.startswith("postgresql"):
+        pytest.skip("one compile is enough: cluster and recipe on PostgreSQL are test_store_pipeline's")
     registry.promote(store, taggers["weak"], NS)
     store.append_many(traffic(700, seed=5))
-    assert main(["loop", "--once", "--min-new", "300", "--store", store.url]) == 0
+    assert main(["loop", "--once", "--min-new", "300", "--store", store_url]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(f"{NS}: promoted weak@2 (k="), out
     live = registry.live_models(store)[NS]

@@ -35,8 +35,9 @@ def _obs(ns, provider, model, usage, day, request, output=None) -> Observation:
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = open_store(f"sqlite:///{tmp_path / 'obs.db'}")
+def store(store_url):
+    """The fixture on each backend (SQLite; PostgreSQL, slow-marked): the same spend to the cent."""
+    s = open_store(store_url)
     rows = [
         # support: three gpt-4o calls (dated model name in the response), one claude-3-5-haiku call
         _obs("support", "openai", "gpt-4o-2024-08-06", {"prompt_tokens": 1000, "completion_tokens": 200}, 0,
@@ -66,10 +67,12 @@ def store(tmp_path):
 
 def _live_row(store, namespace: str, k_floor: float, version: int = 1) -> None:
     """A registry row as `kolm models promote` writes it (the report reads rows, never the artifact)."""
-    store._write(lambda c: c.execute(
+    from kolm_ray import registry
+
+    store._write(lambda c: c.execute(registry._sql(store,
         "INSERT INTO models (namespace, version, name, sha256, path, k_score, k_floor, threshold, shape, live,"
         " created_at, promoted_at, rolled_back_at) VALUES (?, ?, 'support', 'f00', '/nowhere', 0.9, ?, 0.5,"
-        " '{}', 1, ?, ?, NULL)",
+        " '{}', 1, ?, ?, NULL)"),
         (namespace, version, k_floor, T0.isoformat(), (T0 + timedelta(hours=20)).isoformat()),
     ))  # fmt: skip
 
@@ -150,11 +153,11 @@ class _Plots(HTMLParser):
             self.external.append(tag)
 
 
-def test_html_page_holds_the_plots(store, tmp_path, capsys):
+def test_html_page_holds_the_plots(store, tmp_path, capsys, store_url):
     _live_row(store, "support", k_floor=0.8)
     _pairs(store, "support", [True, False, True, True] * 10)
     out = tmp_path / "report.html"
-    assert main(["report", "--html", str(out), "--store", store.url]) == 0
+    assert main(["report", "--html", str(out), "--store", store_url]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     p = _Plots()
     p.feed(out.read_text())
@@ -165,17 +168,17 @@ def test_html_page_holds_the_plots(store, tmp_path, capsys):
     assert "k_floor 0.80" in out.read_text() and "support@1" in out.read_text()
 
 
-def test_cli_json_and_bad_input(store, tmp_path, capsys):
-    assert main(["report", "--json", "--namespace", "support", "--store", store.url]) == 0
+def test_cli_json_and_bad_input(store, tmp_path, capsys, store_url):
+    assert main(["report", "--json", "--namespace", "support", "--store", store_url]) == 0
     body = json.loads(capsys.readouterr().out)
     assert [n["name"] for n in body["namespaces"]] == ["support"]
     assert body["prices"].endswith("configs/prices.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  gpt-4o: {input: -1, output: 2}\n")
-    assert main(["report", "--prices", str(bad), "--store", store.url]) == 2
+    assert main(["report", "--prices", str(bad), "--store", store_url]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: price table") and "non-negative" in err and "\n" not in err
-    assert main(["report", "--namespace", "nope", "--store", store.url]) == 2
-    assert main(["report", "--html", str(tmp_path / "no" / "x.html"), "--store", store.url]) == 2
+    assert main(["report", "--namespace", "nope", "--store", store_url]) == 2
+    assert main(["report", "--html", str(tmp_path / "no" / "x.html"), "--store", store_url]) == 2
     assert not (tmp_path / "no").exists()
     assert Path(body["prices"]).is_file()

@@ -80,6 +80,17 @@ SQLITE: list[Migration] = [
             "CREATE INDEX ix_shadow_ns ON shadow_pairs (namespace, created_at)",
         ],
     ),
+    (
+        3,
+        [
+            # kolm loop's per-namespace lease (kolm_ray/loop.py): two loops on one store never both promote.
+            """CREATE TABLE loop_leases (
+                namespace TEXT PRIMARY KEY,
+                owner TEXT NOT NULL,        -- host:pid:uuid of the loop holding it
+                expires_at TEXT NOT NULL    -- UTC ISO time; an expired lease may be taken over
+            )""",
+        ],
+    ),
 ]
 
 POSTGRESQL: list[Migration] = [
@@ -140,6 +151,17 @@ POSTGRESQL: list[Migration] = [
                 created_at TEXT NOT NULL
             )""",
             "CREATE INDEX ix_shadow_ns ON shadow_pairs (namespace, created_at)",
+        ],
+    ),
+    (
+        3,
+        [
+            # kolm loop's per-namespace lease (kolm_ray/loop.py): two loops on one store never both promote.
+            """CREATE TABLE loop_leases (
+                namespace TEXT PRIMARY KEY,
+                owner TEXT NOT NULL,        -- host:pid:uuid of the loop holding it
+                expires_at TEXT NOT NULL    -- UTC ISO time; an expired lease may be taken over
+            )""",
         ],
     ),
 ]

@@ -21,11 +21,13 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.string import TextLoader
 from psycopg_pool import ConnectionPool
 
 from kolm_ray.errors import KolmError
@@ -82,9 +84,21 @@ def connect_error(e: BaseException, url: str) -> KolmError:
     return KolmError(f"cannot connect to the PostgreSQL store {redact_url(url)}: {scrub(text, url)}")
 
 
+def _portable(value: Any) -> Any:
+    """A value as SQLite hands it back: time as UTC ISO text (the form SQLite stores), booleans as 0/1."""
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat()
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
 class _Rows:
     def __init__(self, rows: list[tuple]) -> None:
         self._rows = rows
+
+    def __iter__(self):
+        return iter(self._rows)
 
     def fetchall(self) -> list[tuple]:
         return self._rows
@@ -98,9 +112,14 @@ class _Reader:
         self._store = store
 
     def execute(self, sql: str, params: list[Any] | tuple = ()) -> _Rows:
+        """The registry's, the report's and the loop's queries see the values SQLite would give them:
+        json columns as their text, times as ISO text, booleans as 0/1."""
         with self._store._conn() as conn:
-            cur = conn.execute(sql, params)
-            return _Rows(cur.fetchall() if cur.description is not None else [])
+            cur = conn.cursor()
+            cur.adapters.register_loader("json", TextLoader)
+            cur.execute(sql, params)
+            rows = cur.fetchall() if cur.description is not None else []
+            return _Rows([tuple(_portable(v) for v in r) for r in rows])
 
 
 class PostgresStore:
