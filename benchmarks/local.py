@@ -200,7 +200,10 @@ def main() -> int:
         promoted = run([sys.executable, "-m", "kolm_ray.cli", "models", "promote", str(artifact), "--namespace", NS,
                         "--store", store_url], env, 300).stdout.strip()  # fmt: skip
         deadline = time.monotonic() + 120
-        while NS not in httpx.get(f"{url}/healthz").json()["local"]["models"] and time.monotonic() < deadline:
+        while (
+            NS not in httpx.get(f"{url}/healthz").json().get("local", {}).get("models", {})
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.2)
 
         # 4. replay unseen traffic; the proxy's CPU over the replay

@@ -60,7 +60,7 @@ def proxy(tmp_path, taggers, monkeypatch):
 
 
 def health(url: str) -> dict:
-    return httpx.get(f"{url}/healthz").json()["local"]
+    return httpx.get(f"{url}/healthz").json().get("local", {"models": {}, "drift": {}, "problems": {}})
 
 
 def ask(url: str, q: str) -> httpx.Response:

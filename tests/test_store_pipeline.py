@@ -72,6 +72,11 @@ def test_cluster_on_postgres_equals_sqlite(ray_local, stores, capsys):
 
 
 def test_recipe_on_postgres_equals_sqlite(ray_local, stores, tmp_path, capsys):
+    # The embedder both runs use, built once up front: a build that fails under load falls back to
+    # PyTorch's fp32 MiniLM, whose slightly different vectors would flag other pairs in one run only.
+    from kolm_ray.clustering.featurize import onnx_model_path
+
+    assert onnx_model_path() is not None
     written = {}
     for name, url in stores.items():
         out = tmp_path / name
