@@ -276,6 +276,24 @@ def main() -> int:
                     rate=200,
                 )
                 wait_healthy(proxy_url, timeout=120, pending_zero=True)
+                profile["probe_between_hey_bursts"] = capture_profile.probe(
+                    proxy_url,
+                    up_url,
+                    body.read_bytes(),
+                    lambda: hey(url, body, TARGET["rate"], 16, args.profile_s, f"probe-{TARGET['rate']}"),
+                    n=int(args.profile_s * 14),
+                )
+                wait_healthy(proxy_url, timeout=120, pending_zero=True)
+                loop = profile["threads"]["MainThread"]
+                probe = profile["probe_between_hey_bursts"]
+                profile["reading"] = (
+                    f"the proxy's event loop thread spends {loop['cpu_ms_per_request']} ms of CPU per "
+                    f"request, its writer thread {profile['threads']['kolm-capture-writer']['cpu_ms_per_request']}"
+                    f" ms; hey starts its 16 workers together, each on its own {16000 / TARGET['rate']:g} ms "
+                    "ticker, so their calls reach the one event loop 16 at a time and each waits behind part "
+                    "of its burst on the way in and again when the 16 answers return together; a call sent "
+                    f"between bursts adds {probe['added_p50_ms']} ms p50 / {probe['added_p99_ms']} ms p99"
+                )
                 print(json.dumps(profile), flush=True)
             ramp = []
             for rate in [int(r) for r in args.ramp.split(",")]:

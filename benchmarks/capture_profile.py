@@ -162,7 +162,7 @@ def profile(
         cpu = th1.get(t["tid"], 0.0) - th0.get(t["tid"], 0.0)
         total = max(t["samples"], 1)
         phases = t["phases"].most_common()
-        busy = {k: v for k, v in phases if k not in (LOOP_IN_C, WRITER_WAIT, "waiting")}
+        active = {k: v for k, v in phases if k not in (LOOP_IN_C, WRITER_WAIT, "waiting")}
         wait = rq1.get(t["tid"], 0.0) - rq0.get(t["tid"], 0.0)
         by_thread[name] = {
             "samples": t["samples"],
@@ -171,7 +171,7 @@ def profile(
             "runqueue_wait_ms_per_request": round(1000 * wait / n, 3),
             "share_of_samples": {k: round(v / total, 4) for k, v in phases},
             "share_of_python_busy_samples": {
-                k: round(v / max(sum(busy.values()), 1), 3) for k, v in busy.items()
+                k: round(v / max(sum(active.values()), 1), 3) for k, v in active.items()
             },
         }
     return {
@@ -191,5 +191,55 @@ def profile(
             "rest_of_machine": round(max(busy - sum(procs.values()), 0.0) / wall, 3),
             "of": os.cpu_count(),
         },
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def probe(proxy_url: str, up_url: str, body: bytes, run_hey: Callable[[], dict], n: int = 150) -> dict:
+    """Added latency for a request that arrives at a random moment, not with hey's bursts.
+
+    hey's workers share one start time and each sends on its own ticker, so at 200 rps x 16
+    connections all 16 requests leave together every 80 ms and queue on the proxy's one event loop.
+    While that load runs, one more client alternates proxied and direct calls (one at a time, its own
+    keep-alive connections) and reads x-kolm-overhead-ms, the proxy handler's own time.
+    """
+    import threading
+
+    import httpx
+    import numpy as np
+
+    headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
+    load: dict = {}
+    t = threading.Thread(target=lambda: load.update(run_hey()))
+    t.start()
+    proxied, direct, handler = [], [], []
+    try:
+        time.sleep(1.0)
+        with httpx.Client(timeout=20) as client:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                r = client.post(
+                    f"{proxy_url}/v1/capture/openai/chat/completions", content=body, headers=headers
+                )
+                proxied.append((time.perf_counter() - t0) * 1000)
+                handler.append(float(r.headers["x-kolm-overhead-ms"]))
+                t0 = time.perf_counter()
+                client.post(f"{up_url}/v1/chat/completions", content=body, headers=headers).raise_for_status()
+                direct.append((time.perf_counter() - t0) * 1000)
+    finally:
+        t.join()
+
+    def pct(a: list[float]) -> dict:
+        return {f"p{q}_ms": round(float(np.percentile(a, q)), 3) for q in (50, 90, 99)}
+
+    p, d = pct(proxied), pct(direct)
+    return {
+        "method": f"{n} sequential probe pairs (proxied, then direct) with httpx while hey ran as above",
+        "proxied": p,
+        "direct": d,
+        "added_p50_ms": round(p["p50_ms"] - d["p50_ms"], 3),
+        "added_p99_ms": round(p["p99_ms"] - d["p99_ms"], 3),
+        "proxy_handler_ms": pct(handler),
+        "hey_meanwhile": {k: load.get(k) for k in ("offered_rps", "achieved_rps", "p50_ms", "p99_ms")},
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }
