@@ -10,8 +10,10 @@ the upstream, then through the proxy, 16 connections, the same body; added laten
 percentile - direct percentile. Then --ramp: proxied only, 64 connections, rising rates; a rate is
 "all stored" when hey achieved >= 95% of it with only 200s and the store holds one row per 200 (each
 phase has its own X-Kolm-Namespace; counted after /healthz shows nothing pending). Then a soak at
---soak-rps for --soak-s seconds, sampling the proxy's RSS. The proxy's CPU per request (from /proc)
-says where the time goes when a target is missed. Writes benchmarks/results/capture.json + .png.
+--soak-rps for --soak-s seconds, sampling the proxy's RSS. Every proxied run records CPU per request
+of the proxy, hey and the upstream, and how long the proxy's event loop waited for a core; a py-spy
+run at the target rate (benchmarks/capture_profile.py) splits the proxy's time into phases per thread:
+"where_the_time_goes" in benchmarks/results/capture.json (+ .png).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -34,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+import capture_profile  # benchmarks/, next to this script
 import httpx
 import numpy as np
 
@@ -147,16 +151,35 @@ def stored(db: Path, namespace: str) -> int:
         return c.execute("SELECT COUNT(*) FROM observations WHERE namespace = ?", (namespace,)).fetchone()[0]
 
 
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the process's main thread (the event loop) was runnable but had no core."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # hey, once reaped (the servers run on)
+    return r.ru_utime + r.ru_stime
+
+
 def proxied(
-    proxy_url: str, pid: int, db: Path, body: Path, rate: int, conns: int, secs: float, ns: str
+    proxy_url: str, pids: tuple[int, int], db: Path, body: Path, rate: int, conns: int, secs: float, ns: str
 ) -> dict:
-    cpu0 = cpu_seconds(pid)
+    """One proxied hey run; also CPU per request of the proxy, hey and the upstream, and cores used."""
+    pid, up_pid = pids
+    cpu0, up0, hey0, t0 = cpu_seconds(pid), cpu_seconds(up_pid), children_cpu(), time.monotonic()
+    rq0 = runqueue_wait_s(pid)
     r = hey(f"{proxy_url}/v1/capture/openai/chat/completions", body, rate, conns, secs, ns)
+    wall = time.monotonic() - t0
+    rq = runqueue_wait_s(pid) - rq0
     cpu = cpu_seconds(pid) - cpu0
+    by_process = {"proxy": cpu, "hey": children_cpu() - hey0, "upstream": cpu_seconds(up_pid) - up0}
     wait_healthy(proxy_url, timeout=120, pending_zero=True)
     r["stored"] = stored(db, ns)
     r["all_stored"] = r["stored"] == r["ok"]
     r["proxy_cpu_ms_per_request"] = round(1000 * cpu / max(r["sent"], 1), 3)
+    r["cpu_ms_per_request"] = {k: round(1000 * v / max(r["sent"], 1), 3) for k, v in by_process.items()}
+    r["cores_used"] = {k: round(v / wall, 3) for k, v in by_process.items()}
+    r["proxy_loop_runqueue_wait_ms_per_request"] = round(1000 * rq / max(r["sent"], 1), 3)
     r["loadavg_1m"] = round(os.getloadavg()[0], 2)
     return r
 
@@ -204,6 +227,7 @@ def main() -> int:
     p.add_argument("--soak-rps", type=int, default=200)
     p.add_argument("--soak-s", type=float, default=600.0, help="soak length (the issue asks 600 s)")
     p.add_argument("--upstream-latency-ms", type=float, default=20.0)
+    p.add_argument("--profile-s", type=float, default=10.0, help="py-spy run at the target rate (0: none)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     if shutil.which("hey") is None:
@@ -222,12 +246,13 @@ def main() -> int:
         upstream, proxy, up_url, proxy_url, db = start(tmp, args.upstream_latency_ms)
         try:
             direct_url = f"{up_url}/v1/chat/completions"
+            pids = (proxy.pid, upstream.pid)
             hey(direct_url, body, 100, 16, 2, "warmup")  # warm both, results discarded
-            proxied(proxy_url, proxy.pid, db, body, 100, 16, 2, "bench-warmup")
+            proxied(proxy_url, pids, db, body, 100, 16, 2, "bench-warmup")
             rows = []
             for rate in [int(r) for r in args.rps.split(",")]:
                 d_ = hey(direct_url, body, rate, 16, args.duration, "direct")
-                p_ = proxied(proxy_url, proxy.pid, db, body, rate, 16, args.duration, f"bench-{rate}")
+                p_ = proxied(proxy_url, pids, db, body, rate, 16, args.duration, f"bench-{rate}")
                 rows.append(
                     {
                         "rate": rate,
@@ -238,9 +263,41 @@ def main() -> int:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
+            profile = None
+            if args.profile_s > 0 and shutil.which("py-spy"):
+                ns = f"profile-{TARGET['rate']}"
+                url = f"{proxy_url}/v1/capture/openai/chat/completions"
+                profile = capture_profile.profile(
+                    proxy.pid,
+                    upstream.pid,
+                    lambda: hey(url, body, TARGET["rate"], 16, args.profile_s, ns),
+                    args.profile_s,
+                    tmp / "proxy.pyspy.txt",
+                    rate=200,
+                )
+                wait_healthy(proxy_url, timeout=120, pending_zero=True)
+                profile["probe_between_hey_bursts"] = capture_profile.probe(
+                    proxy_url,
+                    up_url,
+                    body.read_bytes(),
+                    lambda: hey(url, body, TARGET["rate"], 16, args.profile_s, f"probe-{TARGET['rate']}"),
+                    n=int(args.profile_s * 14),
+                )
+                wait_healthy(proxy_url, timeout=120, pending_zero=True)
+                loop = profile["threads"]["MainThread"]
+                probe = profile["probe_between_hey_bursts"]
+                profile["reading"] = (
+                    f"the proxy's event loop thread spends {loop['cpu_ms_per_request']} ms of CPU per "
+                    f"request, its writer thread {profile['threads']['kolm-capture-writer']['cpu_ms_per_request']}"
+                    f" ms; hey starts its 16 workers together, each on its own {16000 / TARGET['rate']:g} ms "
+                    "ticker, so their calls reach the one event loop 16 at a time and each waits behind part "
+                    "of its burst on the way in and again when the 16 answers return together; a call sent "
+                    f"between bursts adds {probe['added_p50_ms']} ms p50 / {probe['added_p99_ms']} ms p99"
+                )
+                print(json.dumps(profile), flush=True)
             ramp = []
             for rate in [int(r) for r in args.ramp.split(",")]:
-                r = proxied(proxy_url, proxy.pid, db, body, rate, 64, args.duration, f"ramp-{rate}")
+                r = proxied(proxy_url, pids, db, body, rate, 64, args.duration, f"ramp-{rate}")
                 r["held"] = r["achieved_rps"] >= 0.95 * rate and r["ok"] == r["sent"]
                 ramp.append(r)
                 print(json.dumps(r), flush=True)
@@ -258,7 +315,7 @@ def main() -> int:
             sampler = threading.Thread(target=sample)
             sampler.start()
             try:
-                soak = proxied(proxy_url, proxy.pid, db, body, args.soak_rps, 16, args.soak_s, "soak")
+                soak = proxied(proxy_url, pids, db, body, args.soak_rps, 16, args.soak_s, "soak")
             finally:
                 done.set()
                 sampler.join()
@@ -318,11 +375,8 @@ def main() -> int:
                 and at["added_p99_ms"] <= TARGET["added_p99_ms"]
             ),
             "all_stored_met": bool(all_stored and max(all_stored) >= TARGET["all_stored_rps"]),
-            "where_the_time_goes": (
-                "one Python process: proxy CPU per request is proxy.proxy_cpu_ms_per_request; "
-                "1000 / that is the most one core can serve, shared here with hey and the upstream"
-            ),
         },
+        "where_the_time_goes": profile,
     }
     (out / "capture.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "capture.png")

@@ -116,6 +116,16 @@ def test_bad_request_bodies_are_refused_with_the_reason(body, problem):
     assert problem in check_request(body)
 
 
+def test_depth_limit_is_exact_on_both_sides_of_the_bracket_count_shortcut():
+    # Exactly MAX_DEPTH levels: as many brackets as the limit, so the count alone settles it.
+    at_limit = b"{" + b'"a": ' + b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1) + b"}"
+    assert check_request(at_limit) is None
+    # Many brackets, all inside strings: past the count, so the exact scan decides (shallow: fine).
+    assert check_request(json.dumps({"a": "[{" * MAX_DEPTH}).encode()) is None
+    # Many brackets side by side, never deep: also fine.
+    assert check_request(json.dumps({"a": [[1]] * MAX_DEPTH}).encode()) is None
+
+
 @settings(max_examples=100, deadline=None)
 @given(json_values)
 def test_nesting_depth_matches_the_parsed_depth(value):

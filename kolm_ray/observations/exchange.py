@@ -100,7 +100,9 @@ def check_request(body: bytes) -> str | None:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         return f"request body is not valid UTF-8 (byte {e.start}): send UTF-8 JSON"
-    if nesting_depth(body) > MAX_DEPTH:
+    # Depth is at most the number of opening brackets (in strings or not): two C scans settle a typical
+    # body, and only one with more than MAX_DEPTH of them pays for the exact scan.
+    if body.count(b"{") + body.count(b"[") > MAX_DEPTH and nesting_depth(body) > MAX_DEPTH:
         return f"request body nests deeper than {MAX_DEPTH} levels"
     stripped = text[:64].lstrip(" \t\r\n")
     if len(body) > FULL_PARSE_BYTES:
