@@ -21,32 +21,9 @@ from kolm_ray.errors import KolmError
 
 Migration = tuple[int, list[str]]
 
-SQLITE: list[Migration] = [
-    (
-        1,
-        [
-            """CREATE TABLE observations (
-                seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order; the keyset cursor
-                id TEXT NOT NULL UNIQUE,
-                namespace TEXT NOT NULL,
-                tenant TEXT,
-                provider TEXT NOT NULL,
-                model TEXT,
-                input TEXT NOT NULL,
-                output TEXT,            -- JSON
-                verified INTEGER,       -- NULL, 0, 1
-                status INTEGER,
-                latency_ms REAL,
-                usage TEXT,             -- JSON
-                created_at TEXT NOT NULL,
-                request TEXT            -- JSON, credentials removed
-            )""",
-            # The bridge's queries: by namespace (+verified), by tenant, per-namespace counts.
-            "CREATE INDEX ix_obs_ns_seq ON observations (namespace, seq)",
-            "CREATE INDEX ix_obs_ns_verified_seq ON observations (namespace, verified, seq)",
-            "CREATE INDEX ix_obs_tenant_seq ON observations (tenant, seq)",
-        ],
-    ),
+# Migrations 2 and 3 are the same on both dialects but for the name of an 8-byte float ({real}: SQLite's REAL
+# is 8 bytes, PostgreSQL's REAL only 4, so there it is DOUBLE PRECISION).
+_SHARED: list[Migration] = [
     (
         2,
         [
@@ -57,9 +34,9 @@ SQLITE: list[Migration] = [
                 name TEXT NOT NULL,
                 sha256 TEXT NOT NULL,       -- of the .kolm file
                 path TEXT NOT NULL,         -- the copy under $KOLM_HOME/models/
-                k_score REAL,
-                k_floor REAL,
-                threshold REAL NOT NULL,  -- confidence below this: the proxy asks the upstream
+                k_score {real},
+                k_floor {real},
+                threshold {real} NOT NULL,  -- confidence below this: the proxy asks the upstream
                 shape TEXT NOT NULL,        -- JSON: the request shape the model was compiled for
                 live INTEGER NOT NULL,      -- 1 for exactly one row per namespace while it has a model
                 created_at TEXT NOT NULL,   -- the artifact's manifest created_at
@@ -93,6 +70,42 @@ SQLITE: list[Migration] = [
     ),
 ]
 
+
+def _dialect(migrations: list[Migration], real: str) -> list[Migration]:
+    return [
+        (version, [sql.replace("{real}", real) for sql in statements]) for version, statements in migrations
+    ]
+
+
+SQLITE: list[Migration] = [
+    (
+        1,
+        [
+            """CREATE TABLE observations (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order; the keyset cursor
+                id TEXT NOT NULL UNIQUE,
+                namespace TEXT NOT NULL,
+                tenant TEXT,
+                provider TEXT NOT NULL,
+                model TEXT,
+                input TEXT NOT NULL,
+                output TEXT,            -- JSON
+                verified INTEGER,       -- NULL, 0, 1
+                status INTEGER,
+                latency_ms REAL,
+                usage TEXT,             -- JSON
+                created_at TEXT NOT NULL,
+                request TEXT            -- JSON, credentials removed
+            )""",
+            # The bridge's queries: by namespace (+verified), by tenant, per-namespace counts.
+            "CREATE INDEX ix_obs_ns_seq ON observations (namespace, seq)",
+            "CREATE INDEX ix_obs_ns_verified_seq ON observations (namespace, verified, seq)",
+            "CREATE INDEX ix_obs_tenant_seq ON observations (tenant, seq)",
+        ],
+    ),
+    *_dialect(_SHARED, real="REAL"),
+]
+
 POSTGRESQL: list[Migration] = [
     (
         1,
@@ -120,50 +133,7 @@ POSTGRESQL: list[Migration] = [
             "CREATE INDEX ix_obs_tenant_seq ON observations (tenant, seq)",
         ],
     ),
-    (
-        2,
-        [
-            # The model registry (kolm_ray/registry.py): one row per promoted artifact version.
-            """CREATE TABLE models (
-                namespace TEXT NOT NULL,
-                version INTEGER NOT NULL,   -- 1, 2, ... per namespace
-                name TEXT NOT NULL,
-                sha256 TEXT NOT NULL,       -- of the .kolm file
-                path TEXT NOT NULL,         -- the copy under $KOLM_HOME/models/
-                k_score DOUBLE PRECISION,
-                k_floor DOUBLE PRECISION,
-                threshold DOUBLE PRECISION NOT NULL,  -- confidence below this: the proxy asks the upstream
-                shape TEXT NOT NULL,        -- JSON: the request shape the model was compiled for
-                live INTEGER NOT NULL,      -- 1 for exactly one row per namespace while it has a model
-                created_at TEXT NOT NULL,   -- the artifact's manifest created_at
-                promoted_at TEXT NOT NULL,  -- last time it was made live
-                rolled_back_at TEXT,        -- set by rollback; cleared when promoted again
-                PRIMARY KEY (namespace, version)
-            )""",
-            # Shadow checks: a local answer and the upstream's answer to the same request.
-            """CREATE TABLE shadow_pairs (
-                local_id TEXT PRIMARY KEY,  -- observation id of the local answer
-                upstream_id TEXT,           -- observation id of the upstream's answer (null: it failed)
-                namespace TEXT NOT NULL,
-                version INTEGER NOT NULL,
-                agree INTEGER,              -- 1/0 by the K-score's field rules; null when not comparable
-                detail TEXT,                -- JSON: per-field agreement or the failure
-                created_at TEXT NOT NULL
-            )""",
-            "CREATE INDEX ix_shadow_ns ON shadow_pairs (namespace, created_at)",
-        ],
-    ),
-    (
-        3,
-        [
-            # kolm loop's per-namespace lease (kolm_ray/loop.py): two loops on one store never both promote.
-            """CREATE TABLE loop_leases (
-                namespace TEXT PRIMARY KEY,
-                owner TEXT NOT NULL,        -- host:pid:uuid of the loop holding it
-                expires_at TEXT NOT NULL    -- UTC ISO time; an expired lease may be taken over
-            )""",
-        ],
-    ),
+    *_dialect(_SHARED, real="DOUBLE PRECISION"),
 ]
 
 MIGRATIONS: dict[str, list[Migration]] = {"sqlite": SQLITE, "postgresql": POSTGRESQL}
