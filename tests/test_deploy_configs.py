@@ -45,6 +45,15 @@ def _validate_recipe_yaml(path: Path) -> None:
     validate_recipe_dir(path.parent)
 
 
+def _validate_prices(path: Path) -> None:
+    from kolm_ray.prices import load_prices
+
+    table = load_prices(str(path))
+    assert table.taken, f"{path}: the date the prices were taken"
+    assert table.models and all(p.input > 0 and p.output > 0 for p in table.models.values())
+    assert table.key_for("gpt-4o-2024-08-06") == "gpt-4o"  # a dated response model finds its row
+
+
 def _validator(path: Path):
     rel = path.relative_to(REPO).as_posix()
     if rel.startswith("deployments/"):
@@ -53,6 +62,8 @@ def _validator(path: Path):
         return _validate_tenants
     if path.name == "recipe.yaml":
         return _validate_recipe_yaml
+    if path.name == "prices.yaml":
+        return _validate_prices
     return None
 
 
