@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Present from the start, so each test's monkeypatch.setenv replaces a value instead of adding a variable:
+# adding one reallocates the C environment, which a library thread calling getenv() at that moment can
+# read after it is freed (glibc; one such crash was seen in a full run).
+os.environ.setdefault("KOLM_HOME", tempfile.mkdtemp(prefix="kolm-tests-home-"))
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

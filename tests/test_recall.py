@@ -15,7 +15,6 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from unittest import mock
 
 import httpx
 import numpy as np
@@ -52,7 +51,10 @@ def served(tagger_artifact):
     """(predictor, fast tagger, report) built the way a replica builds them."""
     from kolm_ray.predictors import open_predictor
 
-    with mock.patch.dict(os.environ, {"KOLM_SIGNING_KEY": recall_artifact.SIGNING_KEY}):
+    # One key set and put back (setenv), never patch.dict: its exit clears the whole environment and
+    # rebuilds it, and a C library reading getenv() on another thread at that moment crashes (glibc).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KOLM_SIGNING_KEY", recall_artifact.SIGNING_KEY)
         predictor = open_predictor(tagger_artifact, device="cpu")
     fast, report = build_fast_tagger(EncoderParts.from_predictor(predictor), threads=1, repeat=3)
     predictor.cascade = "teacher"  # the fast form is the teacher stage: compare it with the teacher alone
@@ -65,7 +67,10 @@ def cascade(tagger_artifact):
     """The artifact's Predictor as `kolm run` opens it: student first, the encoder for the rest."""
     from kolm_ray.predictors import open_predictor
 
-    with mock.patch.dict(os.environ, {"KOLM_SIGNING_KEY": recall_artifact.SIGNING_KEY}):
+    # One key set and put back (setenv), never patch.dict: its exit clears the whole environment and
+    # rebuilds it, and a C library reading getenv() on another thread at that moment crashes (glibc).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KOLM_SIGNING_KEY", recall_artifact.SIGNING_KEY)
         predictor = open_predictor(tagger_artifact, device="cpu")
     yield predictor
     predictor.close()
