@@ -20,14 +20,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from kolm_ray.observations.store.base import portable_sql
+
 WINDOW = 100
 MIN_PAIRS = 20
 DRIFT_SHADOW_RATE = 0.5
 STOP_MARGIN = 0.15
 
 
-def _sql(store: Any, sql: str) -> str:
-    return sql.replace("?", "%s") if store.url.startswith(("postgresql://", "postgres://")) else sql
+_sql = portable_sql  # `?` SQL for either backend
 
 
 def live_agreement(

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from kolm_ray.errors import KolmError
+from kolm_ray.observations.store.base import portable_sql
 
 DEFAULT_MIN_NEW = 500
 HOLDOUT = 200  # newest upstream calls held out per pass: a quarter of the new ones, 20 to 200
@@ -58,8 +59,7 @@ USABLE = "provider IN ('openai', 'anthropic', 'import') AND verified IS NOT FALS
 Builder = Callable[[Any, str, set[str], Path, str, Any], Path]
 
 
-def _sql(store: Any, sql: str) -> str:
-    return sql.replace("?", "%s") if store.url.startswith(("postgresql://", "postgres://")) else sql
+_sql = portable_sql  # `?` SQL for either backend
 
 
 def _iso(text: str) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import check_namespace
 from kolm_ray.observations.store import Store, open_store
+from kolm_ray.observations.store.base import portable_sql
 from kolm_ray.settings import kolm_home
 
 FIT_SAMPLE = 200  # recent upstream outputs a spec is checked against at promotion
@@ -85,8 +86,7 @@ class ModelRow:
         return {k: d[k] for k in keys}
 
 
-def _sql(store: Store, sql: str) -> str:
-    return sql.replace("?", "%s") if store.url.startswith(("postgresql://", "postgres://")) else sql
+_sql = portable_sql  # `?` SQL for either backend
 
 
 def _row(r: tuple) -> ModelRow:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from kolm_ray.observations.store.base import portable_sql
 from kolm_ray.prices import PriceTable, load_prices
 
 UPSTREAM = ("openai", "anthropic")
@@ -125,9 +126,7 @@ def build_report(store: Any, prices: PriceTable, namespace: str | None = None) -
     if namespace is not None:
         sql += " AND namespace = ?"
         params = (namespace,)
-    sql += " ORDER BY seq"
-    if store.url.startswith(("postgresql://", "postgres://")):
-        sql = sql.replace("?", "%s")
+    sql = portable_sql(store, sql + " ORDER BY seq")
     reports: dict[str, NamespaceReport] = {}
     means: dict[str, _Means] = defaultdict(_Means)
     locals_: list[tuple[str, str, str | None, str]] = []  # (ns, created_at, model, shape key)

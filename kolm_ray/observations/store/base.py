@@ -236,3 +236,9 @@ def scrub(message: str, url: str) -> str:
     for secret in secrets_of(url):
         message = message.replace(secret, "***")
     return redact_url(message)
+
+
+def portable_sql(store: Any, sql: str) -> str:
+    """`?`-placeholder SQL for this store's driver: sqlite3 takes `?`, psycopg `%s`. The registry, the
+    report and the loop write their SQL once, in the standard subset both backends run."""
+    return sql.replace("?", "%s") if getattr(store, "dialect", "sqlite") == "postgresql" else sql
