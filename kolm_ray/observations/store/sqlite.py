@@ -6,6 +6,7 @@ import functools
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,23 @@ _INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join('?' * 13)
 def _read_only(path: str) -> sqlite3.Connection:
     """Ray Data's connection factory: a read-only connection (picklable through functools.partial)."""
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch a fresh database to WAL. The switch takes an exclusive lock and SQLite answers SQLITE_BUSY at
+    once, without its busy handler, when another connection opens the same new file at that moment (one in
+    ~200 tries with four threads opening it together), so retry within the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 class SQLiteStore:
@@ -61,7 +79,7 @@ class SQLiteStore:
         self._closed = False
         try:
             self._writer = self._connect()
-            self._writer.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(self._writer)
             with self._write_lock:
                 migrate(self._writer, "sqlite", str(self.path))
         except sqlite3.DatabaseError as e:
