@@ -459,3 +459,48 @@ def test_postgres_insert_methods_keep_the_same_contract(pg_url, method):
         got = [o.id for b in s.iter_observations("support") for o in b]
         assert got == [o.id for o in first + replay[200:]] and s.count() == 370
         assert s.get(first[0].id).model_dump() == first[0].model_dump()
+
+
+@pytest.mark.slow
+def test_local_postgres_stops_and_is_deleted_when_its_parent_is_killed(tmp_path):
+    """A SIGKILLed parent (a crashed pytest or benchmark) leaves no postgres running and no data behind."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from kolm_ray.observations.store.localpg import LocalPostgres\n"
+        "pg = LocalPostgres(durable=False)\n"
+        "pg.start()\n"
+        "print(pg.proc.pid, pg.root, flush=True)\n"
+        "sys.stdin.read()\n"  # until killed
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pid_text, root = parent.stdout.readline().split()
+        pg_pid = int(pid_text)
+        os.kill(pg_pid, 0)  # running
+        assert Path(root, "data", "PG_VERSION").exists()
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pg_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(pg_pid, signal.SIGKILL)
+            pytest.fail("postgres outlived its killed parent")
+        deadline = time.monotonic() + 10
+        while Path(root).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(root).exists()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)

@@ -13,6 +13,10 @@ PostgreSQL refuses to run as root. As root (CI, containers) the server runs as t
 wheel's binaries sit under a directory `nobody` cannot traverse (e.g. /root/...), they are copied once
 to a world-readable cache under the temp dir. Password auth (scram-sha-256) on TCP, so URLs carry a
 real password and a wrong one is refused as in production.
+
+A watchdog process (a few lines of Python, in its own session) outlives a parent that dies without
+stopping the server (a crashed or SIGKILLed pytest, benchmark or demo): when the parent is gone it stops
+the server by pid (SIGQUIT) and, when this object made the directory, deletes it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +38,35 @@ from pathlib import Path
 from kolm_ray.errors import KolmError
 
 _UNPRIVILEGED = "nobody"
+
+# argv: parent pid, postgres pid, directory to delete ("" for none). Polls twice a second; exits when
+# postgres exits on its own (stop() also kills it).
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+parent, pg, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+while alive(pg):
+    if os.getppid() != parent or not alive(parent):
+        os.kill(pg, signal.SIGQUIT)
+        for _ in range(100):
+            if not alive(pg):
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pg, signal.SIGKILL)
+        if root:
+            time.sleep(0.2)
+            shutil.rmtree(root, ignore_errors=True)
+        break
+    time.sleep(0.5)
+"""
 
 
 def _wheel_root() -> Path:
@@ -104,6 +138,7 @@ class LocalPostgres:
         self.password = secrets.token_urlsafe(16)
         self.database = "kolm"
         self.proc: subprocess.Popen | None = None
+        self._watchdog: subprocess.Popen | None = None
         if self.as_root:
             pw = pwd.getpwnam(_UNPRIVILEGED)
             self._ids: dict = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
@@ -167,6 +202,12 @@ class LocalPostgres:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, **self._ids)
         finally:
             log.close()
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.proc.pid),
+             str(self.root) if self._own_root else ""],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C or killpg aimed at the parent's group leaves it to do its job
+        )  # fmt: skip
         deadline = time.monotonic() + timeout
         import psycopg
 
@@ -201,6 +242,10 @@ class LocalPostgres:
         immediate: SIGQUIT, no checkpoint (the next start recovers from WAL); for a server whose data
         is deleted right after, where waiting for a checkpoint is only time lost."""
         proc, self.proc = self.proc, None
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:  # a stop by the parent: the watchdog has nothing left to do
+            watchdog.kill()
+            watchdog.wait(10)
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGQUIT if immediate else signal.SIGINT)
