@@ -155,7 +155,7 @@ def static_embedder() -> StaticEmbedder:
 @pytest.mark.slow
 def test_the_distilled_model_embeds_like_minilm(static_embedder):
     path = static_model_path()
-    assert sorted(p.name for p in path.iterdir()) == sorted(MODEL_FILES)
+    assert {p.name for p in path.iterdir()} >= set(MODEL_FILES)  # model2vec's files; its model card dropped
     e = static_embedder(
         ["I forgot my password", "how do I reset my password", "roast a chicken at 200 degrees"]
     )
