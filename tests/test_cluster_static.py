@@ -147,6 +147,29 @@ def test_minilm_decides_the_split_only_where_the_static_search_finds_one():
     assert len(fit_clusters(noise, np.array(["f"] * 400), confirm=minilm_says(True)).ids) == 1 and asked == []
 
 
+def test_a_row_of_an_unknown_shape_joins_a_cluster_of_its_own_request():
+    from kolm_ray.clustering import request_fingerprint, structural_fingerprint
+
+    rng = np.random.default_rng(1)
+    a, b = np.eye(STATIC_DIMS)[0], np.eye(STATIC_DIMS)[1]
+    banking = {"messages": [{"role": "system", "content": "Classify banking requests (day 3)."}]}
+    travel = {"system": "Travel desk triage."}
+    emb = np.vstack([_blob(a, 100, 0.05, rng), _blob(b, 100, 0.05, rng)])
+    reqs = [banking] * 100 + [travel] * 100
+    fps = np.array([structural_fingerprint(r, {"intent": "x"}) for r in reqs])
+    rfps = np.array([request_fingerprint(r) for r in reqs])
+    model = fit_clusters(emb, fps, rfps=rfps)
+    assert len(model.ids) == 2
+    # an upstream error of a banking call whose text reads like travel: its request decides, not its vector
+    error_fp = structural_fingerprint(banking, {"error": {"code": 529}})
+    banking_cluster = model.assign(emb[:1], fps[:1])[0]
+    assert model.assign(emb[150:151], np.array([error_fp]), rfps[:1])[0] == banking_cluster
+    assert model.assign(emb[150:151], np.array([error_fp]))[0] != banking_cluster  # without: nearest of all
+    assert request_fingerprint({"system": "Travel desk triage."}) == request_fingerprint(
+        {"messages": [{"role": "system", "content": "travel desk  triage."}]}
+    )
+
+
 @pytest.fixture(scope="module")
 def static_embedder() -> StaticEmbedder:
     return StaticEmbedder(static_model_path())  # the real distillation: once per test session (KOLM_CACHE)

@@ -39,6 +39,7 @@ from kolm_ray.clustering.featurize import (
     featurize,
     onnx_model_path,
     output_shape,
+    request_fingerprint,
     response_format,
     structural_fingerprint,
     system_prompt,
@@ -58,7 +59,7 @@ __all__ = [
     "cluster_command", "static_model_path",
     "cluster_members", "cluster_namespace", "cluster_namespaces", "embed_texts", "fit_clusters",
     "format_table", "onnx_model_path", "output_shape", "read_observations", "response_format",
-    "rows_from_observations", "shared_label_share", "structural_fingerprint", "summarize_cluster",
+    "request_fingerprint", "rows_from_observations", "shared_label_share", "structural_fingerprint", "summarize_cluster",
     "system_prompt", "vocab_label",
 ]  # fmt: skip
 

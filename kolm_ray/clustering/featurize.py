@@ -96,6 +96,13 @@ def structural_fingerprint(request: dict | None, output: Any) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+def request_fingerprint(request: dict | None) -> str:
+    """12 hex chars of the request side alone (system prompt, response format): where a row's structural
+    fingerprint is one no cluster has (an upstream error's output), its request still says which task."""
+    key = "\x1f".join([_normalize_prompt(system_prompt(request)), response_format(request)])
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
 def vocab_label(output: Any, input_text: str) -> str:
     """The output's label-like part: short strings/booleans that are not copied from the input.
 
@@ -298,6 +305,7 @@ class Featurizer:
         requests = [_loads(x) for x in batch["request"]]
         batch["embedding"] = self.embedder(inputs)
         batch["fp"] = np.array([structural_fingerprint(r, o) for r, o in zip(requests, outputs, strict=True)])
+        batch["rfp"] = np.array([request_fingerprint(r) for r in requests])
         batch["shape"] = np.array([output_shape(o) for o in outputs])
         batch["label"] = np.array([vocab_label(o, i) for o, i in zip(outputs, inputs, strict=True)])
         batch["rejected"] = np.array([not _missing(v) and int(v) == 0 for v in batch["verified"]])

@@ -19,9 +19,11 @@ SPLIT_SAMPLE = 1000  # rows per fingerprint the split search sees (k-means k = 2
 MIN_SILHOUETTE = 0.35  # within one fingerprint, split only clearly separate input groups (CLINC domains
 # score 0.15-0.30 on their own, so one task is never split into its topics)
 MIN_CLUSTER = 20
-# Static vectors compress silhouettes (the same groups score lower than with MiniLM: see the benchmark's
-# per-fingerprint figures); below this no split is possible and MiniLM is never asked.
-STATIC_GATE = 0.25
+# Static vectors only say where a split is possible (best cosine silhouette over k, on the same sample).
+# Measured: groups that MiniLM splits (its silhouette >= 0.35) scored 0.41-0.56 with static vectors; one-task
+# fingerprints (CLINC domains, templated intents) 0.07-0.29, and 0.35 once where MiniLM said 0.31 (no split).
+# Below the gate MiniLM is never asked; above it MiniLM decides.
+STATIC_GATE = 0.30
 CONFIRM_SAMPLE = 300  # rows per fingerprint MiniLM embeds when the static search finds a possible split
 
 
@@ -37,11 +39,19 @@ class ClusterModel:
     """Fingerprints whose split MiniLM decided, and its best silhouette there."""
     minilm_rows: int = 0
     """Rows the split search embedded with MiniLM."""
+    request_fps: list[str] = field(default_factory=list)
+    """Per centroid, the request fingerprint (system prompt + response format) of its rows."""
 
-    def assign(self, emb: np.ndarray, fps: np.ndarray) -> np.ndarray:
+    def assign(self, emb: np.ndarray, fps: np.ndarray, rfps: np.ndarray | None = None) -> np.ndarray:
         sims = emb @ self.centroids.T
         same = np.array(self.fingerprints)[None, :] == np.asarray(fps)[:, None]
         known = same.any(axis=1)
+        if rfps is not None and len(self.request_fps) == len(self.ids):
+            # An unknown fingerprint (an upstream error's output shape): the clusters of the same request.
+            same_request = np.array(self.request_fps)[None, :] == np.asarray(rfps)[:, None]
+            use = ~known & same_request.any(axis=1)
+            same[use] = same_request[use]
+            known |= use
         # Within the row's fingerprint when it is known; the nearest of all otherwise.
         masked = np.where(same | ~known[:, None], sims, -np.inf)
         return np.array(self.ids)[masked.argmax(axis=1)]
@@ -91,6 +101,7 @@ def fit_clusters(
     labels: np.ndarray | None = None,
     seed: int = 0,
     confirm: Callable[[np.ndarray], np.ndarray] | None = None,
+    rfps: np.ndarray | None = None,
 ) -> ClusterModel:
     """Choose the clusters from the data: one per fingerprint, split further by k-means only when the
     silhouette over k = 2..6 is at least MIN_SILHOUETTE, every part has MIN_CLUSTER rows, and the parts do
@@ -102,6 +113,7 @@ def fit_clusters(
     centroids (their rows' mean static vector), which assign every row."""
     rng = np.random.default_rng(seed)
     found: list[tuple[int, str, np.ndarray]] = []  # (size, fingerprint, centroid)
+    request_of: dict[str, str] = {}
     silhouettes: dict[str, float] = {}
     confirmed: dict[str, float] = {}
     minilm_rows = 0
@@ -109,6 +121,9 @@ def fit_clusters(
     for fp in sorted(set(fps.tolist())):
         rows = np.flatnonzero(fps == fp)
         x, lab = emb[rows], labels[rows]
+        if rfps is not None:
+            values, counts = np.unique(np.asarray(rfps)[rows], return_counts=True)
+            request_of[fp] = str(values[counts.argmax()])
         centroids = [x.mean(axis=0)]
         if len(x) >= 2 * MIN_CLUSTER:
             pick = rng.choice(len(x), min(len(x), SPLIT_SAMPLE), replace=False)
@@ -139,6 +154,7 @@ def fit_clusters(
         silhouettes=silhouettes,
         confirmed=confirmed,
         minilm_rows=minilm_rows,
+        request_fps=[request_of[fp] for _, fp, _ in found] if rfps is not None else [],
     )
 
 
@@ -153,7 +169,8 @@ def _assign_batch(batch: dict[str, np.ndarray], models: dict[str, ClusterModel])
     emb = np.asarray(batch["embedding"], dtype=np.float32)
     for ns in np.unique(names):
         rows = names == ns
-        cluster[rows] = models[str(ns)].assign(emb[rows], batch["fp"][rows])
+        rfps = batch["rfp"][rows] if "rfp" in batch else None
+        cluster[rows] = models[str(ns)].assign(emb[rows], batch["fp"][rows], rfps)
     batch["cluster"] = cluster
     return batch
 
@@ -163,7 +180,7 @@ def _fit_samples(ds: Any, counts: dict[str, int], seed: int) -> dict[str, dict[s
     over the embeddings, fingerprints and labels (never the text)."""
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, list[np.ndarray]]] = {}
-    cols = ["id", "namespace", "embedding", "fp", "label", "rejected"]
+    cols = ["id", "namespace", "embedding", "fp", "rfp", "label", "rejected"]
     for b in ds.select_columns(cols).iter_batches(batch_size=4096, batch_format="numpy"):
         names = b["namespace"].astype(str)
         # rejected calls (errors) never shape the clusters
@@ -172,7 +189,8 @@ def _fit_samples(ds: Any, counts: dict[str, int], seed: int) -> dict[str, dict[s
         keep &= rng.random(len(names)) < share
         for ns in np.unique(names[keep]):
             rows = keep & (names == ns)
-            part = out.setdefault(str(ns), {"id": [], "emb": [], "fp": [], "label": []})
+            part = out.setdefault(str(ns), {"id": [], "emb": [], "fp": [], "rfp": [], "label": []})
+            part["rfp"].append(np.asarray(b["rfp"])[rows])
             part["id"].append(np.asarray(b["id"]).astype(str)[rows])
             part["emb"].append(np.asarray(b["embedding"], dtype=np.float32)[rows])
             part["fp"].append(np.asarray(b["fp"])[rows])
@@ -199,6 +217,7 @@ def _fit_namespace(
             np.concatenate(sample["label"]),
             seed,
             confirm=confirm,
+            rfps=np.concatenate(sample["rfp"]),
         )
         if model.ids:
             return model
