@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from kolm_ray.clustering.featurize import EMBED_DIM, embed_rows
 
@@ -111,6 +112,21 @@ def fit_clusters(
     static search only says where a split is possible (silhouette >= STATIC_GATE); there the decision is
     made as above on MiniLM embeddings of CONFIRM_SAMPLE of the rows, and the parts it finds become static
     centroids (their rows' mean static vector), which assign every row."""
+    # One thread for k-means and the silhouettes: on [1000 x 256] samples threads save little, and on a
+    # busy machine they cost a lot (the benchmark's 7 fingerprints at load 5 on 2 cores: 11.8 s with
+    # OpenMP's and BLAS's default threads, 1.5 s with one).
+    with threadpool_limits(limits=1):
+        return _fit(emb, fps, labels, seed, confirm, rfps)
+
+
+def _fit(
+    emb: np.ndarray,
+    fps: np.ndarray,
+    labels: np.ndarray | None,
+    seed: int,
+    confirm: Callable[[np.ndarray], np.ndarray] | None,
+    rfps: np.ndarray | None,
+) -> ClusterModel:
     rng = np.random.default_rng(seed)
     found: list[tuple[int, str, np.ndarray]] = []  # (size, fingerprint, centroid)
     request_of: dict[str, str] = {}
