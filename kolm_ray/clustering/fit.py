@@ -159,7 +159,8 @@ def _fit(
                     centroids = [x[sub][km.labels_ == c].mean(axis=0) for c in range(k)]
         units = np.stack([_unit(c) for c in centroids])
         sizes = np.bincount((x @ units.T).argmax(axis=1), minlength=len(units))
-        found += [(int(n), fp, u) for n, u in zip(sizes, units, strict=True)]
+        # a MiniLM part that no row's static vector is nearest to is no cluster
+        found += [(int(n), fp, u) for n, u in zip(sizes, units, strict=True) if n > 0]
     found.sort(key=lambda t: (-t[0], t[1]))
     if not found:
         return ClusterModel(np.zeros((0, emb.shape[1] if emb.ndim == 2 else EMBED_DIM), np.float32), [], [])
