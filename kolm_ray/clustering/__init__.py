@@ -3,9 +3,10 @@
     kolm cluster --namespace support                 # table: id, size, purity, top examples
     kolm cluster --namespace support --json --num-workers 2
 
-The pipeline (`cluster_namespaces`) reads top to bottom, one module of this package per phase:
+The pipeline (`_pipeline`) reads top to bottom, one module of this package per phase:
     read      (read.py) ray.data.read_sql over the store, sharded by row (the driver never holds the raw text)
-    featurize (featurize.py) map_batches(Featurizer) on an actor pool (`--num-workers`, one CPU each): a
+    featurize (featurize.py) map_batches(Featurizer) on an actor pool (`--num-workers`, one CPU each; one
+              actor by default for static vectors, one per CPU for MiniLM): a
               static sentence vector per row (MiniLM distilled into token vectors once, cached: static.py)
               + structural signals: a fingerprint of the system prompt, the response format and the
               output's shape (its key set)
@@ -77,13 +78,17 @@ class ClusterResult:
     """The rows of `dataset` this result is about (a dataset may hold several namespaces)."""
 
 
-def _workers(num_workers: int | None) -> int:
+def _workers(num_workers: int | None, embedder: str) -> int:
     import ray
 
     if num_workers is not None:
         if num_workers < 1:
             raise KolmError(f"--num-workers must be >= 1, got {num_workers}")
         return num_workers
+    if embedder == "static":
+        # ~0.06 CPU-ms per row: one actor embeds 100k rows in seconds, and a second one's start (a Python
+        # process importing Ray Data) costs more than it saves (benchmarks/recipe.py: 1 vs 2 workers)
+        return 1
     return max(1, int(ray.available_resources().get("CPU", 1)))
 
 
@@ -131,7 +136,7 @@ def _pipeline(
     seed: int,
     embedder: str = "static",
 ) -> dict[str, ClusterResult]:
-    workers = _workers(num_workers)
+    workers = _workers(num_workers, embedder)
     t0 = time.perf_counter()
     ds = read(source, namespaces, num_blocks=2 * workers)
     ds = featurize(ds, workers, embedder)
