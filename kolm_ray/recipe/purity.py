@@ -126,8 +126,8 @@ def confident_joint(probs: np.ndarray, y: np.ndarray) -> ConfidentJoint:
 def centred(embeddings: np.ndarray) -> np.ndarray:
     """Rows minus the cluster's mean, back on the unit sphere. Within one cluster every input shares a large
     common direction (static token vectors most of all); without it the regression's penalty falls on what
-    the rows have in common instead of on what tells them apart. On the recipe benchmark's 7 clusters, static
-    vectors' largest purity error went from 0.039 to 0.028 with it."""
+    the rows have in common instead of on what tells them apart. Measured while choosing it, on the recipe
+    benchmark's 7 tasks (true partitions): static vectors' largest purity error went from 0.039 to 0.028."""
     x = np.asarray(embeddings, dtype=np.float64)
     x = x - x.mean(axis=0, keepdims=True)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
