@@ -103,7 +103,7 @@ def _cluster(p: argparse.ArgumentParser) -> None:
         help="namespace to cluster; repeat it to cluster several in one pass (one featurize pool)",
     )
     p.add_argument("--store", default=None)
-    p.add_argument("--num-workers", type=int, default=None, help="featurize actors (default: one per CPU)")
+    p.add_argument("--num-workers", type=int, default=None, help="featurize actors (default: 1)")
     p.add_argument("--json", action="store_true", help="print the clusters as JSON")
 
 
@@ -124,7 +124,7 @@ def _recipe(p: argparse.ArgumentParser) -> None:
         "--num-workers",
         type=int,
         default=None,
-        help="featurize actors for the clustering (default: one per CPU)",
+        help="featurize actors for the clustering (default: 1)",
     )
 
 

@@ -16,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # adding one reallocates the C environment, which a library thread calling getenv() at that moment can
 # read after it is freed (glibc; one such crash was seen in a full run).
 os.environ.setdefault("KOLM_HOME", tempfile.mkdtemp(prefix="kolm-tests-home-"))
+# Built models (MiniLM's ONNX export, the static token vectors: 20-100 s to build) are shared by the session's
+# tests, whose KOLM_HOMEs are each their own.
+os.environ.setdefault("KOLM_CACHE", tempfile.mkdtemp(prefix="kolm-tests-cache-"))
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

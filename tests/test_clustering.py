@@ -1,4 +1,6 @@
-"""Clustering: structural signals, the cluster fit, the MiniLM embedder, and the Ray Data pipeline (slow)."""
+"""Clustering: structural signals, the cluster fit, the MiniLM embedder, and the Ray Data pipeline (slow).
+
+The static embedder, its cache and the MiniLM-confirmed split search: tests/test_cluster_static.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 import recipe_data as rd
 
 from kolm_ray.clustering import (
+    STATIC_DIMS,
     ClusterModel,
     MiniLMEmbedder,
     embed_texts,
@@ -111,9 +114,10 @@ def test_featurizer_reads_a_verified_column_with_no_value_at_all():
         # what Ray Data's read_sql yields for a shard where every `verified` is NULL (checked on Ray 2.60)
         "verified": np.array([np.nan, np.nan], dtype=np.float32),
     }
-    out = Featurizer()(dict(batch))
+    featurizer = Featurizer(embedder="minilm")  # the static default: tests/test_cluster_static.py
+    out = featurizer(dict(batch))
     assert out["rejected"].tolist() == [False, False]
-    mixed = Featurizer()({**batch, "verified": np.array([0.0, np.nan], dtype=np.float32)})
+    mixed = featurizer({**batch, "verified": np.array([0.0, np.nan], dtype=np.float32)})
     assert mixed["rejected"].tolist() == [True, False]
 
 
@@ -167,7 +171,7 @@ def test_ray_pipeline_recovers_tasks_and_summarizes(ray_local, store_url, capsys
     assert 0.8 <= big["purity"] <= 1.0 and small["purity"] >= 0.95
     assert len(big["top_examples"]) == 3 and "intent" in big["top_examples"][0]["output"]
     members, emb = cluster_members(result, big["id"])
-    assert len(members) == 301 and emb.shape == (301, 384)
+    assert len(members) == 301 and emb.shape == (301, STATIC_DIMS)  # the static vectors, for the recipe
     truth = [m["id"].startswith("x") for m in members]
     assert not any(truth)
     all_ids = [m["id"] for c in result.clusters for m in cluster_members(result, c["id"])[0]]

@@ -1,5 +1,7 @@
-"""Featurize: per row, a MiniLM sentence embedding and the structural signals (system prompt, response format,
-output shape fingerprint; a closed-vocab label) the fit phase separates on.
+"""Featurize: per row, a sentence embedding (static MiniLM token vectors by default, see static.py; MiniLM
+itself with embedder="minilm") and the structural signals (system prompt, response format, output shape
+fingerprint; a closed-vocab label) the fit phase separates on. MiniLM also embeds the few rows the fit's
+split search asks for (`embed_rows`).
 """
 
 from __future__ import annotations
@@ -94,6 +96,13 @@ def structural_fingerprint(request: dict | None, output: Any) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+def request_fingerprint(request: dict | None) -> str:
+    """12 hex chars of the request side alone (system prompt, response format): where a row's structural
+    fingerprint is one no cluster has (an upstream error's output), its request still says which task."""
+    key = "\x1f".join([_normalize_prompt(system_prompt(request)), response_format(request)])
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
 def vocab_label(output: Any, input_text: str) -> str:
     """The output's label-like part: short strings/booleans that are not copied from the input.
 
@@ -126,11 +135,12 @@ def _model_dir() -> str:
 
 
 def onnx_model_path() -> Path | None:
-    """MiniLM + mean pooling + L2 norm as ONNX with int8 weights, built once into $KOLM_HOME/cache.
+    """MiniLM + mean pooling + L2 norm as ONNX with int8 weights, built once into the cache (KOLM_CACHE, else
+    $KOLM_HOME/cache).
 
     None when it cannot be built (no onnx/onnxruntime): callers fall back to PyTorch.
     """
-    from kolm_ray.settings import kolm_home
+    from kolm_ray.clustering.static import cache_dir
 
     src = Path(_model_dir()) / "model.safetensors"
     import onnxruntime
@@ -139,7 +149,7 @@ def onnx_model_path() -> Path | None:
     tag = hashlib.sha1(
         f"{src.stat().st_size}-{torch.__version__}-{onnxruntime.__version__}-v1".encode()
     ).hexdigest()[:10]
-    target = kolm_home() / "cache" / f"minilm-l6-meanpool-int8-{tag}.onnx"
+    target = cache_dir() / f"minilm-l6-meanpool-int8-{tag}.onnx"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -272,10 +282,22 @@ def embed_texts(texts: list[str]) -> np.ndarray:
 
 
 class Featurizer:
-    """map_batches actor: embeddings + structural fingerprint + output label per row. Loads MiniLM once."""
+    """map_batches actor: embedding + structural fingerprint + output label per row. Loads its model once:
+    the static token-vector table (embedder="static", the default) or MiniLM ("minilm")."""
 
-    def __init__(self, onnx_path: str | None = None, threads: int = 1):
-        self.embedder = MiniLMEmbedder(threads=threads, onnx_path=onnx_path)
+    def __init__(
+        self,
+        embedder: str = "static",
+        path: str | None = None,
+        onnx_path: str | None = None,
+        threads: int = 1,
+    ):
+        if embedder == "static":
+            from kolm_ray.clustering.static import StaticEmbedder
+
+            self.embedder = StaticEmbedder(path)
+        else:
+            self.embedder = MiniLMEmbedder(threads=threads, onnx_path=onnx_path)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = [str(x) for x in batch["input"]]
@@ -283,25 +305,82 @@ class Featurizer:
         requests = [_loads(x) for x in batch["request"]]
         batch["embedding"] = self.embedder(inputs)
         batch["fp"] = np.array([structural_fingerprint(r, o) for r, o in zip(requests, outputs, strict=True)])
+        batch["rfp"] = np.array([request_fingerprint(r) for r in requests])
         batch["shape"] = np.array([output_shape(o) for o in outputs])
         batch["label"] = np.array([vocab_label(o, i) for o, i in zip(outputs, inputs, strict=True)])
         batch["rejected"] = np.array([not _missing(v) and int(v) == 0 for v in batch["verified"]])
         return batch
 
 
-def featurize(ds: Any, workers: int):
-    """The featurize phase: Featurizer on a fixed actor pool (one MiniLM per worker), materialized."""
+def _onnx_path() -> str | None:
+    if os.environ.get("KOLM_EMBED_BACKEND", "onnx") != "onnx":
+        return None
+    p = onnx_model_path()  # build once here, so the actors only load it
+    return str(p) if p else None
+
+
+def featurize(ds: Any, workers: int, embedder: str = "static"):
+    """The featurize phase: Featurizer on a fixed actor pool (one model per worker), materialized.
+
+    The model is built (once, cached) here on the driver, so the actors only load it."""
     import ray.data
 
-    onnx_path = None
-    if os.environ.get("KOLM_EMBED_BACKEND", "onnx") == "onnx":
-        p = onnx_model_path()  # build once here, so the actors only load it
-        onnx_path = str(p) if p else None
+    if embedder == "static":
+        from kolm_ray.clustering.static import static_model_path
+
+        kwargs = {"embedder": "static", "path": str(static_model_path())}
+        batch_size = 1024  # ~60 ms of work per batch: fewer, larger batches cost Ray Data less
+    elif embedder == "minilm":
+        kwargs, batch_size = {"embedder": "minilm", "onnx_path": _onnx_path(), "threads": 1}, 256
+    else:
+        from kolm_ray.errors import KolmError
+
+        raise KolmError(f"unknown embedder {embedder!r}: static or minilm")
     return ds.map_batches(
         Featurizer,
-        fn_constructor_kwargs={"onnx_path": onnx_path, "threads": 1},
-        batch_size=256,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=1,
     ).materialize()
+
+
+class _MiniLMColumn:
+    """map_batches actor: the MiniLM embedding of each row's input, keyed by id."""
+
+    def __init__(self, onnx_path: str | None):
+        self.embedder = MiniLMEmbedder(threads=1, onnx_path=onnx_path)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"id": batch["id"], "minilm": self.embedder([str(x) for x in batch["input"]])}
+
+
+def _pick_ids(batch: dict[str, np.ndarray], ids: frozenset[str]) -> dict[str, np.ndarray]:
+    keep = np.array([str(i) in ids for i in batch["id"]], dtype=bool)
+    return {"id": batch["id"][keep], "input": batch["input"][keep]}
+
+
+def embed_rows(ds: Any, ids: list[str], workers: int = 1) -> np.ndarray:
+    """MiniLM embeddings of the rows with these ids, in the order given, from a featurized dataset: the text
+    stays in Ray (the driver gets vectors). For the split search's sample, where static vectors are not
+    enough to decide."""
+    import ray.data
+
+    wanted = frozenset(ids)
+    part = (
+        ds.select_columns(["id", "input"])
+        .map_batches(_pick_ids, fn_kwargs={"ids": wanted}, batch_format="numpy", batch_size=4096)
+        .map_batches(
+            _MiniLMColumn,
+            fn_constructor_kwargs={"onnx_path": _onnx_path()},
+            batch_size=EMBED_BATCH * 4,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(ids) // 128 + 1))),
+            num_cpus=1,
+        )
+    )
+    got: dict[str, np.ndarray] = {}
+    for b in part.iter_batches(batch_size=1024, batch_format="numpy"):
+        got.update(zip(b["id"].astype(str).tolist(), np.asarray(b["minilm"], dtype=np.float32), strict=True))
+    return np.stack([got[i] for i in ids]) if ids else np.zeros((0, EMBED_DIM), np.float32)

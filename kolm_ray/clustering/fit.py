@@ -5,12 +5,14 @@ inputs form clearly separate groups; then each row's nearest centroid within its
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from kolm_ray.clustering.featurize import EMBED_DIM
+from kolm_ray.clustering.featurize import EMBED_DIM, embed_rows
 
 MAX_FIT = 20000  # the fit step sees at most this many rows (a random sample); assignment sees all
 MAX_K = 6
@@ -18,6 +20,12 @@ SPLIT_SAMPLE = 1000  # rows per fingerprint the split search sees (k-means k = 2
 MIN_SILHOUETTE = 0.35  # within one fingerprint, split only clearly separate input groups (CLINC domains
 # score 0.15-0.30 on their own, so one task is never split into its topics)
 MIN_CLUSTER = 20
+# Static vectors only say where a split is possible (best cosine silhouette over k, on the same sample).
+# Measured: groups that MiniLM splits (its silhouette >= 0.35) scored 0.41-0.56 with static vectors; one-task
+# fingerprints (CLINC domains, templated intents) 0.07-0.29, and 0.35 once where MiniLM said 0.31 (no split).
+# Below the gate MiniLM is never asked; above it MiniLM decides.
+STATIC_GATE = 0.30
+CONFIRM_SAMPLE = 300  # rows per fingerprint MiniLM embeds when the static search finds a possible split
 
 
 @dataclass
@@ -28,11 +36,23 @@ class ClusterModel:
     fingerprints: list[str]
     ids: list[int]
     silhouettes: dict[str, float] = field(default_factory=dict)
+    confirmed: dict[str, float] = field(default_factory=dict)
+    """Fingerprints whose split MiniLM decided, and its best silhouette there."""
+    minilm_rows: int = 0
+    """Rows the split search embedded with MiniLM."""
+    request_fps: list[str] = field(default_factory=list)
+    """Per centroid, the request fingerprint (system prompt + response format) of its rows."""
 
-    def assign(self, emb: np.ndarray, fps: np.ndarray) -> np.ndarray:
+    def assign(self, emb: np.ndarray, fps: np.ndarray, rfps: np.ndarray | None = None) -> np.ndarray:
         sims = emb @ self.centroids.T
         same = np.array(self.fingerprints)[None, :] == np.asarray(fps)[:, None]
         known = same.any(axis=1)
+        if rfps is not None and len(self.request_fps) == len(self.ids):
+            # An unknown fingerprint (an upstream error's output shape): the clusters of the same request.
+            same_request = np.array(self.request_fps)[None, :] == np.asarray(rfps)[:, None]
+            use = ~known & same_request.any(axis=1)
+            same[use] = same_request[use]
+            known |= use
         # Within the row's fingerprint when it is known; the nearest of all otherwise.
         masked = np.where(same | ~known[:, None], sims, -np.inf)
         return np.array(self.ids)[masked.argmax(axis=1)]
@@ -50,53 +70,108 @@ def shared_label_share(labels: np.ndarray, parts: np.ndarray) -> float:
     return shared / rows if rows else 0.0
 
 
-def fit_clusters(
-    emb: np.ndarray, fps: np.ndarray, labels: np.ndarray | None = None, seed: int = 0
-) -> ClusterModel:
-    """Choose the clusters from the data: one per fingerprint, split further by k-means only when the
-    silhouette over k = 2..6 is at least MIN_SILHOUETTE, every part has MIN_CLUSTER rows, and the parts do
-    not share their output labels (parts answered from one vocabulary are one task)."""
+def _split_search(
+    sample: np.ndarray, sample_lab: np.ndarray, threshold: float, seed: int
+) -> tuple[int, float, Any]:
+    """k-means over k = 2..MAX_K on the sample: (best k, its cosine silhouette, the k-means), -1.0 when no k
+    qualifies. A k whose silhouette reaches `threshold` but whose parts share their output labels is skipped
+    (separate-looking inputs answered from one vocabulary: one task)."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
+    best_k, best_s, best_km = 1, -1.0, None
+    for k in range(2, MAX_K + 1):
+        if len(sample) < k * MIN_CLUSTER:
+            break
+        # One k-means++ start: a split that needs several starts to be found is not "clearly separate".
+        km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(sample)
+        sizes = np.bincount(km.labels_, minlength=k)
+        if sizes.min() < max(MIN_CLUSTER, 0.05 * len(sample)):
+            continue
+        s = float(silhouette_score(sample, km.labels_, metric="cosine"))
+        if s >= threshold and shared_label_share(sample_lab, km.labels_) >= 0.5:
+            continue
+        if s > best_s:
+            best_k, best_s, best_km = k, s, km
+    return best_k, best_s, best_km
+
+
+def fit_clusters(
+    emb: np.ndarray,
+    fps: np.ndarray,
+    labels: np.ndarray | None = None,
+    seed: int = 0,
+    confirm: Callable[[np.ndarray], np.ndarray] | None = None,
+    rfps: np.ndarray | None = None,
+) -> ClusterModel:
+    """Choose the clusters from the data: one per fingerprint, split further by k-means only when the
+    silhouette over k = 2..6 is at least MIN_SILHOUETTE, every part has MIN_CLUSTER rows, and the parts do
+    not share their output labels (parts answered from one vocabulary are one task).
+
+    With `confirm` (emb are static vectors; confirm(row indices into emb) -> their MiniLM embeddings), the
+    static search only says where a split is possible (silhouette >= STATIC_GATE); there the decision is
+    made as above on MiniLM embeddings of CONFIRM_SAMPLE of the rows, and the parts it finds become static
+    centroids (their rows' mean static vector), which assign every row."""
+    # One thread for k-means and the silhouettes: on [1000 x 256] samples threads save little, and on a
+    # busy machine they cost a lot (the benchmark's 7 fingerprints at load 5 on 2 cores: 11.8 s with
+    # OpenMP's and BLAS's default threads, 1.5 s with one).
+    with threadpool_limits(limits=1):
+        return _fit(emb, fps, labels, seed, confirm, rfps)
+
+
+def _fit(
+    emb: np.ndarray,
+    fps: np.ndarray,
+    labels: np.ndarray | None,
+    seed: int,
+    confirm: Callable[[np.ndarray], np.ndarray] | None,
+    rfps: np.ndarray | None,
+) -> ClusterModel:
     rng = np.random.default_rng(seed)
     found: list[tuple[int, str, np.ndarray]] = []  # (size, fingerprint, centroid)
-    silhouettes = {}
+    request_of: dict[str, str] = {}
+    silhouettes: dict[str, float] = {}
+    confirmed: dict[str, float] = {}
+    minilm_rows = 0
     labels = np.full(len(fps), "") if labels is None else np.asarray(labels)
     for fp in sorted(set(fps.tolist())):
-        x, lab = emb[fps == fp], labels[fps == fp]
-        best_k, best_s, best_labels = 1, -1.0, None
+        rows = np.flatnonzero(fps == fp)
+        x, lab = emb[rows], labels[rows]
+        if rfps is not None:
+            values, counts = np.unique(np.asarray(rfps)[rows], return_counts=True)
+            request_of[fp] = str(values[counts.argmax()])
+        centroids = [x.mean(axis=0)]
         if len(x) >= 2 * MIN_CLUSTER:
             pick = rng.choice(len(x), min(len(x), SPLIT_SAMPLE), replace=False)
-            sample, sample_lab = x[pick], lab[pick]
-            for k in range(2, MAX_K + 1):
-                if len(sample) < k * MIN_CLUSTER:
-                    break
-                # One k-means++ start: a split that needs several starts to be found is not "clearly separate".
-                km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(sample)
-                sizes = np.bincount(km.labels_, minlength=k)
-                if sizes.min() < max(MIN_CLUSTER, 0.05 * len(sample)):
-                    continue
-                s = float(silhouette_score(sample, km.labels_, metric="cosine"))
-                if s >= MIN_SILHOUETTE and shared_label_share(sample_lab, km.labels_) >= 0.5:
-                    continue  # separate-looking inputs answered from one vocabulary: one task
-                if s > best_s:
-                    best_k, best_s, best_labels = k, s, km
-            silhouettes[fp] = round(best_s, 4)
-        if best_k > 1 and best_s >= MIN_SILHOUETTE:
-            parts = best_labels.predict(x)
-            for c in range(best_k):
-                found.append((int((parts == c).sum()), fp, _unit(x[parts == c].mean(axis=0))))
-        else:
-            found.append((len(x), fp, _unit(x.mean(axis=0))))
+            gate = MIN_SILHOUETTE if confirm is None else STATIC_GATE
+            k, s, km = _split_search(x[pick], lab[pick], gate, seed)
+            silhouettes[fp] = round(s, 4)
+            if k > 1 and s >= gate and confirm is None:
+                parts = km.predict(x)
+                centroids = [x[parts == c].mean(axis=0) for c in range(k)]
+            elif k > 1 and s >= gate:
+                sub = pick[:CONFIRM_SAMPLE]  # pick is a random order: its head is a uniform sample
+                minilm = confirm(rows[sub])
+                minilm_rows += len(sub)
+                k, s, km = _split_search(minilm, lab[sub], MIN_SILHOUETTE, seed)
+                confirmed[fp] = round(s, 4)
+                if k > 1 and s >= MIN_SILHOUETTE:
+                    centroids = [x[sub][km.labels_ == c].mean(axis=0) for c in range(k)]
+        units = np.stack([_unit(c) for c in centroids])
+        sizes = np.bincount((x @ units.T).argmax(axis=1), minlength=len(units))
+        # a MiniLM part that no row's static vector is nearest to is no cluster
+        found += [(int(n), fp, u) for n, u in zip(sizes, units, strict=True) if n > 0]
     found.sort(key=lambda t: (-t[0], t[1]))
     if not found:
-        return ClusterModel(np.zeros((0, EMBED_DIM), np.float32), [], [], silhouettes)
+        return ClusterModel(np.zeros((0, emb.shape[1] if emb.ndim == 2 else EMBED_DIM), np.float32), [], [])
     return ClusterModel(
         centroids=np.stack([c for _, _, c in found]).astype(np.float32),
         fingerprints=[fp for _, fp, _ in found],
         ids=list(range(len(found))),
         silhouettes=silhouettes,
+        confirmed=confirmed,
+        minilm_rows=minilm_rows,
+        request_fps=[request_of[fp] for _, fp, _ in found] if rfps is not None else [],
     )
 
 
@@ -111,7 +186,8 @@ def _assign_batch(batch: dict[str, np.ndarray], models: dict[str, ClusterModel])
     emb = np.asarray(batch["embedding"], dtype=np.float32)
     for ns in np.unique(names):
         rows = names == ns
-        cluster[rows] = models[str(ns)].assign(emb[rows], batch["fp"][rows])
+        rfps = batch["rfp"][rows] if "rfp" in batch else None
+        cluster[rows] = models[str(ns)].assign(emb[rows], batch["fp"][rows], rfps)
     batch["cluster"] = cluster
     return batch
 
@@ -121,7 +197,7 @@ def _fit_samples(ds: Any, counts: dict[str, int], seed: int) -> dict[str, dict[s
     over the embeddings, fingerprints and labels (never the text)."""
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, list[np.ndarray]]] = {}
-    cols = ["namespace", "embedding", "fp", "label", "rejected"]
+    cols = ["id", "namespace", "embedding", "fp", "rfp", "label", "rejected"]
     for b in ds.select_columns(cols).iter_batches(batch_size=4096, batch_format="numpy"):
         names = b["namespace"].astype(str)
         # rejected calls (errors) never shape the clusters
@@ -130,7 +206,9 @@ def _fit_samples(ds: Any, counts: dict[str, int], seed: int) -> dict[str, dict[s
         keep &= rng.random(len(names)) < share
         for ns in np.unique(names[keep]):
             rows = keep & (names == ns)
-            part = out.setdefault(str(ns), {"emb": [], "fp": [], "label": []})
+            part = out.setdefault(str(ns), {"id": [], "emb": [], "fp": [], "rfp": [], "label": []})
+            part["rfp"].append(np.asarray(b["rfp"])[rows])
+            part["id"].append(np.asarray(b["id"]).astype(str)[rows])
             part["emb"].append(np.asarray(b["embedding"], dtype=np.float32)[rows])
             part["fp"].append(np.asarray(b["fp"])[rows])
             part["label"].append(np.asarray(b["label"])[rows])
@@ -138,11 +216,25 @@ def _fit_samples(ds: Any, counts: dict[str, int], seed: int) -> dict[str, dict[s
 
 
 def _fit_namespace(
-    sample: dict[str, list[np.ndarray]] | None, ds: Any, namespace: str, seed: int
+    sample: dict[str, list[np.ndarray]] | None,
+    ds: Any,
+    namespace: str,
+    seed: int,
+    embedder: str,
+    workers: int,
 ) -> ClusterModel:
     if sample is not None:
+        ids = np.concatenate(sample["id"])
+        # Static vectors: where they say a split is possible, MiniLM decides, on the sampled rows' text
+        # (embedded in Ray: the driver gets their vectors, never the text).
+        confirm = None if embedder == "minilm" else (lambda idx: embed_rows(ds, ids[idx].tolist(), workers))
         model = fit_clusters(
-            np.concatenate(sample["emb"]), np.concatenate(sample["fp"]), np.concatenate(sample["label"]), seed
+            np.concatenate(sample["emb"]),
+            np.concatenate(sample["fp"]),
+            np.concatenate(sample["label"]),
+            seed,
+            confirm=confirm,
+            rfps=np.concatenate(sample["rfp"]),
         )
         if model.ids:
             return model
@@ -155,7 +247,7 @@ def _fit_namespace(
 
 
 def fit(
-    ds: Any, namespaces: list[str], seed: int
+    ds: Any, namespaces: list[str], seed: int, embedder: str = "static", workers: int = 1
 ) -> tuple[dict[str, ClusterModel | None], dict[str, int], dict[str, float]]:
     """The fit phase, on the driver: (model per namespace, None when it has no rows; row counts; seconds)."""
     counts: dict[str, int] = dict.fromkeys(namespaces, 0)
@@ -167,7 +259,7 @@ def fit(
     seconds: dict[str, float] = {}
     for ns in namespaces:
         t = time.perf_counter()
-        models[ns] = _fit_namespace(samples.get(ns), ds, ns, seed) if counts[ns] else None
+        models[ns] = _fit_namespace(samples.get(ns), ds, ns, seed, embedder, workers) if counts[ns] else None
         seconds[ns] = time.perf_counter() - t
     return models, counts, seconds
 

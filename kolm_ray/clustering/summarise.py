@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kolm_ray.clustering.featurize import EMBED_DIM
 from kolm_ray.clustering.fit import ClusterModel, _unit
 from kolm_ray.clustering.read import _loads, _missing
 from kolm_ray.errors import KolmError
@@ -98,7 +97,8 @@ def summarise(ds: Any, models: dict[str, ClusterModel], summarize: bool) -> dict
 
 
 def cluster_members(result: ClusterResult, cluster_id: int) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """One cluster's observations (as dicts) and their embeddings, for a recipe."""
+    """One cluster's observations (as dicts) and their embeddings (the pipeline's: static vectors by
+    default), for a recipe."""
 
     def pick(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask = (batch["cluster"] == cluster_id) & (batch["namespace"].astype(str) == result.namespace)
@@ -119,7 +119,8 @@ def cluster_members(result: ClusterResult, cluster_id: int) -> tuple[list[dict[s
                 }
             )
         emb.append(np.asarray(b["embedding"], dtype=np.float32))
-    return obs, (np.concatenate(emb) if emb else np.zeros((0, EMBED_DIM), np.float32))
+    dim = result.model.centroids.shape[1]
+    return obs, (np.concatenate(emb) if emb else np.zeros((0, dim), np.float32))
 
 
 def format_table(clusters: list[dict[str, Any]]) -> str:

