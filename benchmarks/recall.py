@@ -278,7 +278,8 @@ def _serve_in_subprocess(
                                     "duration": args.duration, "queries": queries,
                                     "tagger_options": json.loads(args.tagger_options),
                                     "use_student": use_student, "step": step,
-                                    "profile_rate": profile_rate}))  # fmt: skip
+                                    "profile_rate": profile_rate,
+                                    "env": dict(x.split("=", 1) for x in args.serve_env.split(",") if x)}))  # fmt: skip
         done = subprocess.run([sys.executable, __file__, "--serve-phase", str(spec)], check=False)
         out = spec.with_suffix(".out.json")
         if (
@@ -291,7 +292,7 @@ def _serve_in_subprocess(
 
 def _serve_phase_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    res = phase_serve(spec["name"], SERVE_CONFIGS[spec["name"]], spec["artifact"], spec["tenants"],
+    res = phase_serve(spec["name"], {**SERVE_CONFIGS[spec["name"]], **spec["env"]}, spec["artifact"], spec["tenants"],
                       bench.parse_rates(spec["rates"]) if spec["rates"] else [], spec["duration"], spec["queries"],
                       spec["tagger_options"], spec["use_student"], spec["step"], spec["profile_rate"])  # fmt: skip
     Path(spec_path).with_suffix(".out.json").write_text(json.dumps(res, default=str))
@@ -433,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-rate", type=float, default=200.0, help="py-spy run at this rate (0: none)")
     ap.add_argument("--in-process-rates", default="50,100,200", help="the no-Serve baseline's rates")
     ap.add_argument("--tagger-options", default="{}", help="JSON overrides for NamespaceTagger.options()")
+    ap.add_argument("--serve-env", default="", help="KEY=VALUE,... added to the Ray processes' environment")
     ap.add_argument("--calibration-n", type=int, default=1500)
     ap.add_argument("--with-compile", action="store_true", help="also time torch.compile (about a minute)")
     ap.add_argument("--skip-forms", action="store_true")

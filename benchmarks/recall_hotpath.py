@@ -12,6 +12,8 @@ as shares of each process's CPU time, which psutil measures over the same window
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -251,6 +253,8 @@ def profile(url: str, key: str, queries: list[str], rate: float, seconds: float,
             if spy.returncode != 0 or not raw.exists():
                 out.setdefault("errors", []).append(f"py-spy on {role} {p.pid}: {spy.stderr.read()[-300:]!r}")
                 continue
+            if os.environ.get("KOLM_BENCH_SPY_DIR"):  # keep the raw stacks to read them (folded format)
+                shutil.copy(raw, Path(os.environ["KOLM_BENCH_SPY_DIR"]) / raw.name)
             phases = _classify(raw, rules[role])
             total = max(sum(phases.values()), 1)
             cpu_ms = 1000 * (cpu1[p.pid] - cpu0[p.pid]) / n

@@ -188,7 +188,7 @@ def run_schedule(
         script, bodies, out = Path(tmp) / "step.lua", Path(tmp) / "bodies.jsonl", Path(tmp) / "requests.txt"
         script.write_text(STEP_LUA.replace("OUT_PATH", json.dumps(str(out))))
         bodies.write_text("".join(json.dumps({"query": q}) + "\n" for q in queries))
-        start = time.time() + 0.2  # the threads' shared clock origin, just after wrk starts
+        start = time.time()  # the threads' shared clock origin: no request is sent before it
         cmd = [
             require_wrk(), f"-t{connections}", f"-c{connections}", f"-d{total:g}s", "--timeout", "5s",
             "-s", str(script), url, "--", str(bodies), key, f"{start * 1000:.3f}", ",".join(schedule),

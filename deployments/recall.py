@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,14 @@ class NamespaceTagger:
         from kolm_ray.placement import pick_device
 
         self.device = pick_device()  # cuda, then mps, then cpu
-        self.batched = self.device != "cpu"
+        # KOLM_SERVE_BATCH: 1 batches, 0 does not, unset: batch on a GPU only.
+        batch = os.environ.get("KOLM_SERVE_BATCH", "")
+        self.batched = batch == "1" if batch in ("0", "1") else self.device != "cpu"
+        if self.batched and self.device == "cpu":
+            # On CPU, batch only the queries that queued while the last batch ran: no wait is added to a
+            # query that arrives at an idle replica.
+            self._score_batch.set_batch_wait_timeout_s(0.0)
+            self._score_batch.set_max_batch_size(8)
         self.artifact = artifact
         self._load(artifact)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagger")
