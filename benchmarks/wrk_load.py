@@ -2,10 +2,11 @@
 
     rows = run_rates("http://127.0.0.1:8000", "bench-all-key", queries, [50, 100, 400], duration=10)
 
-Each connection sends one request at a time and waits an exponential think time before the next (wrk's
-`delay()`), so with `rate / PER_CONNECTION_RPS` connections the offered load is about `rate` requests per
-second while answers stay well under the think time (100 ms at 10 rps per connection, the route's budget);
-the achieved rate is reported beside the target. The Lua script counts, from each answer's body, narrow,
+Each connection sends one request at a time; wrk's `delay()` holds a connection that has its answer until
+the next arrival of a Poisson process at the offered rate (LuaJIT's ffi reads the clock), so the offered
+load is `rate` requests per second, whatever the latency, while a connection is free: `rate /
+PER_CONNECTION_RPS` connections leave room for 200 ms answers (twice the route's budget) before the
+generator itself falls behind; the achieved rate is reported beside the target. The Lua script counts, from each answer's body, narrow,
 broad, over budget ("exceeded the ... budget") and tagger unavailable; wrk itself measures latency (from
 sending a request to its full response) and reports the percentiles below.
 """
@@ -19,10 +20,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-PER_CONNECTION_RPS = 10.0
+PER_CONNECTION_RPS = 5.0
 PERCENTILES = (50, 90, 95, 99, 99.9)
 
 LUA = r"""
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } kolm_timespec;
+int clock_gettime(int clk_id, kolm_timespec *tp);
+]]
+local ts = ffi.new("kolm_timespec")
+local function now_ms()  -- CLOCK_REALTIME, so the driver's timeline (time.time()) lines up with it
+  ffi.C.clock_gettime(0, ts)
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
 local bodies, threads, counter = {}, {}, 0
 local rate, stride, offset = 10, 1, 0
 local auth = ""
@@ -50,8 +61,14 @@ function request()
     {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. auth}, body)
 end
 
+local next_at = nil
 function delay()
-  return -math.log(1 - math.random()) * 1000 / rate  -- exponential think time (ms): Poisson per connection
+  -- The thread's Poisson arrivals: each connection that has its answer takes the next arrival time, so
+  -- the offered rate does not fall by the latency while a connection is free; behind by more than a
+  -- second (every connection busy), the schedule restarts from now rather than sending a burst.
+  local now = now_ms()
+  next_at = math.max(next_at or now, now - 1000) - math.log(1 - math.random()) * 1000 / rate
+  return math.max(next_at - now, 0)
 end
 
 function response(status, headers, body)
@@ -87,8 +104,7 @@ end
 
 # A load step (run_schedule): one wrk run whose offered rate follows a schedule of (seconds, rps) phases, with
 # every request's send time, latency and outcome kept, so latency can be read per second while the autoscaler
-# acts. One connection per wrk thread, so each thread's response answers the request it sent last; LuaJIT's
-# ffi reads the clock (wrk's own Lua has only second-resolution time).
+# acts. One connection per wrk thread, so each thread's response answers the request it sent last.
 STEP_LUA = r"""
 local ffi = require("ffi")
 ffi.cdef[[
@@ -131,15 +147,21 @@ function request()
     bodies[(offset % #bodies) + 1])
 end
 
+local next_at = nil
 function delay()
-  -- A Poisson process whose rate changes at the phase ends: a think time drawn at one phase's rate that
-  -- would cross into the next phase restarts there at the next rate (memorylessness makes that exact).
+  -- This connection's Poisson arrivals, from its last arrival time (so latency does not lower the rate;
+  -- more than a second behind, from now), at a rate that changes at the phase ends: a gap drawn at one
+  -- phase's rate that would cross into the next phase restarts there at the next rate (exact, since the
+  -- exponential is memoryless).
   local now = now_ms() - start_ms
-  local t = now
+  local t = math.max(next_at or now, now - 1000)
   for i = 1, #ends do
     if t < ends[i] then
       local next_t = t - math.log(1 - math.random()) * 1000 / rates[i]
-      if next_t < ends[i] or i == #ends then return next_t - now end
+      if next_t < ends[i] or i == #ends then
+        next_at = next_t
+        return math.max(next_t - now, 0)
+      end
       t = ends[i]
     end
   end
@@ -243,10 +265,10 @@ def run_rate(url: str, key: str, queries: list[str], rate: float, duration: floa
         script, bodies = Path(tmp) / "route.lua", Path(tmp) / "bodies.jsonl"
         script.write_text(LUA)
         bodies.write_text("".join(json.dumps({"query": q}) + "\n" for q in queries))
-        per_conn = rate / connections
+        per_thread = rate / threads  # the Lua script's arrival rate, shared by the thread's connections
         cmd = [
             require_wrk(), f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
-            "-s", str(script), url, "--", str(bodies), f"{per_conn:.4f}", key, str(threads),
+            "-s", str(script), url, "--", str(bodies), f"{per_thread:.4f}", key, str(threads),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("KOLM-RESULT ")), None)
