@@ -267,7 +267,7 @@ def phase_serve(
 
 def _serve_in_subprocess(
     name: str, artifact: str, tenants: str, args, queries: list[str], use_student: bool = True,
-    rates: str | None = None, step: dict | None = None, profile_rate: float | None = None,
+    rates: str | None = None, step: dict | None = None, profile_rate: float | None = None, env: dict | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     import subprocess
 
@@ -279,7 +279,8 @@ def _serve_in_subprocess(
                                     "tagger_options": json.loads(args.tagger_options),
                                     "use_student": use_student, "step": step,
                                     "profile_rate": profile_rate,
-                                    "env": dict(x.split("=", 1) for x in args.serve_env.split(",") if x)}))  # fmt: skip
+                                    "env": {**dict(x.split("=", 1) for x in args.serve_env.split(",") if x),
+                                            **(env or {})}}))  # fmt: skip
         done = subprocess.run([sys.executable, __file__, "--serve-phase", str(spec)], check=False)
         out = spec.with_suffix(".out.json")
         if (
@@ -427,9 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
     ap.add_argument("--serve-configs", default="haproxy+throughput")
     ap.add_argument(
-        "--ingress", default="cascade,teacher-only", help="cascade: the student in the ingress; teacher-only"
+        "--ingress",
+        default="cascade,teacher-only,cascade-unbatched",
+        help="cascade: the student in the ingress, escalations batched to the tagger; teacher-only: every query "
+        "to the tagger; cascade-unbatched: one tagger call per escalated query",
     )
-    ap.add_argument("--baseline-rates", default="50,100,200,400", help="the teacher-only ingress's rates")
+    ap.add_argument("--baseline-rates", default="50,100,150,200", help="the comparisons' rates")
     ap.add_argument("--step", default="20:50,40:400", help="the load step, SECONDS:RPS,... ('' for none)")
     ap.add_argument("--profile-rate", type=float, default=200.0, help="py-spy run at this rate (0: none)")
     ap.add_argument("--in-process-rates", default="50,100,200", help="the no-Serve baseline's rates")
@@ -493,10 +497,12 @@ def main(argv: list[str] | None = None) -> int:
             # thread pools) runs beside it. Measured: the same Serve setting in the process that had just run
             # the forms phase gave p50 62-71 ms at 50 rps, in a fresh one 22-24 ms. The cascade's session
             # starts with the load step (one tagger replica, as deployed), then the rates, then py-spy.
+            # cascade-unbatched: the same cascade, one tagger call per escalated query (KOLM_SERVE_BATCH=0).
             result["serve"][f"{name}/{ingress}"] = _serve_in_subprocess(
-                name, artifact, tenants, args, queries, use_student=cascade,
+                name, artifact, tenants, args, queries, use_student=ingress.startswith("cascade"),
                 rates=args.rates if cascade else args.baseline_rates,
                 step=step if cascade else None, profile_rate=args.profile_rate if cascade else None,
+                env={"KOLM_SERVE_BATCH": "0"} if ingress == "cascade-unbatched" else None,
             )  # fmt: skip
             (out / "recall.json").write_text(json.dumps(result, indent=2, default=str))
 
