@@ -338,6 +338,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     serve = result.get("serve", {})
     cascade = next((v for k, v in serve.items() if k.endswith("/cascade") and "rates" in v), None)
     teacher = next((v for k, v in serve.items() if k.endswith("/teacher-only") and "rates" in v), None)
+    unbatched = next((v for k, v in serve.items() if k.endswith("/cascade-unbatched") and "rates" in v), None)
     out: dict[str, Any] = {
         "targets": t,
         "student": result.get("student"),
@@ -357,12 +358,21 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     out["max_rps_p99_within_budget"] = {
         "cascade": best,
         "teacher_only": teacher.get("max_rps_p99_within_budget") if teacher else None,
+        "cascade_unbatched": unbatched.get("max_rps_p99_within_budget") if unbatched else None,
         "in_process_no_serve": result.get("summary_in_process_max_rps"),
         "met": best is not None and best >= t["max_rps_p99_within_budget"],
     }
     out["route_cpu_ms_per_request"] = {  # ingress + tagger replicas + HAProxy, per rate
         "cascade": {r["target_rps"]: _route_cpu(r) for r in cascade["rates"]},
         "teacher_only": {r["target_rps"]: _route_cpu(r) for r in teacher["rates"]} if teacher else None,
+        "cascade_unbatched": {r["target_rps"]: _route_cpu(r) for r in unbatched["rates"]}
+        if unbatched
+        else None,
+    }
+    out["comparisons_at_50rps"] = {  # the same rate through the other ingresses of this run
+        name: {q: r[q] for q in ("p50", "p99", "over_budget_share", "achieved_rps")}
+        for name, v in (("teacher_only", teacher), ("cascade_unbatched", unbatched))
+        if v and (r := _at(v["rates"], 50.0))
     }
     step = cascade.get("step")
     if step and "phase_1" in step:

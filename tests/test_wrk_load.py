@@ -129,6 +129,7 @@ def test_summary_states_each_target_met_or_missed_and_where_the_time_goes():
     assert s["max_rps_p99_within_budget"] == {
         "cascade": 200,
         "teacher_only": None,
+        "cascade_unbatched": None,
         "in_process_no_serve": None,
         "met": False,
     }
