@@ -8,8 +8,8 @@
 Two deployments:
 - RecallIngress: HTTP edge. Bearer key -> tenant (configs/tenants.yaml), request validation (401/422),
   the cascade's first stage (the artifact's static-embedding student, kolm_ray.student, ~0.1 ms: it
-  answers the queries it is sure of without a hop), the latency budget around the tagger call for the
-  rest, narrow/broad decision (kolm_ray.serving.Router). Tagger slow or down -> 200 broad with "reason";
+  answers the queries it is sure of without a hop), the rest to the tagger in batches (one call per
+  batch of what queued), the latency budget around that, narrow/broad decision (kolm_ray.serving.Router). Tagger slow or down -> 200 broad with "reason";
   never a 5xx for those causes; no tagger replica ready -> healthz 503 and broad at once.
 - NamespaceTagger: loads and verifies the signed .kolm, builds its fastest agreeing form
   (kolm_ray.fastpath) and scores batches of queries, each against its own caller's namespaces only.
@@ -203,10 +203,9 @@ class NamespaceTagger:
             return await self._score_batch(query, namespaces)
         return (await self._run(self._score, [query], [namespaces]))[0]
 
-    # Dynamic batching, on GPUs only. Measured on the 2-core CPU machine (benchmarks/recall.py), a batch buys
-    # nothing there: ONNX Runtime takes 3.7-4.9 ms for one query and 28-45 ms for eight, and @serve.batch
-    # itself adds ~4.5 ms at p50 to a lone request (HAProxy + throughput-optimized Serve: 10.5 ms for an
-    # ingress -> batched no-op tagger vs 5.9 ms unbatched). On a GPU a batch of 16 costs about what one does.
+    # Single-query calls (`score`: the ingress with KOLM_SERVE_BATCH=0, other callers) are batched here on
+    # GPUs only, where a batch of 16 costs about what one query does. On CPU a 2 ms batching wait only adds
+    # latency to a lone query; the ingress's own batches (score_many) wait for nothing.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _score_batch(self, queries: list[str], namespaces: list[list[str]]) -> list[dict[str, Any]]:
         return await self._run(self._score, queries, namespaces)
