@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -458,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_start": os.getloadavg(),
         },
         "artifact": artifact,
+        # which student code read the artifact's student (it changes with the student's format)
+        "student_py_sha256": hashlib.sha256((REPO / "kolm_ray" / "student.py").read_bytes()).hexdigest(),
         "rates": rates,
         "duration_s": args.duration,
         "targets": recall_hotpath.TARGETS,
