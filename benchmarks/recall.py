@@ -10,14 +10,21 @@ Phases, in one run (same machine, same artifact, same queries):
 3. calibration:  reliability diagram of the served form on held-out queries (CLINC150 test for a CLINC
                  tagger, fresh stand-in workload queries for the demo's), out-of-scope share routed broad
 4. serve:        `deployments/recall.py` on Ray Serve under each setting (each in a fresh process), loaded
-                 by wrk (benchmarks/wrk_load.py: Poisson-paced, a different held-out query per request),
-                 the ingress once with the artifact's student (the cascade) and once without (every query
-                 to the tagger: the baseline in the same run)
+                 by wrk (benchmarks/wrk_load.py: Poisson arrivals, a different held-out query per request):
+                 the cascade (the artifact's student in the ingress, escalations batched to the tagger),
+                 then, as baselines in the same run, the teacher-only ingress (every query to the tagger)
+                 and the cascade with one tagger call per escalated query (KOLM_SERVE_BATCH=0)
+5. load step:    first in the cascade's session, while one tagger replica runs: 20 s at 50 rps, then 400 rps,
+                 latency per second beside the replicas Serve's controller reports (benchmarks/recall_hotpath.py)
+6. py-spy:       last in the cascade's session: where each replica's CPU goes, by phase, at --profile-rate
 Phases 2 and 4 also record each rate's CPU milliseconds per request by process role (psutil: tagger
 replicas, ingress, HAProxy, the load generator, everything else) and how many cores were busy.
-Writes benchmarks/results/recall.json, recall-latency.png, recall-reliability.png.
+Writes OUT/recall.json (its "summary" says which target was met or missed, and where the time goes for a miss),
+recall-latency.png, recall-step.png, recall-reliability.png; the committed run:
+    benchmarks/recall.py --artifact ARTIFACT --skip-forms --rates 50,100,150,200,300,400 --duration 8 \
+        --out benchmarks/results/hotpath
 Targets (2 cores, minilm-l6 tagger, issue 18): p50 <= 10 ms and p99 <= 30 ms at 50 rps; the highest rate with
-p99 <= 100 ms and <= 1% over budget >= 400 rps.
+p99 <= 100 ms and <= 1% over budget >= 400 rps; the load step adds the second replica while the budget holds.
 """
 
 from __future__ import annotations
