@@ -104,7 +104,7 @@ def test_load_step_offers_each_phase_and_reports_every_answer(route_server):
     assert 15 <= low <= 75 and 150 <= high <= 330, (
         low,
         high,
-    )  # ~40 then ~240 (Poisson, closed per connection)
+    )  # ~40 then ~240 (Poisson arrivals)
     assert all(0.0 <= r["over_budget_share"] <= 1.0 for r in rows)
 
 
