@@ -10,14 +10,21 @@ Phases, in one run (same machine, same artifact, same queries):
 3. calibration:  reliability diagram of the served form on held-out queries (CLINC150 test for a CLINC
                  tagger, fresh stand-in workload queries for the demo's), out-of-scope share routed broad
 4. serve:        `deployments/recall.py` on Ray Serve under each setting (each in a fresh process), loaded
-                 by wrk (benchmarks/wrk_load.py: Poisson-paced, a different held-out query per request),
-                 the ingress once with the artifact's student (the cascade) and once without (every query
-                 to the tagger: the baseline in the same run)
+                 by wrk (benchmarks/wrk_load.py: Poisson arrivals, a different held-out query per request):
+                 the cascade (the artifact's student in the ingress, escalations batched to the tagger),
+                 then, as baselines in the same run, the teacher-only ingress (every query to the tagger)
+                 and the cascade with one tagger call per escalated query (KOLM_SERVE_BATCH=0)
+5. load step:    first in the cascade's session, while one tagger replica runs: 20 s at 50 rps, then 400 rps,
+                 latency per second beside the replicas Serve's controller reports (benchmarks/recall_hotpath.py)
+6. py-spy:       last in the cascade's session: where each replica's CPU goes, by phase, at --profile-rate
 Phases 2 and 4 also record each rate's CPU milliseconds per request by process role (psutil: tagger
 replicas, ingress, HAProxy, the load generator, everything else) and how many cores were busy.
-Writes benchmarks/results/recall.json, recall-latency.png, recall-reliability.png.
+Writes OUT/recall.json (its "summary" says which target was met or missed, and where the time goes for a miss),
+recall-latency.png, recall-step.png, recall-reliability.png; the committed run:
+    benchmarks/recall.py --artifact ARTIFACT --skip-forms --rates 50,100,150,200,300,400 --duration 8 \
+        --out benchmarks/results/hotpath
 Targets (2 cores, minilm-l6 tagger, issue 18): p50 <= 10 ms and p99 <= 30 ms at 50 rps; the highest rate with
-p99 <= 100 ms and <= 1% over budget >= 400 rps.
+p99 <= 100 ms and <= 1% over budget >= 400 rps; the load step adds the second replica while the budget holds.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -43,6 +51,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_ST
                "TOKENIZERS_PARALLELISM": "false"}.items():  # fmt: skip
     os.environ.setdefault(_k, _v)
 
+import recall_hotpath  # noqa: E402  (benchmarks/recall_hotpath.py: the load step, py-spy by phase)
 import wrk_load  # noqa: E402  (benchmarks/wrk_load.py, next to this file)
 
 from kolm_ray import bench  # noqa: E402
@@ -53,10 +62,13 @@ CLINC = REPO.parent / "shared" / "datasets" / "clinc150"
 KEY = "bench-all-key"  # the one tenant of bench_tenants(): every namespace of the artifact
 
 # Serve settings compared (environment of the Ray processes: proxy, controller, replicas).
+# With HAProxy, a stopping ingress replica stays reachable for the draining period (Serve's default 30 s, so
+# every node's HAProxy can reload without it): 2 s here, as `kolm serve` sets it for the one-node Ray it starts.
+_DRAIN = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 SERVE_CONFIGS: dict[str, dict[str, str]] = {
     "python-proxy": {},  # Serve's defaults: Python HTTP proxy actor -> ingress replica -> tagger replica
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},  # HAProxy (C) forwards straight to the ingress replica
-    "haproxy+throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", **_DRAIN},  # HAProxy (C) straight to the ingress replica
+    "haproxy+throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **_DRAIN},
     "python-proxy+throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
 
@@ -206,8 +218,9 @@ SERVE_ROLES = {"NamespaceTagger": "tagger replicas", "RecallIngress": "ingress",
 
 
 def phase_serve(
-    name, env, artifact, tenants_path, rates, duration, queries, tagger_options, use_student=True
-) -> dict[str, Any]:
+    name, env, artifact, tenants_path, rates, duration, queries, tagger_options, use_student=True,
+    step=None, profile_rate=None,
+) -> dict[str, Any]:  # fmt: skip
     """Start a local Ray with `env`, run the recall app, load it at each rate, tear everything down."""
     import ray
     from ray import serve
@@ -239,11 +252,17 @@ def phase_serve(
         asyncio.run(_until_tagger_answers(url))
         startup_s = round(time.time() - t0, 1)
         print(f"  ready in {startup_s} s", flush=True)
-        meter = cpu_meter(SERVE_ROLES)
-        rows = wrk_load.run_rates(url, KEY, queries, rates, duration, warmup=3.0, meter=meter)
-        return {"env": env, "tagger_options": tagger_options, "startup_s": startup_s, "rates": rows,
-                "use_student": use_student, "load_generator": "wrk",
-                "max_rps_p99_within_budget": wrk_load.max_rate_within(rows), "backend": _served_backend()}  # fmt: skip
+        out: dict[str, Any] = {"env": env, "tagger_options": tagger_options, "startup_s": startup_s,
+                               "use_student": use_student, "load_generator": "wrk", "backend": _served_backend()}  # fmt: skip
+        if step:  # first, while one tagger replica runs: the autoscaler's reaction is the point
+            out["step"] = recall_hotpath.phase_step(url, KEY, queries, step["phases"], step["connections"])
+        if rates:
+            meter = recall_hotpath.with_replicas(cpu_meter(SERVE_ROLES))
+            rows = wrk_load.run_rates(url, KEY, queries, rates, duration, warmup=3.0, meter=meter)
+            out.update(rates=rows, max_rps_p99_within_budget=wrk_load.max_rate_within(rows))
+        if profile_rate:
+            out["where_the_time_goes"] = recall_hotpath.profile(url, KEY, queries, profile_rate, duration)
+        return out
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -255,16 +274,21 @@ def phase_serve(
 
 
 def _serve_in_subprocess(
-    name: str, artifact: str, tenants: str, args, queries: list[str], use_student: bool = True
-) -> dict[str, Any]:
+    name: str, artifact: str, tenants: str, args, queries: list[str], use_student: bool = True,
+    rates: str | None = None, step: dict | None = None, profile_rate: float | None = None, env: dict | None = None,
+) -> dict[str, Any]:  # fmt: skip
     import subprocess
 
     with tempfile.TemporaryDirectory(prefix="kolm-bench-serve-") as tmp:
         spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"name": name, "artifact": artifact, "tenants": tenants, "rates": args.rates,
+        spec.write_text(json.dumps({"name": name, "artifact": artifact, "tenants": tenants,
+                                    "rates": args.rates if rates is None else rates,
                                     "duration": args.duration, "queries": queries,
                                     "tagger_options": json.loads(args.tagger_options),
-                                    "use_student": use_student}))  # fmt: skip
+                                    "use_student": use_student, "step": step,
+                                    "profile_rate": profile_rate,
+                                    "env": {**dict(x.split("=", 1) for x in args.serve_env.split(",") if x),
+                                            **(env or {})}}))  # fmt: skip
         done = subprocess.run([sys.executable, __file__, "--serve-phase", str(spec)], check=False)
         out = spec.with_suffix(".out.json")
         if (
@@ -277,9 +301,9 @@ def _serve_in_subprocess(
 
 def _serve_phase_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    res = phase_serve(spec["name"], SERVE_CONFIGS[spec["name"]], spec["artifact"], spec["tenants"],
-                      bench.parse_rates(spec["rates"]), spec["duration"], spec["queries"], spec["tagger_options"],
-                      spec["use_student"])  # fmt: skip
+    res = phase_serve(spec["name"], {**SERVE_CONFIGS[spec["name"]], **spec["env"]}, spec["artifact"], spec["tenants"],
+                      bench.parse_rates(spec["rates"]) if spec["rates"] else [], spec["duration"], spec["queries"],
+                      spec["tagger_options"], spec["use_student"], spec["step"], spec["profile_rate"])  # fmt: skip
     Path(spec_path).with_suffix(".out.json").write_text(json.dumps(res, default=str))
     return 0
 
@@ -310,6 +334,17 @@ async def _until_tagger_answers(url: str, timeout: float = 180.0) -> None:
                 pass
             await asyncio.sleep(0.5)
     raise RuntimeError("the router never answered from the tagger")
+
+
+def _parse_step(text: str) -> dict[str, Any] | None:
+    """--step "20:50,40:400" -> {"phases": [(20, 50), (40, 400)], "connections": enough for the top rate}."""
+    if not text:
+        return None
+    phases = [(float(a), float(b)) for a, b in (x.split(":") for x in text.split(",") if x)]
+    return {
+        "phases": phases,
+        "connections": max(1, round(max(r for _, r in phases) / wrk_load.PER_CONNECTION_RPS)),
+    }
 
 
 def student_share(predictor, queries: list[str], gold: list[str]) -> dict[str, Any]:
@@ -401,10 +436,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
     ap.add_argument("--serve-configs", default="haproxy+throughput")
     ap.add_argument(
-        "--ingress", default="cascade,teacher-only", help="cascade: the student in the ingress; teacher-only"
+        "--ingress",
+        default="cascade,teacher-only,cascade-unbatched",
+        help="cascade: the student in the ingress, escalations batched to the tagger; teacher-only: every query "
+        "to the tagger; cascade-unbatched: one tagger call per escalated query",
     )
+    ap.add_argument("--baseline-rates", default="50,100,150,200", help="the comparisons' rates")
+    ap.add_argument("--step", default="20:50,40:400", help="the load step, SECONDS:RPS,... ('' for none)")
+    ap.add_argument("--profile-rate", type=float, default=200.0, help="py-spy run at this rate (0: none)")
     ap.add_argument("--in-process-rates", default="50,100,200", help="the no-Serve baseline's rates")
     ap.add_argument("--tagger-options", default="{}", help="JSON overrides for NamespaceTagger.options()")
+    ap.add_argument("--serve-env", default="", help="KEY=VALUE,... added to the Ray processes' environment")
     ap.add_argument("--calibration-n", type=int, default=1500)
     ap.add_argument("--with-compile", action="store_true", help="also time torch.compile (about a minute)")
     ap.add_argument("--skip-forms", action="store_true")
@@ -424,9 +466,11 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_start": os.getloadavg(),
         },
         "artifact": artifact,
+        # which student code read the artifact's student (it changes with the student's format)
+        "student_py_sha256": hashlib.sha256((REPO / "kolm_ray" / "student.py").read_bytes()).hexdigest(),
         "rates": rates,
         "duration_s": args.duration,
-        "targets": {"p50_ms_at_50rps": 15, "p99_ms_at_50rps": 100},
+        "targets": recall_hotpath.TARGETS,
     }
     predictor = open_predictor(artifact, device="cpu")
     result["manifest"] = {k: predictor.manifest.get(k) for k in ("name", "base", "kind", "metrics")}
@@ -440,9 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         result["forms"] = phase_forms(parts, args.with_compile)
     fast, served_report = build_fast_tagger(parts, threads=1)
     result["served_form"] = {"backend": fast.backend, "threads": 1, "report": served_report}
+    result["cascade_cost"] = recall_hotpath.cascade_cost(
+        fast, getattr(predictor, "student", None), queries[:400]
+    )
     result["in_process"] = phase_in_process(
         fast, bench.parse_rates(args.in_process_rates), args.duration, queries, tenants
     )
+    result["summary_in_process_max_rps"] = bench.max_rate_within(result["in_process"])
     result["calibration"] = phase_calibration(fast, args.calibration_n)
     if "bins" in result["calibration"]:
         plot_reliability(result["calibration"], out / "recall-reliability.png")
@@ -451,37 +499,35 @@ def main(argv: list[str] | None = None) -> int:
     del fast
 
     result["serve"] = {}
+    step = _parse_step(args.step)
     for name in [c for c in args.serve_configs.split(",") if c]:
         for ingress in [c for c in args.ingress.split(",") if c]:
+            cascade = ingress == "cascade"
             # Each setting in a fresh process: nothing left by the phases above (torch and ONNX Runtime
             # thread pools) runs beside it. Measured: the same Serve setting in the process that had just run
-            # the forms phase gave p50 62-71 ms at 50 rps, in a fresh one 22-24 ms.
+            # the forms phase gave p50 62-71 ms at 50 rps, in a fresh one 22-24 ms. The cascade's session
+            # starts with the load step (one tagger replica, as deployed), then the rates, then py-spy.
+            # cascade-unbatched: the same cascade, one tagger call per escalated query (KOLM_SERVE_BATCH=0).
             result["serve"][f"{name}/{ingress}"] = _serve_in_subprocess(
-                name, artifact, tenants, args, queries, use_student=ingress == "cascade"
-            )
+                name, artifact, tenants, args, queries, use_student=ingress.startswith("cascade"),
+                rates=args.rates if cascade else args.baseline_rates,
+                step=step if cascade else None, profile_rate=args.profile_rate if cascade else None,
+                env={"KOLM_SERVE_BATCH": "0"} if ingress == "cascade-unbatched" else None,
+            )  # fmt: skip
             (out / "recall.json").write_text(json.dumps(result, indent=2, default=str))
 
-    ok = {k: v for k, v in result["serve"].items() if "rates" in v}
-    result["summary"] = {
-        "in_process_max_rps_p99_within_budget": bench.max_rate_within(result["in_process"]),
-        "serve_max_rps_p99_within_budget_and_1pct_over": {
-            k: v["max_rps_p99_within_budget"] for k, v in ok.items()
-        },
-        "serve_at_50rps": {k: next(({q: r[q] for q in ("p50", "p99", "over_budget_share", "narrow_share",
-                                                          "achieved_rps")}
-                                    for r in v["rates"] if r["target_rps"] == 50), None)
-                           for k, v in ok.items()},
-        "serve_cpu_ms_per_request": {k: {r["target_rps"]: r.get("cpu_ms_per_request") for r in v["rates"]}
-                                     for k, v in ok.items()},
-        "student": result["student"],
-    }  # fmt: skip
     result["machine"]["load_average_end"] = os.getloadavg()
+    result["summary"] = recall_hotpath.summarize(result)
     (out / "recall.json").write_text(json.dumps(result, indent=2, default=str))
+    ok = {k: v for k, v in result["serve"].items() if "rates" in v}
     series = {f"serve {k}": v["rates"] for k, v in ok.items()}
     series["in-process (no Serve)"] = result["in_process"]
     bench.plot_latency(series, out / "recall-latency.png", "recall route: latency vs offered load (2 cores)")
+    for k, v in result["serve"].items():
+        if "step" in v:
+            recall_hotpath.plot_step(v["step"], out / "recall-step.png", f"recall route, {k}: load step")
     print(json.dumps(result["summary"], indent=2))
-    print(f"wrote {out / 'recall.json'}, recall-latency.png, recall-reliability.png")
+    print(f"wrote {out / 'recall.json'}, recall-latency.png, recall-step.png, recall-reliability.png")
     return 0
 
 

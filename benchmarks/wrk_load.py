@@ -2,10 +2,11 @@
 
     rows = run_rates("http://127.0.0.1:8000", "bench-all-key", queries, [50, 100, 400], duration=10)
 
-Each connection sends one request at a time and waits an exponential think time before the next (wrk's
-`delay()`), so with `rate / PER_CONNECTION_RPS` connections the offered load is about `rate` requests per
-second while answers stay well under the think time (100 ms at 10 rps per connection, the route's budget);
-the achieved rate is reported beside the target. The Lua script counts, from each answer's body, narrow,
+Each connection sends one request at a time; wrk's `delay()` holds a connection that has its answer until
+the next arrival of a Poisson process at the offered rate (LuaJIT's ffi reads the clock), so the offered
+load is `rate` requests per second, whatever the latency, while a connection is free: `rate /
+PER_CONNECTION_RPS` connections leave room for 200 ms answers (twice the route's budget) before the
+generator itself falls behind; the achieved rate is reported beside the target. The Lua script counts, from each answer's body, narrow,
 broad, over budget ("exceeded the ... budget") and tagger unavailable; wrk itself measures latency (from
 sending a request to its full response) and reports the percentiles below.
 """
@@ -19,10 +20,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-PER_CONNECTION_RPS = 10.0
+PER_CONNECTION_RPS = 5.0
 PERCENTILES = (50, 90, 95, 99, 99.9)
 
 LUA = r"""
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } kolm_timespec;
+int clock_gettime(int clk_id, kolm_timespec *tp);
+]]
+local ts = ffi.new("kolm_timespec")
+local function now_ms()  -- CLOCK_REALTIME, so the driver's timeline (time.time()) lines up with it
+  ffi.C.clock_gettime(0, ts)
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
 local bodies, threads, counter = {}, {}, 0
 local rate, stride, offset = 10, 1, 0
 local auth = ""
@@ -50,8 +61,14 @@ function request()
     {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. auth}, body)
 end
 
+local next_at = nil
 function delay()
-  return -math.log(1 - math.random()) * 1000 / rate  -- exponential think time (ms): Poisson per connection
+  -- The thread's Poisson arrivals: each connection that has its answer takes the next arrival time, so
+  -- the offered rate does not fall by the latency while a connection is free; behind by more than a
+  -- second (every connection busy), the schedule restarts from now rather than sending a burst.
+  local now = now_ms()
+  next_at = math.max(next_at or now, now - 1000) - math.log(1 - math.random()) * 1000 / rate
+  return math.max(next_at - now, 0)
 end
 
 function response(status, headers, body)
@@ -85,6 +102,155 @@ end
 """.replace("PERCENTILE_LIST", "{" + ", ".join(str(p) for p in PERCENTILES) + "}")
 
 
+# A load step (run_schedule): one wrk run whose offered rate follows a schedule of (seconds, rps) phases, with
+# every request's send time, latency and outcome kept, so latency can be read per second while the autoscaler
+# acts. One connection per wrk thread, so each thread's response answers the request it sent last.
+STEP_LUA = r"""
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } kolm_timespec;
+int clock_gettime(int clk_id, kolm_timespec *tp);
+]]
+local ts = ffi.new("kolm_timespec")
+local function now_ms()  -- CLOCK_REALTIME, so the driver's timeline (time.time()) lines up with it
+  ffi.C.clock_gettime(0, ts)
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
+local bodies, threads, counter = {}, {}, 0
+local ends, rates, start_ms, auth = {}, {}, 0, ""
+
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  for line in io.lines(args[1]) do bodies[#bodies + 1] = line end
+  auth = args[2]
+  start_ms = tonumber(args[3])
+  for phase in string.gmatch(args[4], "[^,]+") do  -- "end_s:rps_per_connection,..."
+    local e, r = string.match(phase, "([^:]+):([^:]+)")
+    ends[#ends + 1] = tonumber(e) * 1000
+    rates[#rates + 1] = tonumber(r)
+  end
+  math.randomseed(2000 + id)
+  offset = math.floor(#bodies * id / tonumber(args[5]))
+  sent_at, t, lat, kind, n = 0, {}, {}, {}, 0
+end
+
+function request()
+  offset = offset + 1
+  sent_at = now_ms()
+  return wrk.format("POST", "/v1/recall/route",
+    {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. auth},
+    bodies[(offset % #bodies) + 1])
+end
+
+local next_at = nil
+function delay()
+  -- This connection's Poisson arrivals, from its last arrival time (so latency does not lower the rate;
+  -- more than a second behind, from now), at a rate that changes at the phase ends: a gap drawn at one
+  -- phase's rate that would cross into the next phase restarts there at the next rate (exact, since the
+  -- exponential is memoryless).
+  local now = now_ms() - start_ms
+  local t = math.max(next_at or now, now - 1000)
+  for i = 1, #ends do
+    if t < ends[i] then
+      local next_t = t - math.log(1 - math.random()) * 1000 / rates[i]
+      if next_t < ends[i] or i == #ends then
+        next_at = next_t
+        return math.max(next_t - now, 0)
+      end
+      t = ends[i]
+    end
+  end
+  return -math.log(1 - math.random()) * 1000 / rates[#rates]  -- past the schedule (wrk is stopping)
+end
+
+function response(status, headers, body)
+  local k = "broad"
+  if status ~= 200 then k = "non_200"
+  elseif body:find('budget', 1, true) then k = "over_budget"
+  elseif body:find('unavailable', 1, true) then k = "unavailable"
+  elseif body:find('"narrow"', 1, true) then k = "narrow" end
+  n = n + 1
+  t[n] = sent_at - start_ms
+  lat[n] = now_ms() - sent_at
+  kind[n] = k
+end
+
+function done(summary, latency, requests)
+  local f = io.open(OUT_PATH, "w")
+  for _, th in ipairs(threads) do
+    local tt, ll, kk = th:get("t"), th:get("lat"), th:get("kind")
+    for i = 1, #tt do f:write(string.format("%.3f %.3f %s\n", tt[i], ll[i], kk[i])) end
+  end
+  f:close()
+end
+"""
+
+
+def run_schedule(
+    url: str, key: str, queries: list[str], phases: list[tuple[float, float]], connections: int
+) -> tuple[float, list[tuple[float, float, str]]]:
+    """One wrk run through `phases` [(seconds, rps), ...] on `connections` connections (one per thread).
+
+    Returns (start as time.time(), [(send time s after start, latency ms, outcome), ...]) for every answered
+    request; outcome is narrow, broad, over_budget, unavailable or non_200 (as in run_rate's counts).
+    """
+    import time
+
+    total = sum(s for s, _ in phases)
+    ends, schedule = 0.0, []
+    for seconds, rps in phases:
+        ends += seconds
+        schedule.append(f"{ends:g}:{rps / connections:.4f}")
+    with tempfile.TemporaryDirectory(prefix="kolm-wrk-step-") as tmp:
+        script, bodies, out = Path(tmp) / "step.lua", Path(tmp) / "bodies.jsonl", Path(tmp) / "requests.txt"
+        script.write_text(STEP_LUA.replace("OUT_PATH", json.dumps(str(out))))
+        bodies.write_text("".join(json.dumps({"query": q}) + "\n" for q in queries))
+        start = time.time()  # the threads' shared clock origin: no request is sent before it
+        cmd = [
+            require_wrk(), f"-t{connections}", f"-c{connections}", f"-d{total:g}s", "--timeout", "5s",
+            "-s", str(script), url, "--", str(bodies), key, f"{start * 1000:.3f}", ",".join(schedule),
+            str(connections),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=total + 60, check=False)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+        rows = []
+        for line in out.read_text().splitlines():
+            t, lat, kind = line.split()
+            rows.append((float(t) / 1000, float(lat), kind))
+    return start, sorted(rows)
+
+
+def per_second(
+    requests: list[tuple[float, float, str]], seconds: float, budget_ms: float = 100.0
+) -> list[dict[str, Any]]:
+    """run_schedule's requests binned by the second they were sent in: rate, p50/p99 and outcome shares."""
+    import numpy as np
+
+    bins: list[list[tuple[float, str]]] = [[] for _ in range(int(seconds))]
+    for t, lat, kind in requests:
+        if 0 <= t < len(bins):
+            bins[int(t)].append((lat, kind))
+    out = []
+    for second, rows in enumerate(bins):
+        lats = np.array([lat for lat, _ in rows]) if rows else np.array([np.nan])
+        n = max(len(rows), 1)
+        out.append({
+            "t": second, "sent": len(rows),
+            "p50": round(float(np.percentile(lats, 50)), 2), "p99": round(float(np.percentile(lats, 99)), 2),
+            "over_budget_share": round(sum(k == "over_budget" for _, k in rows) / n, 4),
+            "narrow_share": round(sum(k == "narrow" for _, k in rows) / n, 4),
+            "unavailable_or_error_share": round(sum(k in ("unavailable", "non_200") for _, k in rows) / n, 4),
+            "p99_within_budget": bool(rows) and float(np.percentile(lats, 99)) <= budget_ms,
+        })  # fmt: skip
+    return out
+
+
 def require_wrk() -> str:
     path = shutil.which("wrk")
     if path is None:
@@ -99,10 +265,10 @@ def run_rate(url: str, key: str, queries: list[str], rate: float, duration: floa
         script, bodies = Path(tmp) / "route.lua", Path(tmp) / "bodies.jsonl"
         script.write_text(LUA)
         bodies.write_text("".join(json.dumps({"query": q}) + "\n" for q in queries))
-        per_conn = rate / connections
+        per_thread = rate / threads  # the Lua script's arrival rate, shared by the thread's connections
         cmd = [
             require_wrk(), f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
-            "-s", str(script), url, "--", str(bodies), f"{per_conn:.4f}", key, str(threads),
+            "-s", str(script), url, "--", str(bodies), f"{per_thread:.4f}", key, str(threads),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("KOLM-RESULT ")), None)
@@ -133,11 +299,19 @@ def run_rates(
     duration: float,
     warmup: float = 3.0,
     meter=None,
+    stop_after_over_budget: float = 0.2,
 ) -> list[dict[str, Any]]:
     """Each rate after a short warm-up at that rate; `meter` (benchmarks/recall.py cpu_meter) adds CPU per
-    request by process."""
+    request by process. Rates after one with more than `stop_after_over_budget` of its answers over budget
+    (20 times the 1% the targets allow) are not offered: past saturation, a higher rate only queues more."""
     rows = []
     for rate in rates:
+        if rows and rows[-1]["over_budget_share"] > stop_after_over_budget:
+            print(
+                f"  {rate:>5g} rps: not offered (over {stop_after_over_budget:.0%} over budget below it)",
+                flush=True,
+            )
+            break
         run_rate(url, key, queries, rate, warmup)
         finish = meter() if meter is not None else None
         row = run_rate(url, key, queries, rate, duration)

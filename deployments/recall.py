@@ -8,8 +8,8 @@
 Two deployments:
 - RecallIngress: HTTP edge. Bearer key -> tenant (configs/tenants.yaml), request validation (401/422),
   the cascade's first stage (the artifact's static-embedding student, kolm_ray.student, ~0.1 ms: it
-  answers the queries it is sure of without a hop), the latency budget around the tagger call for the
-  rest, narrow/broad decision (kolm_ray.serving.Router). Tagger slow or down -> 200 broad with "reason";
+  answers the queries it is sure of without a hop), the rest to the tagger in batches (one call per
+  batch of what queued), the latency budget around that, narrow/broad decision (kolm_ray.serving.Router). Tagger slow or down -> 200 broad with "reason";
   never a 5xx for those causes; no tagger replica ready -> healthz 503 and broad at once.
 - NamespaceTagger: loads and verifies the signed .kolm, builds its fastest agreeing form
   (kolm_ray.fastpath) and scores batches of queries, each against its own caller's namespaces only.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ REPO = Path(__file__).resolve().parent.parent
 # also seen at once by the route (the call fails: broad, "tagger unavailable (...)"); this bounds how long
 # healthz and the route's fast path lag the controller.
 READINESS_POLL_S = 0.25
+# A CPU batch is scored in groups whose padded tokens are at most this much more than their real tokens.
+PAD_SLACK = 1.25
 
 
 class Args(BaseModel):
@@ -85,9 +88,11 @@ def _resolve(path: str) -> str:
     autoscaling_config={
         "min_replicas": 1,  # always one warm replica: a cold start (verify + ONNX export) takes seconds
         "max_replicas": 2,  # 2 cores here; raise with the cluster's CPUs (each replica takes num_cpus=1)
-        # Scale up when a replica averages more than 4 requests in flight: ~25-35 ms of queueing, about a
-        # third of the budget.
-        "target_ongoing_requests": 4,
+        # The ingress sends its escalations in batches, at most four calls in flight (RecallIngress._escalate):
+        # more than two on average at one replica is one batch running and more than one waiting behind it,
+        # a replica that has stopped keeping up. (With KOLM_SERVE_BATCH=0, one call per escalated query,
+        # that is ~3-4 queries: ~25-35 ms of queueing, a third of the budget.)
+        "target_ongoing_requests": 2,
         "upscale_delay_s": 3,  # react within a few seconds to a load step
         "downscale_delay_s": 60,  # keep the second replica through short lulls (restart costs seconds)
         "metrics_interval_s": 1,
@@ -145,7 +150,15 @@ class NamespaceTagger:
 
     def _score(self, queries: list[str], namespaces: list[list[str]]) -> list[dict[str, Any]]:
         if self.fast is not None:
-            return self.fast.score(queries, namespaces)
+            if self.batched or len(queries) == 1:
+                return self.fast.score(queries, namespaces)
+            # On CPU a batch costs what its padded tokens cost: score it in groups of similar length.
+            out: list[dict[str, Any]] = [{} for _ in queries]
+            for group in self._length_groups(queries):
+                answers = self.fast.score([queries[i] for i in group], [namespaces[i] for i in group])
+                for i, ans in zip(group, answers, strict=True):
+                    out[i] = ans
+            return out
         # Other artifact kinds: the Predictor itself, one call per distinct namespace list.
         out: list[dict[str, Any]] = [{} for _ in queries]
         groups: dict[tuple[str, ...], list[int]] = {}
@@ -158,16 +171,41 @@ class NamespaceTagger:
                 out[i] = {"namespace": ans.get("namespace"), "confidence": ans.get("confidence", 0.0)}
         return out
 
+    def _length_groups(self, queries: list[str]) -> list[list[int]]:
+        """Indices of `queries`, shortest first, in groups whose padding adds at most PAD_SLACK to their tokens.
+
+        MiniLM's forward on CPU costs about what its tokens cost, padding included (a batch pads to its
+        longest query), plus a per-call overhead that a batch shares: so similar lengths go together.
+        """
+        backend = getattr(self.fast.parts.tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: ~50 us
+        if backend is not None:
+            lengths = [len(e.ids) for e in backend.encode_batch(queries)]
+        else:
+            lengths = [len(q.split()) + 2 for q in queries]
+        groups: list[list[int]] = []
+        total = 0
+        for i in sorted(range(len(queries)), key=lengths.__getitem__):
+            if groups and (len(groups[-1]) + 1) * lengths[i] <= PAD_SLACK * (total + lengths[i]):
+                groups[-1].append(i)
+                total += lengths[i]
+            else:
+                groups.append([i])
+                total = lengths[i]
+        return groups
+
+    async def score_many(self, queries: list[str], namespaces: list[list[str]]) -> list[dict[str, Any]]:
+        """Several callers' queries (a batch of the ingress's escalations), each against its own namespaces."""
+        return await self._run(self._score, queries, namespaces)
+
     async def score(self, query: str, namespaces: list[str]) -> dict[str, Any]:
         """One caller's query against its own namespaces."""
         if self.batched:
             return await self._score_batch(query, namespaces)
         return (await self._run(self._score, [query], [namespaces]))[0]
 
-    # Dynamic batching, on GPUs only. Measured on the 2-core CPU machine (benchmarks/recall.py), a batch buys
-    # nothing there: ONNX Runtime takes 3.7-4.9 ms for one query and 28-45 ms for eight, and @serve.batch
-    # itself adds ~4.5 ms at p50 to a lone request (HAProxy + throughput-optimized Serve: 10.5 ms for an
-    # ingress -> batched no-op tagger vs 5.9 ms unbatched). On a GPU a batch of 16 costs about what one does.
+    # Single-query calls (`score`: the ingress with KOLM_SERVE_BATCH=0, other callers) are batched here on
+    # GPUs only, where a batch of 16 costs about what one query does. On CPU a 2 ms batching wait only adds
+    # latency to a lone query; the ingress's own batches (score_many) wait for nothing.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _score_batch(self, queries: list[str], namespaces: list[list[str]]) -> list[dict[str, Any]]:
         return await self._run(self._score, queries, namespaces)
@@ -212,6 +250,8 @@ class RecallIngress:
         from kolm_ray.student import META_FILE, STUDENT_DIR, Student
 
         self.tagger = tagger
+        # KOLM_SERVE_BATCH=0: one tagger call per escalated query (benchmarks/recall.py's comparison).
+        self.batch_escalations = os.environ.get("KOLM_SERVE_BATCH", "1") != "0"
         # The same student Predictor.predict runs first (`kolm run`, compile's scoring): verified with the
         # artifact, then held in memory; None when the artifact was compiled without one.
         self.student: Student | None = None
@@ -252,6 +292,8 @@ class RecallIngress:
             sure = self.student.sure(query, namespaces)  # masked to the caller's namespaces, like the tagger
             if sure is not None:
                 return sure
+        if self.batch_escalations:
+            return await self._escalate(query, namespaces)
         response = self.tagger.score.remote(query, namespaces)
         try:
             return await response
@@ -260,6 +302,17 @@ class RecallIngress:
             # batch queue instead of scoring a query nobody will read (Serve does not do this by itself).
             response.cancel()
             raise
+
+    # The escalations go to the tagger in batches, one handle call each: what the hop costs per call (the
+    # handle's routing and metrics here, the replica's request path there: measured ~1.5 + ~2.5 ms of CPU
+    # on this 2-core machine, py-spy in benchmarks/recall.py) is then shared by the batch, and so is ONNX
+    # Runtime's per-call overhead. No wait: a batch is whatever queued while the previous calls were out,
+    # so a lone query goes at once. Four calls in flight: two per tagger replica (max_replicas), so each
+    # has its next batch waiting when the last returns. A caller over its budget leaves the queue (its
+    # future is cancelled, and @serve.batch drops cancelled requests before a batch goes out).
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
+    async def _escalate(self, queries: list[str], namespaces: list[list[str]]) -> list[dict[str, Any]]:
+        return await self.tagger.score_many.remote(queries, namespaces)
 
     async def __call__(self, request: Request) -> JSONResponse:
         path = request.url.path.rstrip("/")

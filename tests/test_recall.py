@@ -335,6 +335,13 @@ def test_tagger_deployment_class_in_process(tagger_artifact, signing_key, monkey
     out = tagger._score(["book a flight", "play a song"], [["travel", "banking"], ["music"]])
     assert out[0]["namespace"] in ("travel", "banking") and out[1]["namespace"] == "music"
     assert tagger.info()["backend"] == tagger.backend
+    # the ingress's batched escalations: one call, each query against its own caller's namespaces
+    many = asyncio.run(
+        tagger.score_many(["book a flight", "play a song"], [["travel", "banking"], ["music"]])
+    )
+    assert many == out
+    one = asyncio.run(tagger.score("play a song", ["music", "kitchen"]))
+    assert one["namespace"] in ("music", "kitchen") and 0.0 <= one["confidence"] <= 1.0
 
 
 # --- Ray Serve, in process ---------------------------------------------------------------------------------
