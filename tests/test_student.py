@@ -1,4 +1,4 @@
-"""The static-embedding student: its head, its masking, its files, and how compile picks its threshold."""
+"""The static-embedding student: its training, its masking, its files, and how compile picks its threshold."""
 
 from __future__ import annotations
 
@@ -6,21 +6,93 @@ import numpy as np
 import pytest
 import torch
 
-from kolm_ray.student import THRESHOLDS, Student, choose_threshold, distill, fit_head
+from kolm_ray.student import THRESHOLDS, Student, choose_threshold, distill, teacher_targets, train_student
+
+WORDS = ["pay", "bill", "card", "fly", "hotel", "trip", "cook", "recipe", "oven", "the", "my", "a", "please"]
+GROUPS = [["pay", "bill", "card"], ["fly", "hotel", "trip"], ["cook", "recipe", "oven"]]
+LABELS = ["bank", "travel", "food"]
 
 
-def test_fit_head_learns_separable_classes_from_labels_and_soft_labels():
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(3, 8))
-    y = rng.integers(0, 3, size=300)
-    x = centers[y] + 0.3 * rng.normal(size=(300, 8))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    soft = torch.nn.functional.one_hot(torch.tensor(y), 3).double() * 0.9 + 0.1 / 3
+def _static(dims: int = 16):
+    """A real model2vec StaticModel over a word-level vocabulary with random vectors (no distillation)."""
+    from model2vec import StaticModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    vectors = np.random.default_rng(0).normal(size=(len(vocab), dims)).astype(np.float32)
+    return StaticModel(vectors, tok, normalize=True)
+
+
+def _queries(n: int, seed: int) -> tuple[list[str], list[int]]:
+    """Two words of the label's group among three filler words, shuffled."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        y = int(rng.integers(3))
+        words = [*rng.choice(GROUPS[y], 2), *rng.choice(["the", "my", "a", "please"], 3)]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(y)
+    return texts, labels
+
+
+@pytest.fixture(scope="module")
+def trained() -> Student:
+    """train_student on 300 labelled queries (a fifth of them unlabelled: soft labels alone)."""
+    texts, y = _queries(300, seed=1)
     hard = torch.tensor(y)
-    hard[::5] = -1  # unlabelled rows learn from the soft labels alone
-    w, b = fit_head(torch.tensor(x, dtype=torch.float32), hard, soft)
-    assert w.shape == (3, 8) and b.shape == (3,)
-    assert ((x @ w.T + b).argmax(axis=1) == y).mean() > 0.97
+    soft = torch.nn.functional.one_hot(hard, 3).double() * 0.9 + 0.1 / 3
+    hard[::5] = -1
+    static, hidden, (w, b) = train_student(_static(), texts, hard, soft, hidden=32)
+    return Student(static, w, b, "namespace", LABELS, 1.0, 0.9, hidden=hidden)
+
+
+def test_trained_student_answers_held_out_queries_right(trained):
+    texts, y = _queries(200, seed=2)
+    best, conf = trained.answer(texts)
+    assert (best == np.array(y)).mean() >= 0.97
+    assert trained.sure("please book a hotel for my trip", LABELS)["namespace"] == "travel"
+    # no word it knows: the mean of nothing is the zero vector, an answer it must not be sure of
+    _, unknown = trained.answer(["zzz qqq"])
+    assert unknown[0] < 0.9 and trained.sure("zzz qqq", LABELS) is None
+
+
+def test_training_forward_is_the_served_forward(trained):
+    """The torch module compile trains (EmbeddingBag mean -> normalise -> MLP) and the numpy path Student
+    serves (model2vec encode -> MLP) give the same logits for the trained table."""
+    from kolm_ray.student import _bags, _Net, token_ids
+
+    texts, _ = _queries(20, seed=3)
+    texts.append("zzz")  # no known token
+    net = _Net(trained.static.embedding, True, trained.hidden[0].shape[0], 3)
+    with torch.no_grad():
+        net.hidden.weight.copy_(torch.from_numpy(trained.hidden[0]))
+        net.hidden.bias.copy_(torch.from_numpy(trained.hidden[1]))
+        net.out.weight.copy_(torch.from_numpy(trained.weight))
+        net.out.bias.copy_(torch.from_numpy(trained.bias))
+        want = net(*_bags(token_ids(trained.static, texts))).numpy()
+    np.testing.assert_allclose(trained.logits(texts), want, rtol=1e-4, atol=1e-5)
+
+
+def test_trained_student_round_trips_through_its_files(trained, tmp_path):
+    trained.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json",
+        "head.safetensors",
+        "model.safetensors",
+        "modules.json",
+        "student.json",
+        "tokenizer.json",
+    ]  # safetensors and JSON only
+    back = Student.load(tmp_path)
+    texts, _ = _queries(50, seed=4)
+    assert (back.labels, back.threshold, back.hidden[0].shape) == (LABELS, 0.9, (32, 16))
+    np.testing.assert_allclose(back.logits(texts), trained.logits(texts), rtol=1e-5, atol=1e-5)
+    assert [back.sure(q, ["travel", "food"]) for q in texts] == [
+        trained.sure(q, ["travel", "food"]) for q in texts
+    ]
 
 
 class _Table:
@@ -111,3 +183,34 @@ def test_threshold_keeps_out_of_scope_queries_broad():
     assert t is None  # at every threshold the student would answer all of them narrow
     t, _ = choose_threshold(conf, right, right, 0.0, np.full(n, 0.6), teacher_broad)
     assert t == 0.7  # none of them reaches 0.7: the student may take every in-scope query
+
+
+class _Scores:
+    """A teacher's calibrated parts as fit_student reads them (logits and class distances per input)."""
+
+    temperature = {"namespace": 1.0}
+    outlier = {"namespace": {"weight": 4.0, "offset": 2.0}}
+
+    def calibration_scores(self, inputs):
+        logits = torch.tensor([[4.0, 0.0, 0.0]] * len(inputs))
+        near = {"in scope": 1.0, "far away": 9.0}
+        dists = torch.tensor([[near[q], near[q] + 2, near[q] + 2] for q in inputs])
+        return {"namespace": logits}, {"namespace": dists}
+
+
+def test_teacher_targets_spread_the_none_of_these_mass_over_the_labels():
+    from kolm_ray.models import outlier_probs
+
+    t = teacher_targets(_Scores(), "namespace", ["in scope", "far away"])
+    assert torch.allclose(t.sum(dim=1), torch.ones(2, dtype=t.dtype))
+    lg, ds = _Scores().calibration_scores(["in scope", "far away"])
+    p = outlier_probs(lg["namespace"].double(), 1.0, ds["namespace"].double(), _Scores.outlier["namespace"])
+    # near its class the teacher's answer stands; far from every class it is nearly uniform
+    assert torch.allclose(t[0], p[0] + (1 - p[0].sum()) / 3) and t[0].argmax() == 0 and t[0, 0] > 0.9
+    assert float(t[1].max() - t[1].min()) < 0.01
+    without = _Scores()
+    without.outlier = {}
+    assert torch.allclose(
+        teacher_targets(without, "namespace", ["far away"])[0],
+        torch.softmax(torch.tensor([4.0, 0, 0]), 0).double(),
+    )
