@@ -22,8 +22,9 @@ from typing import Any
 
 from kolm_ray.bases import Base, resolve_base
 from kolm_ray.errors import GateError, KolmError, read_json_file
+from kolm_ray.pairs import load_pairs
 from kolm_ray.spec import Spec, VerifierSpec, load_spec, validate_spec
-from kolm_ray.train.data import load_pairs, stratified_split
+from kolm_ray.train.data import stratified_split
 from kolm_ray.verifiers import build, hard_failures, parse_verifier_list
 
 MIN_PAIRS = 20  # fewer labelled pairs than this cannot both train and measure a K-score
