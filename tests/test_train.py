@@ -53,7 +53,8 @@ def test_probe_init_starts_heads_fitted(tmp_path: Path) -> None:
     import torch
 
     from kolm_ray.train.data import collate_tagger, encode_tagger_rows
-    from kolm_ray.train.loop import build_model, init_heads
+    from kolm_ray.train.encoder import init_heads
+    from kolm_ray.train.loop import build_model
 
     cfg = TrainConfig(**_config(tmp_path))
     model, tok = build_model(cfg)

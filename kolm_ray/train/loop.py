@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import DistributedLengthGroupedSampler, LengthGroupedSampler
 
 from kolm_ray.train.data import collate_sft, collate_tagger, encode_sft_rows, encode_tagger_rows, pack_sft
+from kolm_ray.train.encoder import init_heads
 
 WEIGHTS = "model.safetensors"
 OPTIM = "optimizer.safetensors"
@@ -142,49 +143,6 @@ def load_trainable(model: nn.Module, path: str | Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise RuntimeError(f"checkpoint has weights the model lacks: {unexpected[:3]}")
-
-
-def _probe(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression (L-BFGS, L2 on the weights): (weight, bias) for an nn.Linear."""
-    w = torch.zeros(n_out, x.shape[1], requires_grad=True)
-    b = torch.zeros(n_out, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(x @ w.T + b, y) + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach(), b.detach()
-
-
-PROBE_ROWS = 2048  # rows the probe is fitted on at most: a head's start needs no more, a forward pass costs
-
-
-@torch.no_grad()
-def init_heads(
-    model: nn.Module, examples: list, pad: int, l2: float = 0.1, batch_size: int = 64, limit: int = PROBE_ROWS
-) -> None:
-    """Fit each head as a logistic regression on the pretrained encoder's pooled vectors of the labelled rows.
-
-    Fine-tuning from a random head first spends its steps, and distorts the pretrained features, undoing
-    the head's random start; from a linear probe it starts at the probe's accuracy (LP-FT, Kumar et al.,
-    ICLR 2022). The L2 keeps the probe from memorising label noise: at 1e-3 it fit a 10%-noise intent
-    recipe's train split exactly and fine-tuning then lost 4 points there. One forward pass over the
-    train rows (a seeded sample of `limit` of them, the same on every rank), a fraction of one epoch's cost.
-    """
-    from kolm_ray.models import pooled_sample
-
-    x, targets, labelled = pooled_sample(model, examples, pad, limit, batch_size)
-    for i, head in enumerate(model.heads):
-        keep = labelled & (targets[:, i] >= 0)
-        if keep.any():
-            w, b = _probe(x[keep], targets[keep, i], head.out_features, l2)
-            head.weight.copy_(w)
-            head.bias.copy_(b)
 
 
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
