@@ -264,7 +264,8 @@ def deepspeed_part(stage: int, tokenizer, work: Path, device: str) -> dict:
 
     from kolm_ray.bases import resolve_base
     from kolm_ray.models import add_lora, sft_example
-    from kolm_ray.train.loop import DS_DIR, WEIGHTS, TrainConfig, train_loop_per_worker
+    from kolm_ray.train.checkpoint import DS_DIR, WEIGHTS
+    from kolm_ray.train.loop import TrainConfig, train_loop_per_worker
 
     base_dir = work / "ds-base"
     if not base_dir.exists():

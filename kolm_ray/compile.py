@@ -355,9 +355,9 @@ def stage(plan: Plan, checkpoint_dir: Path, staging: Path) -> str:
 
     from kolm_ray.models import EncoderTagger, add_lora
     from kolm_ray.predictors import TAGGER_FILE
+    from kolm_ray.train.checkpoint import WEIGHTS, load_trainable
     from kolm_ray.train.data import encode_tagger_rows
     from kolm_ray.train.encoder import fit_gaussians
-    from kolm_ray.train.loop import WEIGHTS, load_trainable
 
     tokenizer = plan.base.load_tokenizer()
     if plan.base.kind == "encoder":

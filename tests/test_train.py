@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from compile_helpers import WORDS
 
-from kolm_ray.train.loop import STATE, WEIGHTS, TrainConfig, batch_size_for, train_loop_per_worker
+from kolm_ray.train.checkpoint import STATE, WEIGHTS
+from kolm_ray.train.loop import TrainConfig, batch_size_for, train_loop_per_worker
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = {"namespace": list(WORDS)}

@@ -7,8 +7,8 @@ machine where Ray is not installed:
     train_loop_per_worker({"base": "tiny-encoder", "kind": "encoder", "rows": rows,
                            "labels": {"namespace": ["a", "b"]}, "output_dir": "/tmp/run"})
 
-Checkpoints hold only the trainable weights (encoder layers that were not frozen + heads, or the LoRA
-adapter) as safetensors, the optimizer state as safetensors + JSON, and state.json (epoch, step).
+Checkpoints (train/checkpoint.py) hold only the trainable weights (encoder layers that were not frozen +
+heads, or the LoRA adapter) as safetensors, the optimizer state as safetensors + JSON, and state.json.
 Under Ray they are reported with ray.train.report(checkpoint=...), and a restarted worker group (see
 FailureConfig in train/trainer.py) resumes from ray.train.get_checkpoint(); without Ray they are
 written to output_dir/epoch-N and `resume_from` resumes from one.
@@ -27,19 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import DistributedLengthGroupedSampler, LengthGroupedSampler
 
+from kolm_ray.train.checkpoint import (
+    DS_DIR,
+    OPTIM,
+    STATE,
+    WEIGHTS,
+    load_optimizer,
+    load_trainable,
+    write_checkpoint,
+)
 from kolm_ray.train.data import collate_sft, collate_tagger, encode_sft_rows, encode_tagger_rows, pack_sft
 from kolm_ray.train.encoder import init_heads
-
-WEIGHTS = "model.safetensors"
-OPTIM = "optimizer.safetensors"
-OPTIM_META = "optimizer.json"
-STATE = "state.json"
-DS_DIR = "deepspeed"
 
 
 @dataclass
@@ -132,19 +134,6 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
     return add_lora(lm, r=cfg.lora_r, alpha=cfg.lora_alpha), tokenizer
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights training changes (names as in the unwrapped model)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable(model: nn.Module, path: str | Path) -> None:
-    """Load trainable weights saved by trainable_state into a freshly built model."""
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise RuntimeError(f"checkpoint has weights the model lacks: {unexpected[:3]}")
-
-
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("heads.")]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")]
@@ -159,31 +148,6 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
     if step < w:
         return (step + 1) / w
     return max(0.0, (total - step) / max(1, total - w))
-
-
-def _save_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
-    """Optimizer state without pickle: tensors to safetensors, the rest to JSON."""
-    sd = opt.state_dict()
-    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                meta["state"].setdefault(str(pid), {})[k] = v
-    save_file(tensors, str(directory / OPTIM))
-    (directory / OPTIM_META).write_text(json.dumps(meta))
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
-    meta = json.loads((directory / OPTIM_META).read_text())
-    state: dict[int, dict] = {}
-    for key, v in load_file(str(directory / OPTIM)).items():
-        pid, _, name = key.partition(".")
-        state.setdefault(int(pid), {})[name] = v
-    for pid, st in meta["state"].items():
-        state.setdefault(int(pid), {}).update(st)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 # ---- distributed set-up ------------------------------------------------------------------------------------
@@ -269,22 +233,6 @@ def _compute_loss(model, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> to
     return output_token_loss(model, batch)
 
 
-def _write_checkpoint(directory: Path, model: nn.Module, opt, state: dict, rank: int, engine=None) -> None:
-    if engine is not None:
-        engine.save_checkpoint(str(directory / DS_DIR), tag="state")  # every rank writes its shard
-        from deepspeed import zero
-
-        params = [p for p in engine.module.parameters() if p.requires_grad]
-        with zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
-            if rank == 0:
-                save_file(trainable_state(engine.module), str(directory / WEIGHTS))
-    elif rank == 0:
-        save_file(trainable_state(model), str(directory / WEIGHTS))
-        _save_optimizer(opt, directory)
-    if rank == 0:
-        (directory / STATE).write_text(json.dumps(state))
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Train one worker's share; under Ray Train report metrics + checkpoints each epoch.
 
@@ -367,7 +315,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     else:
         opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=cfg.weight_decay)
         if resume_dir is not None and (resume_dir / OPTIM).exists():
-            _load_optimizer(opt, resume_dir)
+            load_optimizer(opt, resume_dir)
         if cfg.in_ray:
             import ray.train.torch
 
@@ -460,14 +408,14 @@ def _checkpoint(cfg: TrainConfig, model, opt, state, rank, engine, epoch, metric
         from ray.train import Checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
-            _write_checkpoint(Path(tmp), model, opt, state, rank, engine)
+            write_checkpoint(Path(tmp), model, opt, state, rank, engine)
             has_files = any(Path(tmp).iterdir())
             reported = {k: v for k, v in metrics.items() if k != "checkpoint"}
             ray.train.report(reported, checkpoint=Checkpoint.from_directory(tmp) if has_files else None)
         return None
     out = Path(cfg.output_dir or tempfile.mkdtemp(prefix="kolm-train-")) / f"epoch-{epoch}"
     out.mkdir(parents=True, exist_ok=True)
-    _write_checkpoint(out, model, opt, state, rank, engine)
+    write_checkpoint(out, model, opt, state, rank, engine)
     return str(out)
 
 
