@@ -180,7 +180,8 @@ def save_base(shape, directory: Path, tokenizer, dtype) -> None:
 
 def kolm_step(base_dir: Path, seq: int, batch: int, steps: int, tokenizer, work: Path, liger: bool) -> dict:
     """train_loop_per_worker on packed SFT pairs: epoch 1 warms up, epoch 2 is the timed one."""
-    from kolm_ray.train.loop import TrainConfig, train_loop_per_worker
+    from kolm_ray.train.config import TrainConfig
+    from kolm_ray.train.loop import train_loop_per_worker
 
     pair = max(32, seq // 4)  # four pairs to a row on average
     rows = sft_rows(batch * 4 * steps, pair, tokenizer)
@@ -265,7 +266,8 @@ def deepspeed_part(stage: int, tokenizer, work: Path, device: str) -> dict:
     from kolm_ray.bases import resolve_base
     from kolm_ray.models import add_lora, sft_example
     from kolm_ray.train.checkpoint import DS_DIR, WEIGHTS
-    from kolm_ray.train.loop import TrainConfig, train_loop_per_worker
+    from kolm_ray.train.config import TrainConfig
+    from kolm_ray.train.loop import train_loop_per_worker
 
     base_dir = work / "ds-base"
     if not base_dir.exists():

@@ -315,7 +315,7 @@ def _router_defaults(spec: Spec, base: Base) -> dict[str, Any]:
 
 def train_config(plan: Plan, deepspeed: dict[str, Any] | None = None):
     """The per-worker TrainConfig: the plan's training settings minus those compile itself uses."""
-    from kolm_ray.train.loop import TrainConfig
+    from kolm_ray.train.config import TrainConfig
 
     return TrainConfig(
         base=plan.base.source if plan.base.is_local else plan.base.name,
