@@ -146,8 +146,7 @@ def _pipeline(
 
 def cluster_command(args: Any) -> int:
     """kolm cluster: run the Ray Data pipeline on one or more namespaces and print their clusters."""
-    from kolm_ray.observations.store import redact_url
-    from kolm_ray.settings import store_url
+    from kolm_ray.settings import redact_url, store_url
 
     url = store_url(args.store)
     namespaces = list(dict.fromkeys(args.namespace))

@@ -45,10 +45,10 @@ from kolm_ray.observations.local import LocalAnswers
 from kolm_ray.observations.model import check_namespace
 from kolm_ray.observations.server import guarded_protocol
 from kolm_ray.observations.spool import Spool, spool_dir
-from kolm_ray.observations.store import Store, open_store, redact_url
+from kolm_ray.observations.store import Store, open_store
 from kolm_ray.observations.workers import mark_ready, run_workers, worker_index, write_report
 from kolm_ray.observations.writer import BackgroundWriter
-from kolm_ray.settings import admin_token, kolm_home, store_url
+from kolm_ray.settings import admin_token, kolm_home, redact_url, store_url
 
 log = logging.getLogger("kolm.capture")
 

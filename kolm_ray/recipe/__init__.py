@@ -29,9 +29,8 @@ def recipe_command(args: Any) -> int:
     """kolm recipe: cluster the namespace (Ray Data), then write a recipe for one cluster; print its paths."""
     from kolm_ray.clustering import cluster_members, cluster_namespace
     from kolm_ray.errors import KolmError
-    from kolm_ray.observations.store import redact_url
     from kolm_ray.placement import ray_session
-    from kolm_ray.settings import store_url
+    from kolm_ray.settings import redact_url, store_url
 
     url = store_url(args.store)
     with ray_session(worker_logs=False):
