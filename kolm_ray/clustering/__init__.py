@@ -12,7 +12,7 @@ The pipeline (`cluster_namespace`) reads top to bottom, one module of this packa
             separates; within one, k-means splits only where the silhouette (cosine) over k = 2..6 says
             the inputs form clearly separate groups (k = 1 otherwise)
     assign  (fit.py) map_batches: nearest centroid within the row's fingerprint
-    summary (summarise.py) groupby(cluster).map_groups: size, purity (recipe.purity), top examples nearest the centroid
+    summary (summarise.py) groupby(cluster).map_groups: size, purity (kolm_ray.purity), top examples nearest the centroid
 
 Featurizing dominates the time and is spread over the actors, so more workers means proportionally less
 time. The embedder is MiniLM exported to ONNX with int8 weights (built once into $KOLM_HOME/cache; about

@@ -7,9 +7,10 @@
     info = recipe_from_observations(observations, out_dir="./recipe-out")
     spec, settings, pairs = validate_recipe_dir(info["recipe_dir"])   # what compile --dry-run runs
 
-Modules: schema.py (shape, genson schema, verifier choice), purity.py (confident learning, near-duplicates,
-K-floor), split.py (grouped, stratified train/eval), files.py (write atomically, validate), synth.py (the
-phases in order).
+Modules: split.py (grouped, stratified train/eval), files.py (write atomically, validate), synth.py (the
+phases in order). The output's shape (genson schema, verifier choice: kolm_ray/shape.py) and purity
+(confident learning, near-duplicates, K-floor: kolm_ray/purity.py) sit below this package, since
+clustering's summary uses them too.
 """
 
 from __future__ import annotations

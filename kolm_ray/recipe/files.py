@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from kolm_ray.errors import KolmError
-from kolm_ray.recipe.purity import normalize_text
+from kolm_ray.purity import normalize_text
 from kolm_ray.spec import Spec, validate_spec
 
 RECIPE_YAML, SPEC_JSON, PAIRS_JSONL, DIAGNOSTICS_JSON = (
