@@ -24,7 +24,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -41,7 +40,7 @@ from kolm_ray.observations.bridge import router as bridge_router
 from kolm_ray.observations.exchange import Exchange, check_request
 from kolm_ray.observations.local import LocalAnswers
 from kolm_ray.observations.model import check_namespace
-from kolm_ray.observations.server import guarded_protocol
+from kolm_ray.observations.server import bind_socket, guarded_protocol, uvicorn_config_kwargs
 from kolm_ray.observations.spool import Spool, spool_dir
 from kolm_ray.observations.store import Store, open_store
 from kolm_ray.observations.upstream import (
@@ -321,35 +320,6 @@ def create_app(
     return app
 
 
-def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:  # one of --workers N: the kernel spreads connections over the workers' sockets
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise KolmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-def uvicorn_config_kwargs() -> dict[str, Any]:
-    """uvloop + httptools when installed (both are: uvicorn[standard]); one worker, no access log."""
-    import importlib.util
-
-    return {
-        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
-        "access_log": False,
-        "log_level": "warning",
-        "timeout_graceful_shutdown": 60,  # in-flight streams get a minute to finish on SIGTERM
-    }
-
-
 def _banner(upstreams: dict[str, str], token: str | None, store_shown: str, base: str) -> list[str]:
     return [
         f"  OpenAI SDK:    base_url={base}/v1/capture/openai    -> {upstreams['openai']}",
@@ -426,7 +396,7 @@ def capture_command(args: argparse.Namespace) -> int:
             max_queued_bytes=int(env["KOLM_CAPTURE_MAX_QUEUED_MB"] * 1024 * 1024),
             spool_max_bytes=int(env["KOLM_SPOOL_MAX_MB"] * 1024 * 1024),
         )
-        sock = _bind(args.host, args.port, reuse_port=worker is not None)
+        sock = bind_socket(args.host, args.port, reuse_port=worker is not None)
     except BaseException:
         store.close()
         raise
