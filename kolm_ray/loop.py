@@ -201,7 +201,8 @@ def recipe_and_compile(
 
     from kolm_ray.cli import build_parser
     from kolm_ray.clustering import cluster_members, cluster_namespace
-    from kolm_ray.compile import build_artifact, train, validate
+    from kolm_ray.compile import build_artifact, train
+    from kolm_ray.compile_plan import validate
     from kolm_ray.placement import ray_session
     from kolm_ray.recipe import recipe_from_observations
     from kolm_ray.request_shape import shape_of_cluster
