@@ -1,6 +1,6 @@
 """compile's first phase: flags and a recipe (or pairs) -> a checked Plan; nothing trains, nothing is written.
 
-    plan = validate(args)     # the parsed `kolm compile` arguments; KolmError is exit 2
+    plan = validate(args)     # the parsed `kolm compile` flags (compile_args.py); KolmError is exit 2
 
 Every problem a user can fix (flags, files, pairs that break the spec, too few pairs to split, an encoder
 base for open outputs) is reported here, before Ray starts; `kolm compile --dry-run` runs only this.
