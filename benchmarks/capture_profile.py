@@ -42,6 +42,7 @@ MAIN_RULES = [
         "proxy handler (capture.py, read_body, local-answer check)",
         (
             "observations/capture.py",
+            "observations/upstream.py",
             "observations/bridge.py",
             "observations/local.py",
             "observations/writer.py",

@@ -86,7 +86,8 @@ def run_compile(
 ) -> tuple[dict, dict]:
     """Compile through the same phases as `kolm compile` (validate -> train -> evaluate -> gate -> pack)."""
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile import build_artifact, train, validate
+    from kolm_ray.compile import build_artifact, train
+    from kolm_ray.compile_plan import validate
     from kolm_ray.predictors import open_predictor
 
     pairs = work / "pairs.jsonl"

@@ -21,14 +21,14 @@ ZeRO-2/3 through the same per-worker function, and the closed-vocab scorer's ser
   score_candidates (eager) against static_scorer.StaticScorer (one CUDA graph per length bucket; on CPU
   the same static path without a graph), p50 of `--queries` queries.
 
-Imports nothing of Ray (the GPU machine has none). Writes the JSON after every part, so a run cut short
-keeps what it measured ("complete": false).
+The models, rows and memory helpers the parts share are in benchmarks/gpu_models.py. Imports nothing of Ray
+(the GPU machine has none). Writes the JSON after every part, so a run cut short keeps what it measured
+("complete": false).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -45,71 +45,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # gpu_models.py beside this script
 
 import torch  # noqa: E402
+from gpu_models import (  # noqa: E402
+    SHAPES,
+    SMALL,
+    TINY_DS,
+    WORDS,
+    peak_gib,
+    random_lm,
+    reset_peak,
+    save_base,
+    sft_rows,
+    sync,
+    tiny_tokenizer,
+)
 
-# Qwen2.5-Coder-*-Instruct config.json values: hidden, layers, heads, kv heads, intermediate, vocab, tied.
-SHAPES: dict[str, tuple[int, int, int, int, int, int, bool]] = {
-    "qwen2.5-coder-3b": (2048, 36, 16, 2, 11008, 151936, True),
-    "qwen2.5-coder-7b": (3584, 28, 28, 4, 18944, 152064, False),
-}
-# CPU-small: the same code on tiny bodies that keep the real vocabularies (the loss's cost is the vocabulary).
-SMALL: dict[str, tuple[int, int, int, int, int, int, bool]] = {
-    "qwen2.5-coder-3b": (64, 2, 4, 2, 128, 151936, True),
-    "qwen2.5-coder-7b": (96, 2, 4, 2, 192, 152064, False),
-}
 BATCH = {"qwen2.5-coder-3b": 8, "qwen2.5-coder-7b": 4}  # rows per step: the issue's HF+PEFT H100 runs
-TINY_DS = (64, 2, 4, 2, 128, 4096, True)  # the DeepSpeed check's model
-WORDS = (
-    "restart ingest worker deploy billing invoice refund runbook incident page alert database query namespace "
-    "router recall search order status account password reset the a to of and in is it you that for on how"
-).split()
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
-
-
-def qwen2_config(shape: tuple, tokenizer=None):
-    from transformers import Qwen2Config
-
-    hidden, layers, heads, kv, inter, vocab, tied = shape
-    return Qwen2Config(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-        intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tied, max_position_embeddings=32768,
-        rope_theta=1e6, rms_norm_eps=1e-6,
-        eos_token_id=getattr(tokenizer, "eos_token_id", None), pad_token_id=getattr(tokenizer, "pad_token_id", None),
-    )  # fmt: skip
-
-
-def random_lm(shape: tuple, device: str, dtype: torch.dtype, tokenizer=None, seed: int = 0):
-    """A Qwen2ForCausalLM with random weights in `shape`, built directly on `device`."""
-    from transformers import Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = qwen2_config(shape, tokenizer)
-    cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        return Qwen2ForCausalLM(cfg).to(dtype)
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def peak_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-
-
-def reset_peak() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def tiny_tokenizer():
-    from kolm_ray.bases import resolve_base
-
-    return resolve_base("tiny-causal-lm").load_tokenizer()
 
 
 # ---- LoRA throughput --------------------------------------------------------------------------------------
@@ -148,39 +102,10 @@ def hf_peft_baseline(shape, seq: int, batch: int, warmup: int, steps: int, devic
     return out
 
 
-def sft_rows(n: int, pair_tokens: int, tokenizer, seed: int = 0) -> list[dict]:
-    """n pairs of about `pair_tokens` tokens each (prompt + a short JSON answer), random corpus words."""
-    from kolm_ray.models import answer_text, prompt_text
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        answer = {"namespace": rng.choice(WORDS), "order": f"{rng.randrange(10**6)}"}
-        words: list[str] = []
-        target = int(pair_tokens * rng.uniform(0.7, 1.3))
-        # grow the input until prompt + answer reaches the target length (tokenizing in steps of 16 words)
-        while True:
-            words += rng.choices(WORDS, k=16)
-            text = " ".join(words)
-            n_tok = len(tokenizer(prompt_text(tokenizer, text) + answer_text(answer))["input_ids"])
-            if n_tok >= target:
-                break
-        rows.append({"input": text, "output": answer})
-    return rows
-
-
-def save_base(shape, directory: Path, tokenizer, dtype) -> None:
-    """The random model as a local Hugging Face directory: what `kolm compile --base DIR` trains from."""
-    model = random_lm(shape, "cuda" if torch.cuda.is_available() else "cpu", dtype, tokenizer)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    del model
-    reset_peak()
-
-
 def kolm_step(base_dir: Path, seq: int, batch: int, steps: int, tokenizer, work: Path, liger: bool) -> dict:
     """train_loop_per_worker on packed SFT pairs: epoch 1 warms up, epoch 2 is the timed one."""
-    from kolm_ray.train.loop import TrainConfig, train_loop_per_worker
+    from kolm_ray.train.config import TrainConfig
+    from kolm_ray.train.loop import train_loop_per_worker
 
     pair = max(32, seq // 4)  # four pairs to a row on average
     rows = sft_rows(batch * 4 * steps, pair, tokenizer)
@@ -264,7 +189,9 @@ def deepspeed_part(stage: int, tokenizer, work: Path, device: str) -> dict:
 
     from kolm_ray.bases import resolve_base
     from kolm_ray.models import add_lora, sft_example
-    from kolm_ray.train.loop import DS_DIR, WEIGHTS, TrainConfig, train_loop_per_worker
+    from kolm_ray.train.checkpoint import DS_DIR, WEIGHTS
+    from kolm_ray.train.config import TrainConfig
+    from kolm_ray.train.loop import train_loop_per_worker
 
     base_dir = work / "ds-base"
     if not base_dir.exists():

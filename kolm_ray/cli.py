@@ -22,6 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from kolm_ray.compile_args import add_compile_arguments
 from kolm_ray.errors import KolmError
 
 Builder = Callable[[argparse.ArgumentParser], None]
@@ -128,31 +129,6 @@ def _recipe(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _compile(p: argparse.ArgumentParser) -> None:
-    p.add_argument("description", nargs="?", help="what the model does (pairs form)")
-    p.add_argument("--recipe", help="a recipe directory written by `kolm recipe`")
-    p.add_argument("--base", help="qwen2.5-coder-0.5b|1.5b|3b|7b, minilm-l6, or a local HF model directory")
-    p.add_argument("--pairs", help="JSON lines {input, output[, split]}")
-    p.add_argument("--eval-pairs", help="JSON lines held out for the K-score")
-    p.add_argument(
-        "--namespaces", help="JSON array (or object name->description) closing the `namespace` field"
-    )
-    p.add_argument("--verifier", help="comma-separated verifiers, e.g. closed-vocab,calibrated-brier=0.10")
-    p.add_argument("--k-floor", type=float, help="minimum K-score in [0, 1]")
-    p.add_argument("--output", required=True, help="where to write the signed .kolm")
-    p.add_argument("--epochs", type=int)
-    p.add_argument(
-        "--lr", type=float, help="peak learning rate (default per base kind; recipe.yaml training.lr)"
-    )
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--deepspeed", help="DeepSpeed config JSON (configs/deepspeed/*.json)")
-    p.add_argument(
-        "--bundle-base", action="store_true", help="LoRA bases: write merged weights, not just the adapter"
-    )
-    p.add_argument("--dry-run", action="store_true", help="validate everything, train nothing, write nothing")
-
-
 def _run(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact")
     p.add_argument("text", nargs="?")
@@ -237,7 +213,7 @@ COMMANDS: dict[str, tuple[str, str, Builder]] = {
     "compile": (
         "kolm_ray.compile:compile_command",
         "fine-tune on Ray Train, gate on K-score, sign a .kolm",
-        _compile,
+        add_compile_arguments,  # in compile_args.py: the loop parses the same flags without the CLI
     ),
     "run": ("kolm_ray.predictors:run_command", "run a .kolm artifact offline", _run),
     "verify": (

@@ -28,36 +28,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from kolm_ray.demo_loop import free_port, wait_http
+
 DEMO_NAMESPACE = "support-router"  # the observation namespace (the task), not a recall namespace
 DEMO_TENANT_KEY = "demo-all-key"  # the demo tenant in configs/tenants.yaml authorized for every namespace
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            httpx.get(url, timeout=1.0)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def _step(n: int, title: str) -> float:
@@ -72,7 +52,7 @@ def capture(out: Path, calls: int, store_url: str) -> dict:
     from kolm_ray.simulate import SYSTEM_PROMPT, generate_workload, start_upstream_in_thread
 
     upstream_url, stop_upstream = start_upstream_in_thread(latency_ms=5)
-    port = _free_port()
+    port = free_port()
     proxy = subprocess.Popen(
         [
             sys.executable,
@@ -93,7 +73,7 @@ def capture(out: Path, calls: int, store_url: str) -> dict:
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_http(f"{base}/v1/bridges/namespaces", proxy)
+        wait_http(f"{base}/v1/bridges/namespaces", proxy)
         client = openai.OpenAI(
             base_url=f"{base}/v1/capture/openai",
             api_key="sk-demo-not-a-real-key",
@@ -173,7 +153,7 @@ def serve_and_route(out: Path, artifact: str, queries: int) -> dict:
     from kolm_ray.serving import fast_serve_env
     from kolm_ray.simulate import generate_workload
 
-    port = _free_port()
+    port = free_port()
     if not os.environ.get("RAY_ADDRESS"):
         fast_serve_env()  # HAProxy + throughput-optimized Serve, as `kolm serve` starts it
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

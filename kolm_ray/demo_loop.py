@@ -5,6 +5,8 @@
 7. local    `kolm capture` again on the same store; new support queries through the openai SDK: the
             promoted model answers them (`x-kolm-served-by: local`), a share is shadow-checked upstream.
 8. report   `kolm report --html` on the store: spend, savings, live agreement; the page's path.
+
+free_port and wait_http, which every phase that starts a proxy uses, live here (demo.py imports them).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +22,29 @@ from pathlib import Path
 from typing import Any
 
 DEMO_SHADOW_RATE = "0.2"  # more shadow checks than the 0.05 default, so the demo's report has a window
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for the proxies the demo starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Wait until `url` answers at all; RuntimeError when `proc` exits first or `timeout` passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def loop_phase(store_url: str) -> dict[str, Any]:
@@ -40,11 +66,10 @@ def local_phase(out: Path, store_url: str, namespace: str, calls: int) -> dict[s
     import httpx
     import openai
 
-    from kolm_ray.demo import _free_port, _wait_http
     from kolm_ray.simulate import SYSTEM_PROMPT, generate_workload, start_upstream_in_thread
 
     upstream_url, stop_upstream = start_upstream_in_thread(latency_ms=5)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "KOLM_SHADOW_RATE": DEMO_SHADOW_RATE}
     proxy = subprocess.Popen(
         [sys.executable, "-m", "kolm_ray.cli", "capture", "--port", str(port), "--store", store_url,
@@ -53,7 +78,7 @@ def local_phase(out: Path, store_url: str, namespace: str, calls: int) -> dict[s
     )  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_http(f"{base}/healthz", proxy)
+        wait_http(f"{base}/healthz", proxy)
         deadline = time.monotonic() + 120
         label = None
         while label is None and time.monotonic() < deadline:  # the poller loads the promoted model

@@ -199,9 +199,10 @@ def recipe_and_compile(
     KolmError when no recipe can be made, GateError when the candidate misses its K-floor at compile."""
     import numpy as np
 
-    from kolm_ray.cli import build_parser
     from kolm_ray.clustering import cluster_members, cluster_namespace
-    from kolm_ray.compile import build_artifact, train, validate
+    from kolm_ray.compile import build_artifact, train
+    from kolm_ray.compile_args import compile_args
+    from kolm_ray.compile_plan import validate
     from kolm_ray.placement import ray_session
     from kolm_ray.recipe import recipe_from_observations
     from kolm_ray.request_shape import shape_of_cluster
@@ -225,9 +226,7 @@ def recipe_and_compile(
         namespace=namespace, cluster=cid,
     )  # fmt: skip
     out = workdir / f"{name}.kolm"
-    plan = validate(
-        build_parser().parse_args(["compile", "--recipe", info["recipe_dir"], "--output", str(out)])
-    )
+    plan = validate(compile_args(["--recipe", info["recipe_dir"], "--output", str(out)]))
     result_t, _ = train(plan, workdir)  # a Ray Train run (its own ray_session: the job's cluster or local)
     build_artifact(plan, result_t.checkpoint_dir, {"seconds": round(result_t.seconds, 2)}, workdir)
     return out

@@ -182,37 +182,6 @@ def outlier_probs(
     return torch.softmax(torch.cat([z, none[:, None]], dim=-1), dim=-1)[:, :-1]
 
 
-@torch.no_grad()
-def pooled_sample(
-    model: EncoderTagger, examples: Sequence, pad: int, limit: int, batch_size: int = 64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pooled vectors (eval mode) of a seeded sample of at most `limit` encoded tagger rows
-    (train.data.encode_tagger_rows), with their targets (rows, fields) and a labelled-row mask."""
-    import random
-
-    from kolm_ray.train.data import collate_tagger
-
-    if len(examples) > limit:
-        examples = random.Random(0).sample(list(examples), limit)
-    was_training = model.training
-    model.eval()
-    batches = [collate_tagger(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
-    x = torch.cat([model.pooled(b["input_ids"], b["attention_mask"]) for b in batches]).float()
-    model.train(was_training)
-    targets = torch.cat([b["targets"] for b in batches])
-    return x, targets, ~torch.cat([b["negative"] for b in batches])
-
-
-def fit_gaussians(model: EncoderTagger, examples: Sequence, pad: int, limit: int = 3000) -> None:
-    """Fit and attach ClassGaussians per field from the labelled ones of `limit` sampled encoded rows."""
-    x, targets, labelled = pooled_sample(model, examples, pad, limit)
-    gaussians = []
-    for i, values in enumerate(model.labels.values()):
-        keep = labelled & (targets[:, i] >= 0)
-        gaussians.append(ClassGaussians.fit(x[keep], targets[keep, i], len(values)))
-    model.add_gaussians(gaussians)
-
-
 def encoder_loss(
     logits: dict[str, torch.Tensor],
     targets: torch.Tensor,

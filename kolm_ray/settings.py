@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 import secrets
 import tempfile
 from pathlib import Path
@@ -80,13 +81,29 @@ def store_url(override: str | None = None) -> str:
     if not url:
         return f"sqlite:///{kolm_home() / 'observations.db'}"
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-        from kolm_ray.observations.store.base import redact_url
-
         raise KolmError(
             f"store URL {redact_url(url)!r} is not supported; use sqlite:///path/to/observations.db "
             "or postgresql://user:password@host:5432/db"
         )
     return url
+
+
+_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/?#]*):(?P<pw>[^@/?#]*)@", re.I)
+_PW_PARAM = re.compile(r"(?P<key>(?:^|[?&\s])password=)(?P<pw>[^&\s]*)", re.I)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (userinfo or `password=` parameter) replaced by `***`."""
+    url = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+    return _PW_PARAM.sub(lambda m: f"{m['key']}***", url)
+
+
+def secrets_of(url: str) -> list[str]:
+    """The password strings a URL carries (to scrub from driver messages that might echo them)."""
+    found = [m["pw"] for m in _USERINFO.finditer(url)] + [m["pw"] for m in _PW_PARAM.finditer(url)]
+    from urllib.parse import unquote
+
+    return [s for p in found if p for s in {p, unquote(p)}]
 
 
 def admin_token() -> str | None:

@@ -75,9 +75,8 @@ def spec_json_schema() -> dict[str, Any]:
 
 
 def validate_spec(data: Any, source: str = "spec") -> Spec:
-    """Validate a spec dict against the published schema and the verifier table; all problems at once."""
-    from kolm_ray.verifiers import check_verifier_specs
-
+    """Validate a spec dict against the published schema (whose verifier names are the verifier table's:
+    tests/test_spec.py holds them equal) and its own rules; all schema problems at once."""
     validator = jsonschema.Draft202012Validator(spec_json_schema())
     problems = [
         f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in validator.iter_errors(data)
@@ -85,8 +84,16 @@ def validate_spec(data: Any, source: str = "spec") -> Spec:
     if problems:
         raise KolmError(f"{source} is not a valid spec: " + "; ".join(sorted(problems)))
     spec = Spec.model_validate(data)
-    check_verifier_specs(spec, source)
+    check_vocabulary(spec, source)
     return spec
+
+
+def check_vocabulary(spec: Spec, source: str = "spec") -> None:
+    """closed-vocab needs a vocabulary to check against: its own `fields`, or the schema's enums."""
+    if spec.get("closed-vocab") and not spec.vocab():
+        raise KolmError(
+            f"{source}: closed-vocab needs a vocabulary (--namespaces, `fields`, or schema enums)"
+        )
 
 
 def load_spec(path: str | Path) -> Spec:

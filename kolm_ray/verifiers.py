@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import jsonschema
 
 from kolm_ray.errors import KolmError
-from kolm_ray.spec import CONFIDENCE_FIELD, FALLBACK_FIELD, Spec, VerifierSpec
+from kolm_ray.spec import CONFIDENCE_FIELD, FALLBACK_FIELD, Spec, VerifierSpec, check_vocabulary
 
 DEFAULT_THRESHOLD = 0.7  # confidence below this routes broad (the recall router's default)
 
@@ -194,10 +194,7 @@ def check_verifier_specs(spec: Spec, source: str = "spec") -> None:
     problems = [f"unknown verifier {v.name!r}" for v in spec.verifier if v.name not in VERIFIERS]
     if problems:
         raise KolmError(f"{source}: " + "; ".join(problems) + f"; known: {known()}")
-    if spec.get("closed-vocab") and not spec.vocab():
-        raise KolmError(
-            f"{source}: closed-vocab needs a vocabulary (--namespaces, `fields`, or schema enums)"
-        )
+    check_vocabulary(spec, source)
 
 
 def build(spec: Spec) -> list[Verifier]:

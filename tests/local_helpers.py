@@ -47,7 +47,8 @@ def build_tagger(
     if cached is not None and cached.is_file():
         return cached
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile import build_artifact, train_config, validate
+    from kolm_ray.compile import build_artifact, train_config
+    from kolm_ray.compile_plan import validate
     from kolm_ray.train.loop import train_loop_per_worker
 
     tmp.mkdir(parents=True, exist_ok=True)

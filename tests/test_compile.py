@@ -244,7 +244,7 @@ def test_namespaces_file_must_be_names(tmp_path: Path, capsys) -> None:
 
 def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_path: Path) -> None:
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile import validate
+    from kolm_ray.compile_plan import validate
     from kolm_ray.evaluate import evaluate
     from kolm_ray.predictors import open_predictor
 
@@ -274,7 +274,8 @@ def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_
 
 def test_calibration_weight_is_a_compile_setting_not_a_train_one(tmp_path: Path) -> None:
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile import train_config, validate
+    from kolm_ray.compile import train_config
+    from kolm_ray.compile_plan import validate
 
     plan = validate(build_parser().parse_args(compile_argv(tmp_path)))
     plan.training.update(calibration_negative_weight=0.3, max_failures=2, num_workers=2)

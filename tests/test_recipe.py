@@ -12,8 +12,8 @@ import recipe_data as rd
 import yaml
 
 from kolm_ray.errors import KolmError
+from kolm_ray.purity import normalize_text
 from kolm_ray.recipe import recipe_from_observations, validate_recipe_dir
-from kolm_ray.recipe.purity import normalize_text
 from kolm_ray.spec import load_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
@@ -238,7 +238,7 @@ def test_compile_dry_run_accepts_written_recipes(categorical_recipe, tmp_path, c
 
 
 def test_floor_out_of_a_probes_reach_is_warned_before_compile(categorical_recipe):
-    from kolm_ray.recipe.purity import PurityReport
+    from kolm_ray.purity import PurityReport
     from kolm_ray.recipe.synth import reach_warnings
 
     def report(*accs):

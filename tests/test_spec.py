@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kolm_ray.errors import KolmError
-from kolm_ray.spec import validate_spec
+from kolm_ray.spec import Spec, validate_spec
 from kolm_ray.verifiers import VERIFIERS, build, hard_failures, parse_verifier_list
 
 NS = ["billing", "runbooks", "incidents"]
@@ -68,6 +68,22 @@ def test_invalid_spec_reports_every_problem():
         validate_spec(bad)
     msg = str(e.value)
     assert "output_kind" in msg and "schema" in msg and "verifier/0/name" in msg
+
+
+def test_spec_schema_names_exactly_the_verifier_table():
+    """validate_spec leaves unknown names to the published schema's enum: it must be the verifier table."""
+    from kolm_ray.spec import spec_json_schema
+
+    names = spec_json_schema()["properties"]["verifier"]["items"]["properties"]["name"]["enum"]
+    assert sorted(names) == sorted(VERIFIERS)
+
+
+def test_closed_vocab_needs_a_vocabulary():
+    data = {"output_kind": "json", "schema": {"type": "object"}, "verifier": [{"name": "closed-vocab"}]}
+    with pytest.raises(KolmError, match="spec.json: closed-vocab needs a vocabulary"):
+        validate_spec(data, "spec.json")
+    with pytest.raises(KolmError, match="spec: closed-vocab needs a vocabulary"):
+        build(Spec.model_validate(data))
 
 
 def test_hard_verifiers():

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from compile_helpers import WORDS
 
-from kolm_ray.train.loop import STATE, WEIGHTS, TrainConfig, batch_size_for, train_loop_per_worker
+from kolm_ray.train.checkpoint import STATE, WEIGHTS
+from kolm_ray.train.config import TrainConfig
+from kolm_ray.train.loop import batch_size_for, train_loop_per_worker
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = {"namespace": list(WORDS)}
@@ -53,7 +55,8 @@ def test_probe_init_starts_heads_fitted(tmp_path: Path) -> None:
     import torch
 
     from kolm_ray.train.data import collate_tagger, encode_tagger_rows
-    from kolm_ray.train.loop import build_model, init_heads
+    from kolm_ray.train.encoder import init_heads
+    from kolm_ray.train.loop import build_model
 
     cfg = TrainConfig(**_config(tmp_path))
     model, tok = build_model(cfg)
@@ -163,7 +166,7 @@ def test_ray_train_two_workers_killed_worker_resumes(tmp_path: Path) -> None:
 
 
 def test_small_train_splits_use_smaller_batches_for_enough_steps():
-    from kolm_ray.train.loop import TrainConfig, batch_size_for, steps_for
+    from kolm_ray.train.loop import batch_size_for, steps_for
 
     def cfg(**kw):
         return TrainConfig(base="tiny-encoder", kind="encoder", rows=[], **kw)

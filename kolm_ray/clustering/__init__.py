@@ -15,7 +15,7 @@ The pipeline (`_pipeline`) reads top to bottom, one module of this package per p
               the inputs form clearly separate groups (k = 1 otherwise). Where the static vectors say a
               split is possible, MiniLM embeds a sample of that fingerprint (in Ray) and decides
     assign    (fit.py) map_batches: nearest centroid within the row's fingerprint
-    summarise (summarise.py) groupby(cluster).map_groups: size, purity (recipe.purity), top examples
+    summarise (summarise.py) groupby(cluster).map_groups: size, purity (kolm_ray.purity), top examples
 
 MiniLM for every row (`embedder="minilm"`: 10 CPU-seconds per 1,000 inputs here, against ~0.06 for the
 static vectors) is the baseline `benchmarks/recipe.py` measures against. MiniLM runs as ONNX with int8
@@ -167,8 +167,7 @@ def _pipeline(
 
 def cluster_command(args: Any) -> int:
     """kolm cluster: run the Ray Data pipeline on one or more namespaces and print their clusters."""
-    from kolm_ray.observations.store import redact_url
-    from kolm_ray.settings import store_url
+    from kolm_ray.settings import redact_url, store_url
 
     url = store_url(args.store)
     namespaces = list(dict.fromkeys(args.namespace))

@@ -24,7 +24,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,8 +32,6 @@ import aiohttp
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from multidict import CIMultiDict
-from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from kolm_ray.errors import KolmError
@@ -43,142 +40,33 @@ from kolm_ray.observations.bridge import router as bridge_router
 from kolm_ray.observations.exchange import Exchange, check_request
 from kolm_ray.observations.local import LocalAnswers
 from kolm_ray.observations.model import check_namespace
-from kolm_ray.observations.server import guarded_protocol
+from kolm_ray.observations.server import bind_socket, guarded_protocol, uvicorn_config_kwargs
 from kolm_ray.observations.spool import Spool, spool_dir
-from kolm_ray.observations.store import Store, open_store, redact_url
+from kolm_ray.observations.store import Store, open_store
+from kolm_ray.observations.upstream import (
+    DEFAULT_UPSTREAMS,
+    UPSTREAM_CONNECTIONS,
+    UPSTREAM_ERRORS,
+    UPSTREAM_KEEPALIVE_S,
+    UPSTREAM_TIMEOUT,
+    PassthroughResponse,
+    forward_headers,
+    response_headers,
+    upstream_endpoint,
+)
 from kolm_ray.observations.workers import mark_ready, run_workers, worker_index, write_report
 from kolm_ray.observations.writer import BackgroundWriter
-from kolm_ray.settings import admin_token, kolm_home, store_url
+from kolm_ray.settings import admin_token, kolm_home, redact_url, store_url
 
 log = logging.getLogger("kolm.capture")
 
-DEFAULT_UPSTREAMS = {"openai": "https://api.openai.com", "anthropic": "https://api.anthropic.com"}
-UPSTREAM_PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 CAPTURE_MAX_BODY = 32 * 1024 * 1024  # requests with images can be large; anything bigger is a mistake
-# Long generations: up to 10 min between two reads; connect 10 s; waiting for a pooled connection
-# counts in `connect` (aiohttp's name for pool wait + connect). No total: a stream may run long.
-UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=70.0, sock_connect=10.0, sock_read=600.0)
-UPSTREAM_CONNECTIONS = 1000  # concurrent upstream connections (the pool's limit; idle ones kept 30 s)
-UPSTREAM_KEEPALIVE_S = 30.0
 MAX_IN_FLIGHT = 2000  # requests being handled at once; past it: 503 + Retry-After, nothing forwarded
 PARSE_INLINE_BYTES = 256 * 1024  # bigger request bodies are validated in a worker thread, one at a time
-RECORD_MAX = 64 * 1024 * 1024  # the most of one streamed answer kept for its observation
-# What the upstream client raises for a failed exchange (aiohttp's timeouts are TimeoutErrors).
-_UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
-# Hop-by-hop (RFC 9110 7.6.1) or recomputed by us / the server: never forwarded either way.
-_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"transfer-encoding",
-    b"te",
-    b"trailer",
-    b"upgrade",
-    b"host",
-    b"content-length",
-    b"accept-encoding",
-    b"content-encoding",  # a request body must be plain JSON (it is parsed); never forwarded
-    b"proxy-authorization",
-    b"proxy-authenticate",
-}
-# Responses keep Content-Encoding: the body is passed on undecoded, so the header must travel with it.
-_RESPONSE_DROP = (_HOP - {b"content-encoding"}) | {b"date", b"server"}  # uvicorn writes its own
-
-
-def upstream_endpoint(base: str, provider: str) -> str:
-    """The URL the proxy posts to: base (with or without a trailing /v1) + the provider's path."""
-    base = base.rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise KolmError(f"{provider} upstream {base!r} must be an http:// or https:// URL")
-    if base.endswith("/v1"):
-        base = base[:-3]
-    return base + UPSTREAM_PATHS[provider]
-
-
-def _forward_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict(
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in raw
-        if k.lower() not in _HOP and not k.lower().startswith(b"x-kolm-")
-    )
-    # identity: the answer is both passed through and parsed, so ask for it plain. An upstream that
-    # compresses anyway is passed through as sent (with its Content-Encoding) and decoded for the store.
-    out["Accept-Encoding"] = "identity"
-    return out
-
-
-def _response_headers(up: aiohttp.ClientResponse, overhead_ms: float) -> list[tuple[bytes, bytes]]:
-    headers = [(k.lower(), v) for k, v in up.raw_headers if k.lower() not in _RESPONSE_DROP]
-    headers.append((b"x-kolm-overhead-ms", f"{overhead_ms:.3f}".encode()))
-    return headers
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-class _PassthroughResponse(Response):
-    """An upstream SSE stream sent on chunk by chunk; reports what was sent and how it ended.
-
-    A task watches `receive` for the client's disconnect (uvicorn's send() just returns after one),
-    cancels the copy and stops reading the upstream, so the model stops generating for nobody.
-    """
-
-    def __init__(
-        self, upstream: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]], on_done: Any
-    ) -> None:
-        self.upstream = upstream
-        self.status_code = upstream.status
-        self.raw_headers = headers
-        self.on_done = on_done  # (body: bytes, outcome: "done"|"client_closed"|"upstream_error", error)
-        self.background = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chunks: list[bytes] = []
-        kept = 0  # bytes of the stream kept for the observation (capped at RECORD_MAX)
-        recorded = False
-
-        def record(outcome: str, error: str | None = None) -> None:
-            nonlocal recorded
-            recorded = True
-            self.on_done(b"".join(chunks), outcome, error)
-
-        async def watch(scope_: anyio.CancelScope) -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            scope_.cancel()
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch, tg.cancel_scope)
-                start = {
-                    "type": "http.response.start",
-                    "status": self.status_code,
-                    "headers": self.raw_headers,
-                }
-                try:
-                    await send(start)
-                    async for chunk in self.upstream.content.iter_any():  # as they arrive, undecoded
-                        if kept < RECORD_MAX:
-                            chunks.append(chunk)
-                            kept += len(chunk)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    record("done")
-                except _UPSTREAM_ERRORS as e:  # the upstream broke mid-stream: end ours cleanly
-                    record("upstream_error", f"upstream stream broke: {type(e).__name__}: {e}")
-                # Recorded before the last message: once a client has the whole answer, the
-                # observation is already queued (so a bridge read right after sees it).
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                tg.cancel_scope.cancel()
-        finally:
-            if not recorded:  # the client left (or we were cancelled) mid-stream: keep what was sent
-                record("client_closed")
-            # A finished answer hands its connection back to the pool; a cut one closes it (and so
-            # stops the upstream generating for nobody).
-            if self.upstream.content.is_eof():
-                self.upstream.release()
-            else:
-                self.upstream.close()
 
 
 def _busy(message: str) -> JSONResponse:
@@ -248,10 +136,10 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
         up = await session.post(
             state.upstream_urls[provider],
             data=body,
-            headers=_forward_headers(request.headers.raw),
+            headers=forward_headers(request.headers.raw),
             allow_redirects=False,  # a redirect goes back to the client, as any response does
         )
-    except _UPSTREAM_ERRORS as e:
+    except UPSTREAM_ERRORS as e:
         timed_out = isinstance(e, asyncio.TimeoutError)
         status = 504 if timed_out else 502
         what = "did not answer in time" if timed_out else "unreachable"
@@ -275,11 +163,11 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
             )
 
         overhead = (time.perf_counter() - t0 - (t_headers - t_up)) * 1000
-        return _PassthroughResponse(up, _response_headers(up, overhead), on_done)
+        return PassthroughResponse(up, response_headers(up, overhead), on_done)
 
     try:
         content = await up.read()
-    except _UPSTREAM_ERRORS as e:
+    except UPSTREAM_ERRORS as e:
         up.close()
         message = f"upstream {url} broke mid-answer: {type(e).__name__}: {e}"
         record(502, (time.perf_counter() - t_up) * 1000, error=message)
@@ -293,7 +181,7 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
     response = Response(content=content, status_code=up.status)
     response.raw_headers = [h for h in response.raw_headers if h[0] == b"content-length"]
     overhead = (time.perf_counter() - t0 - (t_done - t_up)) * 1000
-    response.raw_headers.extend(_response_headers(up, overhead))
+    response.raw_headers.extend(response_headers(up, overhead))
     return response
 
 
@@ -432,35 +320,6 @@ def create_app(
     return app
 
 
-def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:  # one of --workers N: the kernel spreads connections over the workers' sockets
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise KolmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-def uvicorn_config_kwargs() -> dict[str, Any]:
-    """uvloop + httptools when installed (both are: uvicorn[standard]); one worker, no access log."""
-    import importlib.util
-
-    return {
-        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
-        "access_log": False,
-        "log_level": "warning",
-        "timeout_graceful_shutdown": 60,  # in-flight streams get a minute to finish on SIGTERM
-    }
-
-
 def _banner(upstreams: dict[str, str], token: str | None, store_shown: str, base: str) -> list[str]:
     return [
         f"  OpenAI SDK:    base_url={base}/v1/capture/openai    -> {upstreams['openai']}",
@@ -537,7 +396,7 @@ def capture_command(args: argparse.Namespace) -> int:
             max_queued_bytes=int(env["KOLM_CAPTURE_MAX_QUEUED_MB"] * 1024 * 1024),
             spool_max_bytes=int(env["KOLM_SPOOL_MAX_MB"] * 1024 * 1024),
         )
-        sock = _bind(args.host, args.port, reuse_port=worker is not None)
+        sock = bind_socket(args.host, args.port, reuse_port=worker is not None)
     except BaseException:
         store.close()
         raise

@@ -25,7 +25,8 @@ def read_observations(store_url: str, namespaces: str | list[str], parallelism: 
     """
     import ray.data
 
-    from kolm_ray.observations.store import open_store, redact_url
+    from kolm_ray.observations.store import open_store
+    from kolm_ray.settings import redact_url
 
     if store_url.startswith("sqlite:///") and not Path(store_url[len("sqlite:///") :]).exists():
         raise KolmError(f"observation store {store_url[len('sqlite:///') :]} does not exist")

@@ -315,13 +315,13 @@ class LocalAnswers:
     async def _shadow(self, request: Request, provider: str, namespace: str, payload: dict, local_output: Any,
                       loaded: Loaded, local_id: str) -> None:  # fmt: skip
         """Ask the upstream the same question (non-streamed), store its answer and the pair's agreement."""
-        from kolm_ray.observations.capture import _UPSTREAM_ERRORS, _forward_headers
         from kolm_ray.observations.exchange import FORMATS
+        from kolm_ray.observations.upstream import UPSTREAM_ERRORS, forward_headers
 
         state = request.app.state
         shadow = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
         shadow_body = json.dumps(shadow).encode()
-        headers = _forward_headers(request.headers.raw)  # the caller's own key, in this task's memory only
+        headers = forward_headers(request.headers.raw)  # the caller's own key, in this task's memory only
         up_id, detail, agree = new_id(), {}, None
         t0 = time.perf_counter()
         try:
@@ -329,7 +329,7 @@ class LocalAnswers:
                                        headers=headers, allow_redirects=False) as up:  # fmt: skip
                 content = await up.read()
                 status, encoding = up.status, up.headers.get("content-encoding")
-        except _UPSTREAM_ERRORS as e:
+        except UPSTREAM_ERRORS as e:
             detail = {"error": f"shadow upstream call failed: {type(e).__name__}: {e}"}
             up_id = None
         else:

@@ -16,15 +16,21 @@ tests/test_capture_chaos.py: 300 half-sent request lines, all closed within the 
 good calls are answered. Kept on uvicorn rather than moving to hypercorn or granian: the proxy's
 per-request CPU was measured on uvicorn+httptools (benchmarks/capture.py), and the two timers are
 all that was missing.
+
+Also here: the listening socket (`bind_socket`) and the uvicorn settings (`uvicorn_config_kwargs`) that
+the proxy and the stand-in upstream (kolm_ray.simulate) share.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from kolm_ray.errors import KolmError
 
 
 def _408(seconds: float) -> bytes:
@@ -100,3 +106,33 @@ def guarded_protocol(header_timeout_s: float = 10.0, body_timeout_s: float = 60.
             super().connection_lost(exc)
 
     return GuardedHttpToolsProtocol
+
+
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening socket on host:port (SO_REUSEPORT for one of --workers N); KolmError when it cannot bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # one of --workers N: the kernel spreads connections over the workers' sockets
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise KolmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_config_kwargs() -> dict[str, Any]:
+    """uvloop + httptools when installed (both are: uvicorn[standard]); one worker, no access log."""
+    import importlib.util
+
+    return {
+        "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+        "access_log": False,
+        "log_level": "warning",
+        "timeout_graceful_shutdown": 60,  # in-flight streams get a minute to finish on SIGTERM
+    }

@@ -7,9 +7,10 @@
     info = recipe_from_observations(observations, out_dir="./recipe-out")
     spec, settings, pairs = validate_recipe_dir(info["recipe_dir"])   # what compile --dry-run runs
 
-Modules: schema.py (shape, genson schema, verifier choice), purity.py (confident learning, near-duplicates,
-K-floor), split.py (grouped, stratified train/eval), files.py (write atomically, validate), synth.py (the
-phases in order).
+Modules: split.py (grouped, stratified train/eval), files.py (write atomically, validate), synth.py (the
+phases in order). The output's shape (genson schema, verifier choice: kolm_ray/shape.py) and purity
+(confident learning, near-duplicates, K-floor: kolm_ray/purity.py) sit below this package, since
+clustering's summary uses them too.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ def recipe_command(args: Any) -> int:
     """kolm recipe: cluster the namespace (Ray Data), then write a recipe for one cluster; print its paths."""
     from kolm_ray.clustering import cluster_members, cluster_namespace
     from kolm_ray.errors import KolmError
-    from kolm_ray.observations.store import redact_url
     from kolm_ray.placement import ray_session
-    from kolm_ray.settings import store_url
+    from kolm_ray.settings import redact_url, store_url
 
     url = store_url(args.store)
     with ray_session(worker_logs=False):

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from kolm_ray.errors import KolmError
-from kolm_ray.recipe.purity import normalize_text
+from kolm_ray.purity import normalize_text
 from kolm_ray.spec import Spec, validate_spec
 
 RECIPE_YAML, SPEC_JSON, PAIRS_JSONL, DIAGNOSTICS_JSON = (
@@ -274,9 +274,9 @@ def _check_settings(s: dict[str, Any]) -> list[str]:
 
 
 def _read_pairs(path: Path, spec: Spec | None, problems: list[str]) -> list[dict[str, Any]]:
-    """Pairs as compile reads them (train.data.load_pairs), held to a recipe's stricter rules: every row in
+    """Pairs as compile reads them (pairs.load_pairs), held to a recipe's stricter rules: every row in
     train or eval, and every gold output passing the spec's hard verifiers."""
-    from kolm_ray.train.data import load_pairs
+    from kolm_ray.pairs import load_pairs
     from kolm_ray.verifiers import build, hard_failures
 
     if not path.is_file():

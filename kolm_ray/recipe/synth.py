@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from kolm_ray.errors import KolmError
+from kolm_ray.purity import PurityReport, estimate_purity, k_floor_from_purity, near_duplicate_groups
 from kolm_ray.recipe.files import (
     DIAGNOSTICS_JSON,
     ENCODER_BASES,
@@ -26,9 +27,8 @@ from kolm_ray.recipe.files import (
     render_recipe_yaml,
     write_recipe_dir,
 )
-from kolm_ray.recipe.purity import PurityReport, estimate_purity, k_floor_from_purity, near_duplicate_groups
-from kolm_ray.recipe.schema import choose_verifiers, infer_shape, labels_for, strip_confidence
 from kolm_ray.recipe.split import split_pairs
+from kolm_ray.shape import choose_verifiers, infer_shape, labels_for, strip_confidence
 from kolm_ray.spec import CONFIDENCE_FIELD, validate_spec
 
 K_MARGIN = 0.025  # k_floor = purity - margin: a model as good as the data passes; |floor - purity| <= 0.05

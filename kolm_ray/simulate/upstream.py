@@ -258,7 +258,7 @@ def serve_in_thread(
     """Run an ASGI app with uvicorn in a daemon thread; returns (base URL, stop). stop() waits for shutdown."""
     import uvicorn
 
-    from kolm_ray.observations.capture import uvicorn_config_kwargs
+    from kolm_ray.observations.server import uvicorn_config_kwargs
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -306,7 +306,7 @@ def run_upstream(
     """Run the stand-in upstream in the foreground until SIGINT/SIGTERM."""
     import uvicorn
 
-    from kolm_ray.observations.capture import uvicorn_config_kwargs
+    from kolm_ray.observations.server import uvicorn_config_kwargs
 
     print(f"stand-in upstream on http://{host}:{port}", flush=True)
     uvicorn.run(

@@ -7,8 +7,8 @@ machine where Ray is not installed:
     train_loop_per_worker({"base": "tiny-encoder", "kind": "encoder", "rows": rows,
                            "labels": {"namespace": ["a", "b"]}, "output_dir": "/tmp/run"})
 
-Checkpoints hold only the trainable weights (encoder layers that were not frozen + heads, or the LoRA
-adapter) as safetensors, the optimizer state as safetensors + JSON, and state.json (epoch, step).
+Checkpoints (train/checkpoint.py) hold only the trainable weights (encoder layers that were not frozen +
+heads, or the LoRA adapter) as safetensors, the optimizer state as safetensors + JSON, and state.json.
 Under Ray they are reported with ray.train.report(checkpoint=...), and a restarted worker group (see
 FailureConfig in train/trainer.py) resumes from ray.train.get_checkpoint(); without Ray they are
 written to output_dir/epoch-N and `resume_from` resumes from one.
@@ -22,92 +22,27 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import DistributedLengthGroupedSampler, LengthGroupedSampler
 
+from kolm_ray.train.checkpoint import (
+    DS_DIR,
+    OPTIM,
+    STATE,
+    WEIGHTS,
+    load_optimizer,
+    load_trainable,
+    write_checkpoint,
+)
+from kolm_ray.train.config import TrainConfig
 from kolm_ray.train.data import collate_sft, collate_tagger, encode_sft_rows, encode_tagger_rows, pack_sft
-
-WEIGHTS = "model.safetensors"
-OPTIM = "optimizer.safetensors"
-OPTIM_META = "optimizer.json"
-STATE = "state.json"
-DS_DIR = "deepspeed"
-
-
-@dataclass
-class TrainConfig:
-    """Everything one worker needs; passed to TorchTrainer as a plain dict (asdict)."""
-
-    base: str
-    """Base name or local directory (bases.resolve_base)."""
-    kind: str
-    """"encoder" (a tagger with one head per field) or "causal-lm" (LoRA SFT)."""
-    rows: list[dict[str, Any]]
-    """Training rows {input, output, negative?}."""
-    labels: dict[str, list[Any]] = field(default_factory=dict)
-    """Encoder taggers: field -> its values, in head order."""
-    epochs: int = 3
-    batch_size: int = 32
-    """Per-worker micro-batch size (at most: see min_steps)."""
-    min_steps: int = 100
-    """Small train splits use smaller batches (down to 8 per worker) so that training takes at least this many
-    optimizer steps; 0 keeps batch_size. Measured with minilm-l6 on CLINC150 samples disjoint from the recipe
-    benchmark's (3 epochs, one process): a 10-namespace router from 610 pairs went from 0.906 / 0.907 / 0.917
-    accuracy on 1,500 held-out queries (30 steps of 64 pairs) to 0.928 / 0.928 / 0.930 (114 steps of 16, the
-    same 3 passes); a 15-intent banking task from 610 pairs with 10% of labels flipped stayed
-    level, 0.975 / 0.980 -> 0.972 / 0.982 on 1,000 clean queries."""
-    lr: float = 1e-4
-    """Peak learning rate of the base (encoder body or LoRA adapter); linear warm-up then linear decay."""
-    head_lr: float = 2e-3
-    """Encoder taggers: learning rate of the freshly initialised heads."""
-    warmup: float = 0.06
-    """Fraction of the steps spent warming up."""
-    weight_decay: float = 0.01
-    max_len: int = 64
-    """Tokens per input (encoder) or per prompt+answer (causal LM); longer ones are truncated."""
-    freeze_embeddings: bool = True
-    """Encoder taggers: keep the token embeddings fixed (most of MiniLM's weights; a dense gradient over
-    a 30k-token table costs more than the rest of a CPU step)."""
-    freeze_layers: int = 0
-    """Encoder taggers: also freeze this many lowest encoder layers (faster CPU epochs)."""
-    probe_init: bool = True
-    """Encoder taggers: start each head from a linear probe on the base's pooled train vectors (init_heads)."""
-    negative_weight: float = 1.0
-    """Weight of the "none of these" loss on negative rows."""
-    mix_weight: float = 0.0
-    """Encoder taggers: weight of the "none of these" loss on pseudo-outliers, pooled vectors of two rows
-    with different labels mixed (lambda in [0.3, 0.7]); compile turns it on for routers (fallback verifier)."""
-    pack_len: int = 1024
-    """Causal LMs: pairs of a batch are packed into rows of up to this many tokens (train.data.pack_sft;
-    position ids restart per pair, so each attends to itself only) instead of one padded row each; 0 pads."""
-    lora_r: int = 16
-    lora_alpha: int = 32
-    gradient_checkpointing: bool = False
-    deepspeed: dict[str, Any] | None = None
-    """A DeepSpeed config (configs/deepspeed/*.json, already read); None trains with plain DDP."""
-    seed: int = 0
-    threads: int | None = None
-    """torch intra-op threads per worker (default: what Ray or the OS gives)."""
-    progress: bool = True
-    in_ray: bool = False
-    """Set by train/trainer.py: report through ray.train instead of writing output_dir."""
-    output_dir: str | None = None
-    resume_from: str | None = None
-    kill_once: dict[str, Any] | None = None
-    """Test hook: {"rank": r, "after_epoch": e, "marker": path, "wait_for": glob} SIGKILLs that worker once,
-    after a file matching `wait_for` exists (e.g. Ray Train's checkpoint-manager snapshot), so the kill lands
-    after the controller has registered a checkpoint rather than racing it."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
+from kolm_ray.train.encoder import init_heads
 
 # ---- model, data and optimizer -----------------------------------------------------------------------------
 
@@ -131,62 +66,6 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
     return add_lora(lm, r=cfg.lora_r, alpha=cfg.lora_alpha), tokenizer
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights training changes (names as in the unwrapped model)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable(model: nn.Module, path: str | Path) -> None:
-    """Load trainable weights saved by trainable_state into a freshly built model."""
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise RuntimeError(f"checkpoint has weights the model lacks: {unexpected[:3]}")
-
-
-def _probe(x: torch.Tensor, y: torch.Tensor, n_out: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression (L-BFGS, L2 on the weights): (weight, bias) for an nn.Linear."""
-    w = torch.zeros(n_out, x.shape[1], requires_grad=True)
-    b = torch.zeros(n_out, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(x @ w.T + b, y) + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach(), b.detach()
-
-
-PROBE_ROWS = 2048  # rows the probe is fitted on at most: a head's start needs no more, a forward pass costs
-
-
-@torch.no_grad()
-def init_heads(
-    model: nn.Module, examples: list, pad: int, l2: float = 0.1, batch_size: int = 64, limit: int = PROBE_ROWS
-) -> None:
-    """Fit each head as a logistic regression on the pretrained encoder's pooled vectors of the labelled rows.
-
-    Fine-tuning from a random head first spends its steps, and distorts the pretrained features, undoing
-    the head's random start; from a linear probe it starts at the probe's accuracy (LP-FT, Kumar et al.,
-    ICLR 2022). The L2 keeps the probe from memorising label noise: at 1e-3 it fit a 10%-noise intent
-    recipe's train split exactly and fine-tuning then lost 4 points there. One forward pass over the
-    train rows (a seeded sample of `limit` of them, the same on every rank), a fraction of one epoch's cost.
-    """
-    from kolm_ray.models import pooled_sample
-
-    x, targets, labelled = pooled_sample(model, examples, pad, limit, batch_size)
-    for i, head in enumerate(model.heads):
-        keep = labelled & (targets[:, i] >= 0)
-        if keep.any():
-            w, b = _probe(x[keep], targets[keep, i], head.out_features, l2)
-            head.weight.copy_(w)
-            head.bias.copy_(b)
-
-
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("heads.")]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")]
@@ -201,31 +80,6 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
     if step < w:
         return (step + 1) / w
     return max(0.0, (total - step) / max(1, total - w))
-
-
-def _save_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
-    """Optimizer state without pickle: tensors to safetensors, the rest to JSON."""
-    sd = opt.state_dict()
-    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                meta["state"].setdefault(str(pid), {})[k] = v
-    save_file(tensors, str(directory / OPTIM))
-    (directory / OPTIM_META).write_text(json.dumps(meta))
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
-    meta = json.loads((directory / OPTIM_META).read_text())
-    state: dict[int, dict] = {}
-    for key, v in load_file(str(directory / OPTIM)).items():
-        pid, _, name = key.partition(".")
-        state.setdefault(int(pid), {})[name] = v
-    for pid, st in meta["state"].items():
-        state.setdefault(int(pid), {}).update(st)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 # ---- distributed set-up ------------------------------------------------------------------------------------
@@ -311,22 +165,6 @@ def _compute_loss(model, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> to
     return output_token_loss(model, batch)
 
 
-def _write_checkpoint(directory: Path, model: nn.Module, opt, state: dict, rank: int, engine=None) -> None:
-    if engine is not None:
-        engine.save_checkpoint(str(directory / DS_DIR), tag="state")  # every rank writes its shard
-        from deepspeed import zero
-
-        params = [p for p in engine.module.parameters() if p.requires_grad]
-        with zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
-            if rank == 0:
-                save_file(trainable_state(engine.module), str(directory / WEIGHTS))
-    elif rank == 0:
-        save_file(trainable_state(model), str(directory / WEIGHTS))
-        _save_optimizer(opt, directory)
-    if rank == 0:
-        (directory / STATE).write_text(json.dumps(state))
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Train one worker's share; under Ray Train report metrics + checkpoints each epoch.
 
@@ -409,7 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     else:
         opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=cfg.weight_decay)
         if resume_dir is not None and (resume_dir / OPTIM).exists():
-            _load_optimizer(opt, resume_dir)
+            load_optimizer(opt, resume_dir)
         if cfg.in_ray:
             import ray.train.torch
 
@@ -502,14 +340,14 @@ def _checkpoint(cfg: TrainConfig, model, opt, state, rank, engine, epoch, metric
         from ray.train import Checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
-            _write_checkpoint(Path(tmp), model, opt, state, rank, engine)
+            write_checkpoint(Path(tmp), model, opt, state, rank, engine)
             has_files = any(Path(tmp).iterdir())
             reported = {k: v for k, v in metrics.items() if k != "checkpoint"}
             ray.train.report(reported, checkpoint=Checkpoint.from_directory(tmp) if has_files else None)
         return None
     out = Path(cfg.output_dir or tempfile.mkdtemp(prefix="kolm-train-")) / f"epoch-{epoch}"
     out.mkdir(parents=True, exist_ok=True)
-    _write_checkpoint(out, model, opt, state, rank, engine)
+    write_checkpoint(out, model, opt, state, rank, engine)
     return str(out)
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kolm_ray.errors import KolmError
-from kolm_ray.train.loop import TrainConfig, train_loop_per_worker
+from kolm_ray.train.config import TrainConfig
+from kolm_ray.train.loop import train_loop_per_worker
 
 
 @dataclass

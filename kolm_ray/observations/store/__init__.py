@@ -8,7 +8,7 @@
 
 Callers only see `Store`; `open_store` picks the backend from the URL scheme (`BACKENDS`). The schema
 is versioned per dialect in `migrations.py` and applied by one runner on open. `store.url` never
-carries a password (`redact_url`), so it is safe in logs, /healthz and errors.
+carries a password (`settings.redact_url`), so it is safe in logs, /healthz and errors.
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from kolm_ray.observations.store.base import (
     Store,
     decode_cursor,
     encode_cursor,
-    redact_url,
     store_scheme,
 )
 from kolm_ray.observations.store.migrations import MIGRATIONS, latest, migrate
 from kolm_ray.observations.store.sqlite import SQLiteStore
-from kolm_ray.settings import store_url
+from kolm_ray.settings import redact_url, store_url
 
 __all__ = [
     "BACKENDS",
@@ -39,7 +38,6 @@ __all__ = [
     "latest",
     "migrate",
     "open_store",
-    "redact_url",
     "store_scheme",
 ]
 

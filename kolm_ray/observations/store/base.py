@@ -1,4 +1,4 @@
-"""What every store backend shares: the `Store` protocol, keyset cursors, row <-> Observation, URL redaction."""
+"""What every store backend shares: the `Store` protocol, keyset cursors, row <-> Observation, message scrubbing."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol, runtime_checkable
 
 from kolm_ray.observations.model import Observation
+from kolm_ray.settings import redact_url, secrets_of
 
 MAX_PAGE = 1000  # the bridge's largest page; bigger exports go through iter_observations
 MAX_SEQ = 2**63 - 1  # the largest seq (64-bit in both backends)
@@ -202,24 +203,6 @@ def filters(
     else:
         raise ValueError(f"verified must be true, false or null, got {verified!r}")
     return where, params
-
-
-_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/?#]*):(?P<pw>[^@/?#]*)@", re.I)
-_PW_PARAM = re.compile(r"(?P<key>(?:^|[?&\s])password=)(?P<pw>[^&\s]*)", re.I)
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (userinfo or `password=` parameter) replaced by `***`."""
-    url = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
-    return _PW_PARAM.sub(lambda m: f"{m['key']}***", url)
-
-
-def secrets_of(url: str) -> list[str]:
-    """The password strings a URL carries (to scrub from driver messages that might echo them)."""
-    found = [m["pw"] for m in _USERINFO.finditer(url)] + [m["pw"] for m in _PW_PARAM.finditer(url)]
-    from urllib.parse import unquote
-
-    return [s for p in found if p for s in {p, unquote(p)}]
 
 
 def store_scheme(store: Store | str) -> str:

@@ -1,6 +1,6 @@
 """How clean is a cluster? The share of its pairs whose output is consistent, estimated three ways:
 
-1. the output fits the inferred schema (the caller drops those that do not, see schema.Shape.conforms);
+1. the output fits the inferred schema (the caller drops those that do not, see shape.Shape.conforms);
 2. near-duplicate inputs (same text after normalisation, or MiniLM cosine >= 0.97) carry the same output;
 3. confident learning (Northcutt et al., 2021): out-of-fold class probabilities from a softmax regression
    on the input embeddings (the clustering's static MiniLM vectors, or MiniLM itself; centred on the
