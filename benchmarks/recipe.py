@@ -7,7 +7,8 @@
 Traffic: three namespaces, seven tasks. Each task is an intent task with JSON outputs behind its own
 system prompt / response format (templated: dates vary), some share a namespace; labels are flipped to
 another label of the same task at known rates; 3% of queries repeat; 2% of calls are upstream errors
-(verified=false). The data is read from ../shared/datasets/clinc150 and never copied.
+(verified=false). The data is read from ../shared/datasets/clinc150 and never copied
+(benchmarks/recipe_traffic.py builds it).
 
 Two clustering paths over the same store, in the same run, each `kolm cluster --namespace A --namespace B
 ...` (one pass over the three namespaces) in a fresh local Ray, Ray's start-up included:
@@ -33,11 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,97 +46,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("KOLM_CLINC", ROOT.parent / "shared" / "datasets" / "clinc150"))
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-# (namespace, task, domains, output field, noise rate, request template). {d} = day of month.
-TASKS = [
-    ("assistant", "banking-intent", ["banking"], "intent", 0.10,
-     {"messages": [{"role": "system", "content": "You classify banking requests. Today is 2024-05-{d}. Reply JSON {{\"intent\": ...}}."}]}),
-    ("assistant", "namespace-router", None, "namespace", 0.0,
-     {"messages": [{"role": "system", "content": "Route the query to one knowledge namespace."}],
-      "response_format": {"type": "json_object"}}),
-    ("assistant", "travel-intent", ["travel"], "intent+confidence", 0.20,
-     {"system": "Travel desk triage ({d} May). Answer with the intent and your confidence."}),
-    ("home-bot", "home-intent", ["home"], "intent", 0.05, None),
-    ("home-bot", "kitchen-intent", ["kitchen_and_dining"], "intent", 0.15,
-     {"messages": [{"role": "developer", "content": "Kitchen assistant intent tagger, session {d}."}],
-      "response_format": {"type": "json_object"}}),
-    ("ops", "auto-utility-intent", ["auto_and_commute", "utility"], "intent+domain", 0.10,
-     {"messages": [{"role": "system", "content": "Tag the commuter/utility request with intent and domain."}]}),
-    ("ops", "work-intent", ["work"], "intent", 0.0, {"system": "Workplace helpdesk classifier."}),
-]  # fmt: skip
-REPEAT = 0.03  # share of queries that repeat verbatim (same answer)
-ERRORS = 0.02  # share of calls that failed upstream (verified=false)
-
-
-def build_traffic(per_task: int, seed: int = 0) -> tuple[list, dict]:
-    """Observations (as dicts) and the truth: task per id, correct output per id."""
-    data = json.loads((DATA / "data_full.json").read_text())
-    domains = json.loads((DATA / "domains.json").read_text())
-    domain_of = {i: d for d, intents in domains.items() for i in intents}
-    pool = defaultdict(list)
-    for split in ("train", "val", "test"):
-        for text, intent in data[split]:
-            pool[domain_of[intent]].append((text, intent))
-    rng = random.Random(seed)
-    for rows in pool.values():
-        rng.shuffle(rows)
-    taken = Counter()
-    observations, truth = [], {}
-    for ns, task, doms, kind, noise, template in TASKS:
-        doms = doms or list(domains)
-        rows = []
-        for k in range(per_task):
-            d = doms[k % len(doms)]
-            rows.append(pool[d][taken[d] % len(pool[d])])
-            taken[d] += 1
-        labels = sorted({i for d in doms for i in domains[d]}) if kind != "namespace" else sorted(doms)
-        flips = set(rng.sample(range(len(rows)), round(noise * len(rows))))
-        for k, (text, intent) in enumerate(rows):
-            true_label = domain_of[intent] if kind == "namespace" else intent
-            label = rng.choice([x for x in labels if x != true_label]) if k in flips else true_label
-            out, correct = _outputs(kind, label, true_label, domain_of, rng)
-            req = _request(template, text, rng)
-            oid = f"{task}-{k:05d}"
-            observations.append({"id": oid, "namespace": ns, "input": text, "output": out, "verified": None,
-                                 "request": req, "provider": "openai" if req and "messages" in req else "import"})  # fmt: skip
-            truth[oid] = (task, correct)
-            if rng.random() < REPEAT:  # the same question again, answered the same way
-                observations.append({**observations[-1], "id": oid + "-r"})
-                truth[oid + "-r"] = (task, correct)
-            if rng.random() < ERRORS:
-                observations.append({**observations[-1], "id": oid + "-e", "verified": False,
-                                     "output": {"error": {"message": "upstream overloaded", "code": 529}}})  # fmt: skip
-                truth[oid + "-e"] = (task, None)
-    rng.shuffle(observations)
-    return observations, truth
-
-
-def _outputs(kind, label, true_label, domain_of, rng):
-    if kind == "namespace":
-        return {"namespace": label}, {"namespace": true_label}
-    if kind == "intent":
-        return {"intent": label}, {"intent": true_label}
-    if kind == "intent+domain":
-        return {"intent": label, "domain": domain_of[label]}, {
-            "intent": true_label,
-            "domain": domain_of[true_label],
-        }
-    conf = round(rng.uniform(0.7, 1.0) if label == true_label else rng.uniform(0.3, 0.8), 2)
-    return {"intent": label, "confidence": conf}, {"intent": true_label}
-
-
-def _request(template, text, rng):
-    if template is None:
-        return None
-    req = json.loads(json.dumps(template).replace("{d}", f"{rng.randint(1, 28):02d}"))
-    req["messages"] = [*req.get("messages", []), {"role": "user", "content": text}]
-    return req
-
-
-def _correct(out, correct) -> bool:
-    return correct is not None and all(out.get(k) == v for k, v in correct.items())
+from recipe_traffic import DATA, TASKS, build_traffic, is_correct  # noqa: E402  (benchmarks/recipe_traffic.py)
 
 
 def dry_run(recipe_dir: str, scratch: Path) -> tuple[bool, str]:
@@ -337,7 +250,7 @@ def _run_path(url: str, namespaces: list[str], embedder: str, workers: int | Non
                 tasks = Counter(truth[m["id"]][0] for m in members)
                 usable = [m for m in members if m["verified"] is not False]
                 true_purity = sum(
-                    _correct(by_id[m["id"]]["output"], truth[m["id"]][1]) for m in usable
+                    is_correct(by_id[m["id"]]["output"], truth[m["id"]][1]) for m in usable
                 ) / max(1, len(usable))
                 row = {"namespace": ns, "cluster": c["id"], "size": len(members), "task": tasks.most_common(1)[0][0],
                        "task_share": round(tasks.most_common(1)[0][1] / len(members), 4), "true_purity": round(true_purity, 4)}  # fmt: skip
