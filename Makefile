@@ -52,9 +52,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/recipe.py --compile
 	$(PY) benchmarks/compile_tagger.py
+	$(PY) benchmarks/calibration_weight.py
+	$(PY) benchmarks/student_variants.py
 	$(PY) benchmarks/recall.py
+	$(PY) benchmarks/recall.py --skip-forms --rates 50,100,150,200,300,400 --duration 8 --out benchmarks/results/hotpath
 	$(PY) benchmarks/causal_scorer.py
 	$(PY) benchmarks/local.py
+	$(PY) benchmarks/loop.py
 
 # The GPU run (README "GPU run"): on a machine with a CUDA GPU, writes benchmarks/results/gpu.json. No
 # install step: a lent GPU machine has PyTorch/Transformers/PEFT and takes the rest as wheels in .whl/.
