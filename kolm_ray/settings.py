@@ -7,6 +7,8 @@ Environment:
     KOLM_SIGNING_KEY   HMAC key for .kolm artifacts, >= 16 bytes (else $KOLM_HOME/signing.key, created
                        0600 and atomically on first use)
     KOLM_ADMIN_TOKEN   when set, the bridge API requires `Authorization: Bearer <token>`
+    KOLM_CACHE         built models reused across runs (default $KOLM_HOME/cache): clustering's static
+                       MiniLM vectors and MiniLM's ONNX export (kolm_ray/clustering/static.py)
 
 Everything under KOLM_HOME is the user's alone: the store holds every prompt, the key signs artifacts.
 """
