@@ -1,15 +1,16 @@
-"""Which static-embedding student answers the most CLINC150 queries at the cascade's bar (kolm_ray/student.py).
+"""Which static-embedding student answers the most CLINC150 queries at the cascade's bar
+(kolm_ray/student_fit.py).
 
     .venv/bin/python benchmarks/student_variants.py --artifact bench-out/clinc-domains.kolm
 
 One compiled router's teacher (its calibrated scores on train, val and test, computed once) and only the
 student refitted per variant, each the way compile fits it: a temperature on val's calibration half with
 half of oos_val, then the lowest threshold at which the cascade holds the bar on val (K within 0.5 points
-of the teacher's, out-of-scope -> broad within 0.5 points: student.choose_threshold). Reported on val (what
-chose) and on test (4,500 + 1,000 out of scope; not used to choose):
+of the teacher's, out-of-scope -> broad within 0.5 points: student_fit.choose_threshold). Reported on val
+(what chose) and on test (4,500 + 1,000 out of scope; not used to choose):
 
 - softmax regression on the distilled vectors, plain soft labels (the first student);
-- the table trained end to end with a ReLU layer (student.train_student), plain soft labels, negatives 1x;
+- the table trained end to end with a ReLU layer (student_fit.train_student), plain soft labels, negatives 1x;
 - the same with the teacher's "none of these" mass in its soft labels and negatives 4x (what compile ships);
 - the shipped recipe on vectors distilled from the base encoder instead of the fine-tuned one.
 
@@ -70,7 +71,8 @@ def main() -> int:
     )
     from kolm_ray.models import outlier_probs
     from kolm_ray.predictors import open_predictor
-    from kolm_ray.student import Student, choose_threshold, distill, soft_labels, train_student
+    from kolm_ray.student import Student
+    from kolm_ray.student_fit import choose_threshold, distill, soft_labels, train_student
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", default=str(REPO / "bench-out" / "clinc-domains.kolm"))

@@ -215,7 +215,7 @@ COMMANDS: dict[str, tuple[str, str, Builder]] = {
         "fine-tune on Ray Train, gate on K-score, sign a .kolm",
         add_compile_arguments,  # in compile_args.py: the loop parses the same flags without the CLI
     ),
-    "run": ("kolm_ray.predictors:run_command", "run a .kolm artifact offline", _run),
+    "run": ("kolm_ray.offline:run_command", "run a .kolm artifact offline", _run),
     "verify": (
         "kolm_ray.artifact:verify_command",
         "check a .kolm's signature and file hashes",

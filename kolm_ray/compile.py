@@ -155,7 +155,7 @@ def build_artifact(
         metrics["training"] = {**training, "n_train": len(plan.train_rows), "settings": plan.training}
         gate(plan, metrics)
         if kind == "encoder-tagger":  # the cascade's first stage, shipped only if it holds the teacher's K
-            from kolm_ray.student import fit_student
+            from kolm_ray.student_fit import fit_student
 
             metrics["student"] = fit_student(teacher, plan, staging)
         teacher.close()

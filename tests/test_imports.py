@@ -23,10 +23,17 @@ ROOTS = ("kolm_ray", "deployments")
 CLI = ("kolm_ray.cli",)
 TRAIN = ("kolm_ray.train",)
 # Training code, which the capture proxy never loads: the training package and the jobs that run it.
-TRAINING_CODE = ("kolm_ray.train", "kolm_ray.compile", "kolm_ray.compile_plan", "kolm_ray.loop")
+TRAINING_CODE = (
+    "kolm_ray.train",
+    "kolm_ray.compile",
+    "kolm_ray.compile_plan",
+    "kolm_ray.student_fit",
+    "kolm_ray.loop",
+)
 # Inference and serving, which never import kolm_ray.train: the model layer (bases, models) included.
 INFERENCE = (
     "kolm_ray.predictors",
+    "kolm_ray.offline",  # kolm_ray.run and `kolm run`
     "kolm_ray.serving",
     "kolm_ray.fastpath",
     "kolm_ray.student",

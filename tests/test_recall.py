@@ -177,7 +177,7 @@ def test_fit_student_ships_one_only_when_the_cascade_holds_the_bar(tagger_artifa
 
     from kolm_ray.predictors import open_predictor
     from kolm_ray.spec import validate_spec
-    from kolm_ray.student import fit_student
+    from kolm_ray.student_fit import fit_student
 
     rows = recall_artifact.pairs(seed=3)
     with open_predictor(tagger_artifact, device="cpu") as teacher:

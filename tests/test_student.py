@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kolm_ray.student import THRESHOLDS, Student, choose_threshold, distill, teacher_targets, train_student
+from kolm_ray.student import Student
+from kolm_ray.student_fit import THRESHOLDS, choose_threshold, distill, teacher_targets, train_student
 
 WORDS = ["pay", "bill", "card", "fly", "hotel", "trip", "cook", "recipe", "oven", "the", "my", "a", "please"]
 GROUPS = [["pay", "bill", "card"], ["fly", "hotel", "trip"], ["cook", "recipe", "oven"]]
@@ -62,7 +63,7 @@ def test_trained_student_answers_held_out_queries_right(trained):
 def test_training_forward_is_the_served_forward(trained):
     """The torch module compile trains (EmbeddingBag mean -> normalise -> MLP) and the numpy path Student
     serves (model2vec encode -> MLP) give the same logits for the trained table."""
-    from kolm_ray.student import _bags, _Net, token_ids
+    from kolm_ray.student_fit import _bags, _Net, token_ids
 
     texts, _ = _queries(20, seed=3)
     texts.append("zzz")  # no known token
