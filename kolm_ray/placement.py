@@ -76,7 +76,7 @@ def accelerator_type() -> str | None:
     return os.environ.get("KOLM_ACCELERATOR_TYPE") or None
 
 
-# --- node kinds (cluster/node-kinds.yaml declares the same names; tests/test_cluster.py checks both) ---
+# --- node kinds (cluster/node-kinds.yaml declares the same names; tests/test_cluster_configs.py checks) ---
 
 NODE_KIND_LABEL = "kolm.io/node-kind"
 """Label every kolm node carries: head | gpu | cpu | mac (set by cluster/kolm_node.py)."""
