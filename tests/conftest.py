@@ -74,3 +74,65 @@ def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'obs.db'}"
     return request.getfixturevalue("pg_url")
+
+
+# ---- Fixtures shared by the halves of a split test module (a module that defines its own wins)
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """The stand-in OpenAI/Anthropic upstream in a thread on a free port (test_capture*.py): one per module."""
+    from kolm_ray.simulate import start_upstream_in_thread
+
+    url, stop = start_upstream_in_thread()
+    yield url
+    stop()
+
+
+@pytest.fixture
+def store(store_url):
+    """A store of each backend (store_url): every bridge test (test_bridge*.py) runs on SQLite and PostgreSQL."""
+    from kolm_ray.observations.store import open_store
+
+    s = open_store(store_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def client(store):
+    """A TestClient of the capture app on `store`, with a 4 KiB bridge body limit (test_bridge*.py)."""
+    from bridge_helpers import JSON_HEADERS
+    from fastapi.testclient import TestClient
+
+    from kolm_ray.observations.capture import create_app
+
+    with TestClient(create_app(store, bridge_max_body=4096), headers=JSON_HEADERS) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def tagger_artifact(tmp_path_factory) -> Path:
+    """The small signed namespace tagger (recall_artifact.py), compiled once per session (test_recall*.py)."""
+    import recall_artifact
+
+    return recall_artifact.build(tmp_path_factory.getbasetemp() / "recall-artifact")
+
+
+@pytest.fixture
+def tenants_file(tmp_path) -> Path:
+    """A tenants.yaml giving recall_helpers' two tenants their keys (by SHA-256) and namespaces."""
+    import hashlib
+
+    import yaml
+    from recall_helpers import KEYS, TENANT_NAMESPACES
+
+    path = tmp_path / "tenants.yaml"
+    data = {
+        "tenants": {
+            name: {"key_sha256": hashlib.sha256(KEYS[name].encode()).hexdigest(), "namespaces": ns}
+            for name, ns in TENANT_NAMESPACES.items()
+        }
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
