@@ -23,7 +23,8 @@ from typing import Any
 PER_CONNECTION_RPS = 5.0
 PERCENTILES = (50, 90, 95, 99, 99.9)
 
-LUA = r"""
+# Both scripts time requests with the same wall clock (LuaJIT FFI: wrk gives Lua no clock of its own).
+CLOCK_LUA = r"""
 local ffi = require("ffi")
 ffi.cdef[[
 typedef struct { long tv_sec; long tv_nsec; } kolm_timespec;
@@ -34,6 +35,11 @@ local function now_ms()  -- CLOCK_REALTIME, so the driver's timeline (time.time(
   ffi.C.clock_gettime(0, ts)
   return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
 end
+"""
+
+LUA = (
+    CLOCK_LUA
+    + r"""
 local bodies, threads, counter = {}, {}, 0
 local rate, stride, offset = 10, 1, 0
 local auth = ""
@@ -100,22 +106,15 @@ function done(summary, latency, requests)
     c.narrow, c.broad, c.over_budget, c.unavailable, c.non_200))
 end
 """.replace("PERCENTILE_LIST", "{" + ", ".join(str(p) for p in PERCENTILES) + "}")
+)
 
 
 # A load step (run_schedule): one wrk run whose offered rate follows a schedule of (seconds, rps) phases, with
 # every request's send time, latency and outcome kept, so latency can be read per second while the autoscaler
 # acts. One connection per wrk thread, so each thread's response answers the request it sent last.
-STEP_LUA = r"""
-local ffi = require("ffi")
-ffi.cdef[[
-typedef struct { long tv_sec; long tv_nsec; } kolm_timespec;
-int clock_gettime(int clk_id, kolm_timespec *tp);
-]]
-local ts = ffi.new("kolm_timespec")
-local function now_ms()  -- CLOCK_REALTIME, so the driver's timeline (time.time()) lines up with it
-  ffi.C.clock_gettime(0, ts)
-  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
-end
+STEP_LUA = (
+    CLOCK_LUA
+    + r"""
 local bodies, threads, counter = {}, {}, 0
 local ends, rates, start_ms, auth = {}, {}, 0, ""
 
@@ -189,6 +188,7 @@ function done(summary, latency, requests)
   f:close()
 end
 """
+)
 
 
 def run_schedule(

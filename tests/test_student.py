@@ -14,6 +14,16 @@ GROUPS = [["pay", "bill", "card"], ["fly", "hotel", "trip"], ["cook", "recipe", 
 LABELS = ["bank", "travel", "food"]
 
 
+STUDENT_FILES = [  # safetensors and JSON only
+    "config.json",
+    "head.safetensors",
+    "model.safetensors",
+    "modules.json",
+    "student.json",
+    "tokenizer.json",
+]
+
+
 def _static(dims: int = 16):
     """A real model2vec StaticModel over a word-level vocabulary with random vectors (no distillation)."""
     from model2vec import StaticModel
@@ -79,14 +89,7 @@ def test_training_forward_is_the_served_forward(trained):
 
 def test_trained_student_round_trips_through_its_files(trained, tmp_path):
     trained.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "config.json",
-        "head.safetensors",
-        "model.safetensors",
-        "modules.json",
-        "student.json",
-        "tokenizer.json",
-    ]  # safetensors and JSON only
+    assert sorted(p.name for p in tmp_path.iterdir()) == STUDENT_FILES
     back = Student.load(tmp_path)
     texts, _ = _queries(50, seed=4)
     assert (back.labels, back.threshold, back.hidden[0].shape) == (LABELS, 0.9, (32, 16))
@@ -135,14 +138,7 @@ def test_student_files_round_trip_through_model2vec(tmp_path):
     dims = static.embedding.shape[1]
     s = Student(static, rng.normal(size=(4, dims)), rng.normal(size=4), "namespace", list("abcd"), 0.7, 0.85)
     s.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "config.json",
-        "head.safetensors",
-        "model.safetensors",
-        "modules.json",
-        "student.json",
-        "tokenizer.json",
-    ]  # safetensors and JSON only
+    assert sorted(p.name for p in tmp_path.iterdir()) == STUDENT_FILES
     back = Student.load(tmp_path)
     queries = ["how do i check my balance", "book a flight to paris", "zzz"]
     assert (back.labels, back.temperature, back.threshold) == (list("abcd"), 0.7, 0.85)
