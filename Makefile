@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m kolm_ray.demo
+	$(PY) -m kolm_ray.demo.demo
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q --timeout=900 --durations=20

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/calibration_weight.py --artifact bench-out/clinc-domains.kolm
 
-A router's temperature and "none of these" logit (kolm_ray/evaluate.py, fit_outlier_calibration) minimise
+A router's temperature and "none of these" logit (kolm_ray/compile/evaluate.py, fit_outlier_calibration) minimise
 (1 - w) x the in-scope confidence Brier + w x the mean confidence on out-of-scope queries. w moves along a
 trade-off (a larger w: more out-of-scope queries routed broad, a higher in-scope Brier), so it is a default
 to choose, and it is chosen here on validation data only, from one compiled artifact's teacher scores (no
@@ -47,7 +47,7 @@ GRID = (0.02, 0.04, 0.06, 0.08, 0.10, 0.15)
 
 def scores(artifact: Path, d: dict) -> dict:
     """The artifact teacher's logits and class distances on each split, and its targets."""
-    from kolm_ray.predictors import open_predictor
+    from kolm_ray.inference.predictors import open_predictor
 
     out = {}
     with open_predictor(artifact) as p:
@@ -67,8 +67,8 @@ def figures(s: dict, oos: dict, idx, oos_idx, temperature: float, outlier: dict)
     """In-scope Brier / ECE / accuracy and out-of-scope -> broad of one calibration on the given rows."""
     import torch
 
-    from kolm_ray.evaluate import brier, ece
-    from kolm_ray.models import outlier_probs
+    from kolm_ray.compile.evaluate import brier, ece
+    from kolm_ray.models.modeling import outlier_probs
 
     pick, opick = torch.as_tensor(idx), torch.as_tensor(oos_idx)
     lg, dist, tgt = s["logits"][pick], s["dists"][pick], s["targets"][pick]
@@ -86,7 +86,7 @@ def figures(s: dict, oos: dict, idx, oos_idx, temperature: float, outlier: dict)
 def fit(s: dict, oos: dict, idx, oos_idx, w: float) -> tuple[float, dict]:
     import torch
 
-    from kolm_ray.evaluate import fit_outlier_calibration
+    from kolm_ray.compile.evaluate import fit_outlier_calibration
 
     pick, opick = torch.as_tensor(idx), torch.as_tensor(oos_idx)
     return fit_outlier_calibration(
@@ -125,7 +125,7 @@ def sweep_val(sc: dict, repeats: int) -> dict[float, dict]:
 
 def sweep_test(sc: dict) -> dict[float, dict]:
     """Per w: fitted as compile fits it (val's calibration half + half of oos_val), scored on test."""
-    from kolm_ray.evaluate import split_for_calibration
+    from kolm_ray.compile.evaluate import split_for_calibration
 
     cal, _, _ = split_for_calibration(len(sc["val"]["targets"]))
     neg_cal, _, _ = split_for_calibration(len(sc["oos_val"]["logits"]), seed=1)
@@ -193,7 +193,7 @@ def main() -> int:
     val = sweep_val(sc, a.repeats)
     chosen = choose(val, a.brier_slack)
     test = sweep_test(sc)
-    from kolm_ray.evaluate import NEGATIVE_CALIBRATION_WEIGHT
+    from kolm_ray.compile.evaluate import NEGATIVE_CALIBRATION_WEIGHT
 
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

@@ -3,7 +3,7 @@
     flock /tmp/kolm-bench.lock .venv/bin/python benchmarks/capture.py                 # the full run
     .venv/bin/python benchmarks/capture.py --duration 10 --soak-s 120 --ramp 600,800,1000
 
-Three processes on 127.0.0.1: the stand-in upstream (`python -m kolm_ray.simulate upstream`, 20 ms
+Three processes on 127.0.0.1: the stand-in upstream (`python -m kolm_ray.demo.simulate upstream`, 20 ms
 per answer), the proxy (`kolm capture`, one uvicorn worker) and `hey` (Go: the load generator is
 never the bottleneck, unlike the Python one this replaces). For each rate in --rps: `hey` straight to
 the upstream, then through the proxy, 16 connections, the same body; added latency = proxied
@@ -81,7 +81,7 @@ def start(tmp: Path, latency_ms: float) -> tuple[subprocess.Popen, subprocess.Po
     env.pop("KOLM_ADMIN_TOKEN", None)
     up_port = free_port()
     upstream = subprocess.Popen(
-        [sys.executable, "-m", "kolm_ray.simulate", "upstream", "--port", str(up_port)]
+        [sys.executable, "-m", "kolm_ray.demo.simulate", "upstream", "--port", str(up_port)]
         + ["--latency-ms", str(latency_ms)],
         env=env,
         stdout=subprocess.DEVNULL,

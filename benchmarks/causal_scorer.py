@@ -1,4 +1,4 @@
-"""Closed-vocab scoring with a causal LM: the packed scorer (kolm_ray.models.score_candidates) against one
+"""Closed-vocab scoring with a causal LM: the packed scorer (kolm_ray.models.modeling.score_candidates) against one
 padded row per (query, candidate), the plain way, in one run on the same random-weight model.
 
     .venv/bin/python benchmarks/causal_scorer.py                       # CPU: a small Qwen2 shape, 152k vocabulary
@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from kolm_ray.bases import resolve_base  # noqa: E402
-from kolm_ray.models import IGNORE, _end_ids, answer_text, pad_batch, prompt_text, score_candidates  # noqa: E402
+from kolm_ray.models.bases import resolve_base  # noqa: E402
+from kolm_ray.models.modeling import IGNORE, _end_ids, answer_text, pad_batch, prompt_text, score_candidates  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 CLINC = REPO.parent / "shared" / "datasets" / "clinc150"

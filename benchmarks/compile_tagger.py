@@ -7,7 +7,7 @@ trains, `val` (3,000) is the compile's eval set (temperature fitted on half, gat
 finished artifact is scored on `test` (4,500) through open_predictor, the path `kolm run` and Serve use.
 oos_train (100 queries that belong to no domain) are "none of these" rows trained toward a uniform
 answer; oos_val (100) are the eval's negative rows (half fit the temperature and the class-distance "none
-of these" logit beside the in-scope half of val, see kolm_ray/evaluate.py); oos_test (1,000) measures how
+of these" logit beside the in-scope half of val, see kolm_ray/compile/evaluate.py); oos_test (1,000) measures how
 many out-of-scope queries fall back to broad at 0.7.
 
 Two epochs (`kolm compile`'s default is 3): the heads start from a linear probe, and on these 15,000 rows a
@@ -18,7 +18,7 @@ Baseline in the same run: frozen all-MiniLM-L6-v2 sentence embeddings (mean pool
 scikit-learn LogisticRegression, its predict_proba max as the confidence.
 
 The finished artifact is scored on test as shipped (the cascade, when compile kept a static-embedding
-student: kolm_ray/student.py) and stage by stage ("teacher alone", "student alone"), with the share of test
+student: kolm_ray/inference/student.py) and stage by stage ("teacher alone", "student alone"), with the share of test
 queries the student answers; the student's threshold was chosen on val by compile.
 
 Writes benchmarks/results/<--name, default compile_tagger>.json and .png.
@@ -67,7 +67,7 @@ def load(data_dir: Path) -> dict:
 
 
 def summarise(confs, right, oos_confs, seconds) -> dict:
-    from kolm_ray.evaluate import brier, ece
+    from kolm_ray.compile.evaluate import brier, ece
 
     n = len(right)
     return {
@@ -86,9 +86,9 @@ def run_compile(
 ) -> tuple[dict, dict]:
     """Compile through the same phases as `kolm compile` (validate -> train -> evaluate -> gate -> pack)."""
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile import build_artifact, train
-    from kolm_ray.compile_plan import validate
-    from kolm_ray.predictors import open_predictor
+    from kolm_ray.compile.compile import build_artifact, train
+    from kolm_ray.compile.plan import validate
+    from kolm_ray.inference.predictors import open_predictor
 
     pairs = work / "pairs.jsonl"
     with pairs.open("w") as f:
@@ -184,7 +184,7 @@ def run_baseline(d: dict) -> tuple[dict, dict]:
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from kolm_ray.bases import resolve_base
+    from kolm_ray.models.bases import resolve_base
 
     base = resolve_base("minilm-l6")
     tok, model = base.load_tokenizer(), base.load_model().eval()

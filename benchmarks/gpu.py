@@ -8,7 +8,7 @@ ZeRO-2/3 through the same per-worker function, and the closed-vocab scorer's ser
 - LoRA: r=16 (alpha 32, dropout 0.05) on every linear layer, random weights in the real shapes (configs from
   the published Qwen2.5-Coder values, no download), rows of `seq_len` tokens. The baseline is plain
   transformers + PEFT: a full-row loss through `model(labels=...)`, PyTorch eager, AdamW. kolm's step is
-  `kolm_ray.train.loop.train_loop_per_worker` itself, called without Ray on a local directory holding the
+  `kolm_ray.compile.train.loop.train_loop_per_worker` itself, called without Ray on a local directory holding the
   same random weights: SFT pairs packed into `seq_len`-token rows (position ids restart per pair), the loss
   on answer tokens only (Liger's fused linear cross-entropy when importable, else chunked), SDPA. Two epochs
   of `--steps` steps each: the first warms up, the second is timed (the loop's own tokens_per_s). Baseline:
@@ -104,8 +104,8 @@ def hf_peft_baseline(shape, seq: int, batch: int, warmup: int, steps: int, devic
 
 def kolm_step(base_dir: Path, seq: int, batch: int, steps: int, tokenizer, work: Path, liger: bool) -> dict:
     """train_loop_per_worker on packed SFT pairs: epoch 1 warms up, epoch 2 is the timed one."""
-    from kolm_ray.train.config import TrainConfig
-    from kolm_ray.train.loop import train_loop_per_worker
+    from kolm_ray.compile.train.config import TrainConfig
+    from kolm_ray.compile.train.loop import train_loop_per_worker
 
     pair = max(32, seq // 4)  # four pairs to a row on average
     rows = sft_rows(batch * 4 * steps, pair, tokenizer)
@@ -126,7 +126,7 @@ def kolm_step(base_dir: Path, seq: int, batch: int, steps: int, tokenizer, work:
 
 
 def lora_part(name: str, shape, a, device: str, dtype, tokenizer, work: Path) -> dict:
-    from kolm_ray.train.lm_loss import liger_available
+    from kolm_ray.compile.train.lm_loss import liger_available
 
     batch = a.batch or BATCH[name]
     t0 = time.perf_counter()
@@ -172,8 +172,8 @@ def _shapes_of(shape) -> list[tuple[int, ...]]:
 
 
 def eval_loss(model, examples, pad: int) -> float:
-    from kolm_ray.train.data import pack_sft
-    from kolm_ray.train.lm_loss import output_token_loss
+    from kolm_ray.compile.train.data import pack_sft
+    from kolm_ray.compile.train.lm_loss import output_token_loss
 
     device = next(model.parameters()).device
     model.eval()
@@ -187,11 +187,11 @@ def deepspeed_part(stage: int, tokenizer, work: Path, device: str) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from kolm_ray.bases import resolve_base
-    from kolm_ray.models import add_lora, sft_example
-    from kolm_ray.train.checkpoint import DS_DIR, WEIGHTS
-    from kolm_ray.train.config import TrainConfig
-    from kolm_ray.train.loop import train_loop_per_worker
+    from kolm_ray.compile.train.checkpoint import DS_DIR, WEIGHTS
+    from kolm_ray.compile.train.config import TrainConfig
+    from kolm_ray.compile.train.loop import train_loop_per_worker
+    from kolm_ray.models.bases import resolve_base
+    from kolm_ray.models.modeling import add_lora, sft_example
 
     base_dir = work / "ds-base"
     if not base_dir.exists():
@@ -239,8 +239,8 @@ def deepspeed_part(stage: int, tokenizer, work: Path, device: str) -> dict:
 
 
 def scorer_part(shape, a, device: str, dtype, tokenizer) -> dict:
-    from kolm_ray.models import _end_ids, prompt_text, score_candidates
-    from kolm_ray.static_scorer import StaticScorer
+    from kolm_ray.inference.static_scorer import StaticScorer
+    from kolm_ray.models.modeling import _end_ids, prompt_text, score_candidates
 
     model = random_lm(shape, device, dtype, tokenizer).eval()
     # A router's answers (bare namespace names) behind prompts of 1-3 words: rows of at most 32 tokens.

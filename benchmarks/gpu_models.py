@@ -69,14 +69,14 @@ def reset_peak() -> None:
 
 
 def tiny_tokenizer():
-    from kolm_ray.bases import resolve_base
+    from kolm_ray.models.bases import resolve_base
 
     return resolve_base("tiny-causal-lm").load_tokenizer()
 
 
 def sft_rows(n: int, pair_tokens: int, tokenizer, seed: int = 0) -> list[dict]:
     """n pairs of about `pair_tokens` tokens each (prompt + a short JSON answer), random corpus words."""
-    from kolm_ray.models import answer_text, prompt_text
+    from kolm_ray.models.modeling import answer_text, prompt_text
 
     rng = random.Random(seed)
     rows = []

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/local.py --domains banking,travel --per-intent 60 --epochs 2
 
 The loop, end to end on 127.0.0.1, each step the user's own command or call:
-1. the stand-in upstream (kolm_ray.simulate, 300 ms per call, a typical frontier latency) answers
+1. the stand-in upstream (kolm_ray.demo.simulate, 300 ms per call, a typical frontier latency) answers
    {"intent": ...} with the CLINC150 label, behind `kolm capture` (its own process);
 2. capture: the OpenAI-format calls of the train split go through the proxy (one system prompt);
 3. recipe (recipe_from_observations over the captured namespace) -> `kolm compile --recipe` (Ray Train,
@@ -149,7 +149,7 @@ def main() -> int:
     domains = args.domains.split(",")
     train, test, table = load_task(domains, args.per_intent, args.seed)
 
-    from kolm_ray.simulate import start_upstream_in_thread
+    from kolm_ray.demo.simulate import start_upstream_in_thread
 
     up_url, stop_up = start_upstream_in_thread(
         latency_ms=args.upstream_latency_ms, answer=lambda q: json.dumps({"intent": table.get(q, "unknown")})
@@ -219,7 +219,7 @@ def main() -> int:
         upstream = [r for r in replayed if r["served_by"] == "upstream"]
 
         # offline: the same queries through the artifact, share local and agreement per threshold
-        from kolm_ray.predictors import open_predictor
+        from kolm_ray.inference.predictors import open_predictor
 
         with open_predictor(artifact) as p:
             answers = p.predict([x for x, _ in test])

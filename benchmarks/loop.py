@@ -3,7 +3,7 @@
     flock /tmp/kolm-bench.lock .venv/bin/python benchmarks/loop.py --days 8 --per-day 250 --shift-day 3 --min-new 200  # the committed run
     .venv/bin/python benchmarks/loop.py --days 6 --per-day 250 --shift-day 3
 
-On 127.0.0.1, in one process: the stand-in upstream (kolm_ray.simulate) answers {"intent": ...} with the
+On 127.0.0.1, in one process: the stand-in upstream (kolm_ray.demo.simulate) answers {"intent": ...} with the
 CLINC150 label; the capture proxy (create_app, local answers on, KOLM_SHADOW_RATE 0.05) sits in front; calls
 go one at a time (httpx), each a random banking query (the train + val split). After each simulated day,
 `kolm loop --once`'s pass (loop.loop_once: clustering, recipe, Ray Train compile, held-out comparison,
@@ -70,13 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("KOLM_HOME", tempfile.mkdtemp(prefix="kolm-bench-loop-home-"))
     os.environ["KOLM_SHADOW_RATE"] = "0.05"
-    from kolm_ray import drift, loop, registry
-    from kolm_ray.observations.capture import create_app
+    from kolm_ray import registry
+    from kolm_ray.capture.app import create_app
+    from kolm_ray.demo.simulate import serve_in_thread, start_upstream_in_thread
+    from kolm_ray.loop import loop
+    from kolm_ray.loop.prices import load_prices
+    from kolm_ray.loop.report import build_report
     from kolm_ray.observations.store import open_store
     from kolm_ray.placement import quiet_deepspeed_on_cpu
-    from kolm_ray.prices import load_prices
-    from kolm_ray.report import build_report
-    from kolm_ray.simulate import serve_in_thread, start_upstream_in_thread
+    from kolm_ray.registry import drift
 
     quiet_deepspeed_on_cpu()
     load_before = os.getloadavg()

@@ -5,7 +5,7 @@
         --duration 15 --serve-configs python-proxy,haproxy,haproxy+throughput,python-proxy+throughput
 
 Phases, in one run (same machine, same artifact, same queries):
-1. forms:        the tagger's inference forms side by side (kolm_ray.fastpath), batch 1 and 8, 1 and 2 threads
+1. forms:        the tagger's inference forms side by side (kolm_ray.inference.fastpath), batch 1 and 8, 1 and 2 threads
 2. in-process:   the router + served form called directly, no Serve, open-loop at each rate (the baseline)
 3. calibration:  reliability diagram of the served form on held-out queries (CLINC150 test for a CLINC
                  tagger, fresh stand-in workload queries for the demo's), out-of-scope share routed broad
@@ -54,8 +54,8 @@ import recall_hotpath  # noqa: E402  (benchmarks/recall_hotpath.py: the load ste
 import wrk_load  # noqa: E402  (benchmarks/wrk_load.py, next to this file)
 from recall_calibration import held_out_queries, phase_calibration, plot_reliability  # noqa: E402  (phase 3)
 
-from kolm_ray import bench  # noqa: E402
-from kolm_ray.fastpath import BACKENDS, PROBES, EncoderParts, build_fast_tagger, measure_backends  # noqa: E402
+from kolm_ray.inference.fastpath import BACKENDS, PROBES, EncoderParts, build_fast_tagger, measure_backends  # noqa: E402
+from kolm_ray.serve import bench  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 KEY = "bench-all-key"  # the one tenant of bench_tenants(): every namespace of the artifact
@@ -117,7 +117,7 @@ def phase_forms(parts: EncoderParts, with_compile: bool) -> list[dict[str, Any]]
 
 def phase_in_process(fast, rates, duration, queries, tenants_path) -> list[dict[str, Any]]:
     """The router and the served form in this process: no HTTP, no Serve, no batching."""
-    from kolm_ray.serving import Router, load_tenants
+    from kolm_ray.serve.router import Router, load_tenants
 
     router = Router(load_tenants(tenants_path), budget_ms=100)
 
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from kolm_ray.predictors import open_predictor
+    from kolm_ray.inference.predictors import open_predictor
 
     artifact = str(Path(args.artifact).resolve())
     rates = bench.parse_rates(args.rates)

@@ -40,7 +40,7 @@ def held_out_queries(labels: list[str], n: int, seed: int = 0) -> tuple[list[str
     queries, gold, oos = clinc_queries(n, seed)
     if queries and set(labels) <= set(_clinc_domains()):
         return queries, gold, oos, "clinc150 test"
-    from kolm_ray.simulate.workload import generate_workload
+    from kolm_ray.demo.simulate.workload import generate_workload
 
     items = [w for w in generate_workload(n, seed=90_000 + seed, noise=0.0) if w.namespace in labels]
     return [w.query for w in items], [w.namespace for w in items], oos, "stand-in workload (fresh seed)"

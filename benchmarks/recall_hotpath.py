@@ -27,8 +27,8 @@ import wrk_load
 
 # (phase, path fragments), innermost matching frame first; the first rule that matches it wins.
 INGRESS_RULES = [
-    ("student (model2vec tokenize + mean + head)", ("kolm_ray/student.py", "model2vec/", "tokenizers/")),
-    ("kolm router (auth, parse, decide)", ("kolm_ray/serving.py", "kolm_ray/verifiers", "deployments/recall.py")),
+    ("student (model2vec tokenize + mean + head)", ("kolm_ray/inference/student.py", "model2vec/", "tokenizers/")),
+    ("kolm router (auth, parse, decide)", ("kolm_ray/serve/router.py", "kolm_ray/verifiers", "deployments/recall.py")),
     ("handle call to the tagger (Serve router, gRPC)",
      ("serve/_private/router.py", "serve/_private/request_router", "serve/handle.py", "grpc", "replica_result")),
     ("Serve replica request path (metrics, logging, context)",
@@ -40,7 +40,7 @@ INGRESS_RULES = [
 ]  # fmt: skip
 TAGGER_RULES = [
     ("ONNX Runtime forward", ("onnxruntime/",)),
-    ("tokenize + mask + softmax (kolm_ray.fastpath)", ("kolm_ray/fastpath.py", "tokenizers/", "numpy/")),
+    ("tokenize + mask + softmax (kolm_ray.inference.fastpath)", ("kolm_ray/inference/fastpath.py", "tokenizers/", "numpy/")),
     ("Serve replica request path (gRPC, metrics, logging)",
      ("serve/_private/replica.py", "serve/_private/metrics", "serve/_private/logging", "serve/_private/utils",
       "grpc", "ray/util/metrics", "logging/")),

@@ -54,7 +54,7 @@ from recipe_traffic import DATA, TASKS, build_traffic, is_correct  # noqa: E402 
 
 def dry_run(recipe_dir: str, scratch: Path) -> tuple[bool, str]:
     try:
-        import kolm_ray.compile  # noqa: F401
+        import kolm_ray.compile.compile  # noqa: F401
         from kolm_ray.cli import main
 
         rc = main(["compile", "--recipe", recipe_dir, "--output", str(scratch / "dry.kolm"), "--dry-run"])
@@ -65,9 +65,9 @@ def dry_run(recipe_dir: str, scratch: Path) -> tuple[bool, str]:
 
         try:
             validate_recipe_dir(recipe_dir)
-            return True, "validate_recipe_dir (kolm_ray.compile not installed)"
+            return True, "validate_recipe_dir (kolm_ray.compile.compile not installed)"
         except KolmError:
-            return False, "validate_recipe_dir (kolm_ray.compile not installed)"
+            return False, "validate_recipe_dir (kolm_ray.compile.compile not installed)"
 
 
 def main() -> int:

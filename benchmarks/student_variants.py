@@ -1,5 +1,5 @@
 """Which static-embedding student answers the most CLINC150 queries at the cascade's bar
-(kolm_ray/student_fit.py).
+(kolm_ray/compile/student_fit.py).
 
     .venv/bin/python benchmarks/student_variants.py --artifact bench-out/clinc-domains.kolm
 
@@ -63,16 +63,16 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from kolm_ray.evaluate import (
+    from kolm_ray.compile.evaluate import (
         NEGATIVE_CALIBRATION_WEIGHT,
         brier,
         fit_temperature_with_negatives,
         split_for_calibration,
     )
-    from kolm_ray.models import outlier_probs
-    from kolm_ray.predictors import open_predictor
-    from kolm_ray.student import Student
-    from kolm_ray.student_fit import choose_threshold, distill, soft_labels, train_student
+    from kolm_ray.compile.student_fit import choose_threshold, distill, soft_labels, train_student
+    from kolm_ray.inference.predictors import open_predictor
+    from kolm_ray.inference.student import Student
+    from kolm_ray.models.modeling import outlier_probs
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", default=str(REPO / "bench-out" / "clinc-domains.kolm"))
@@ -118,7 +118,7 @@ def main() -> int:
         t0 = time.perf_counter()
         tables = {"fine-tuned": distill(p.model.encoder, p.tokenizer)}
         distill_s = time.perf_counter() - t0
-    from kolm_ray.bases import resolve_base
+    from kolm_ray.models.bases import resolve_base
 
     base = resolve_base("minilm-l6")
     tables["base"] = distill(base.load_model(), base.load_tokenizer())

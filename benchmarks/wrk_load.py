@@ -282,7 +282,7 @@ def run_rate(url: str, key: str, queries: list[str], rate: float, duration: floa
         connections=connections,
         over_budget_share=out["over_budget"] / n,
         narrow_share=out["narrow"] / n,
-        # the keys kolm_ray.bench.plot_latency reads
+        # the keys kolm_ray.serve.bench.plot_latency reads
         offered_rps=rate,
         p50=out["latency_ms"]["50"],
         p95=out["latency_ms"]["95"],

@@ -7,12 +7,12 @@
 
 Two deployments:
 - RecallIngress: HTTP edge. Bearer key -> tenant (configs/tenants.yaml), request validation (401/422),
-  the cascade's first stage (the artifact's static-embedding student, kolm_ray.student, ~0.1 ms: it
+  the cascade's first stage (the artifact's static-embedding student, kolm_ray.inference.student, ~0.1 ms: it
   answers the queries it is sure of without a hop), the rest to the tagger in batches (one call per
-  batch of what queued), the latency budget around that, narrow/broad decision (kolm_ray.serving.Router). Tagger slow or down -> 200 broad with "reason";
+  batch of what queued), the latency budget around that, narrow/broad decision (kolm_ray.serve.router.Router). Tagger slow or down -> 200 broad with "reason";
   never a 5xx for those causes; no tagger replica ready -> healthz 503 and broad at once.
 - NamespaceTagger: loads and verifies the signed .kolm, builds its fastest agreeing form
-  (kolm_ray.fastpath) and scores batches of queries, each against its own caller's namespaces only.
+  (kolm_ray.inference.fastpath) and scores batches of queries, each against its own caller's namespaces only.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from kolm_ray.artifact import verify
-from kolm_ray.serving import (
+from kolm_ray.serve.router import (
     DEFAULT_BUDGET_MS,
     DEFAULT_THRESHOLD,
     MAX_BODY_BYTES,
@@ -117,7 +117,7 @@ class NamespaceTagger:
         # `artifact: registry:NS`: load NS's next live model on the follower's thread, then swap it in.
         self.follower = None
         if follow is not None:
-            from kolm_ray.registry_follow import RegistryFollower
+            from kolm_ray.registry.follow import RegistryFollower
 
             self.follower = RegistryFollower(follow, artifact, self._load)
         log.info(
@@ -126,8 +126,8 @@ class NamespaceTagger:
 
     def _load(self, artifact: str) -> None:
         """Verify and load `artifact`, build its fastest form, then swap it in (one assignment each)."""
-        from kolm_ray.fastpath import EncoderParts, build_fast_tagger
-        from kolm_ray.predictors import open_predictor
+        from kolm_ray.inference.fastpath import EncoderParts, build_fast_tagger
+        from kolm_ray.inference.predictors import open_predictor
 
         # open_predictor verifies the HMAC signature and every file hash before reading a weight.
         predictor = open_predictor(artifact, device=self.device)
@@ -247,7 +247,7 @@ class RecallIngress:
         use_student: bool = True,  # False: every query goes to the tagger (benchmarks/recall.py's baseline)
     ):
         from kolm_ray.artifact import open_artifact
-        from kolm_ray.student import META_FILE, STUDENT_DIR, Student
+        from kolm_ray.inference.student import META_FILE, STUDENT_DIR, Student
 
         self.tagger = tagger
         # KOLM_SERVE_BATCH=0: one tagger call per escalated query (benchmarks/recall.py's comparison).
@@ -335,7 +335,7 @@ def app_builder(args: Args) -> Application:
     """Build the application from the YAML's `args` (Ray Serve app builder)."""
     if isinstance(args, dict):  # serve.run(app_builder({...})) from Python
         args = Args.model_validate(args)
-    from kolm_ray.registry_follow import live_artifact, registry_namespace
+    from kolm_ray.registry.follow import live_artifact, registry_namespace
 
     follow = registry_namespace(args.artifact)  # `registry:NS`: NS's live model, followed as it changes
     artifact = live_artifact(follow) if follow is not None else _resolve(args.artifact)

@@ -22,6 +22,6 @@ def recipe_from_observations(observations, out_dir: str = "./recipe-out", **kwar
 
 def run(path: str, input: str) -> dict:
     """Run a signed .kolm artifact on one input, offline; returns the model's JSON answer."""
-    from kolm_ray.offline import run as _impl
+    from kolm_ray.inference.offline import run as _impl
 
     return _impl(path, input)

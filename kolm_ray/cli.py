@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from kolm_ray.compile_args import add_compile_arguments
+from kolm_ray.compile.args import add_compile_arguments
 from kolm_ray.errors import KolmError
 
 Builder = Callable[[argparse.ArgumentParser], None]
@@ -193,7 +193,7 @@ def _loop(p: argparse.ArgumentParser) -> None:
 
 # name -> (handler "module:function", help, argument builder)
 COMMANDS: dict[str, tuple[str, str, Builder]] = {
-    "capture": ("kolm_ray.observations.capture:capture_command", "run the capture proxy", _capture),
+    "capture": ("kolm_ray.capture.app:capture_command", "run the capture proxy", _capture),
     "observations": (
         "kolm_ray.observations.cli:observations_command",
         "list, import or export observations",
@@ -206,28 +206,28 @@ COMMANDS: dict[str, tuple[str, str, Builder]] = {
     ),
     "recipe": ("kolm_ray.recipe:recipe_command", "write a recipe (pairs, spec, verifiers, K-floor)", _recipe),
     "spec-schema": (
-        "kolm_ray.spec:spec_schema_command",
+        "kolm_ray.artifact.spec:spec_schema_command",
         "print the JSON Schema that spec.json follows",
         lambda p: None,
     ),
     "compile": (
-        "kolm_ray.compile:compile_command",
+        "kolm_ray.compile.compile:compile_command",
         "fine-tune on Ray Train, gate on K-score, sign a .kolm",
         add_compile_arguments,  # in compile_args.py: the loop parses the same flags without the CLI
     ),
-    "run": ("kolm_ray.offline:run_command", "run a .kolm artifact offline", _run),
+    "run": ("kolm_ray.inference.offline:run_command", "run a .kolm artifact offline", _run),
     "verify": (
         "kolm_ray.artifact:verify_command",
         "check a .kolm's signature and file hashes",
         _artifact_only,
     ),
     "inspect": ("kolm_ray.artifact:inspect_command", "print a .kolm's manifest", _artifact_only),
-    "serve": ("kolm_ray.serving:serve_command", "run the Ray Serve recall router", _serve),
-    "bench": ("kolm_ray.bench:bench_command", "load-test a running router", _bench),
+    "serve": ("kolm_ray.serve.router:serve_command", "run the Ray Serve recall router", _serve),
+    "bench": ("kolm_ray.serve.bench:bench_command", "load-test a running router", _bench),
     "models": ("kolm_ray.registry:models_command", "promote, list or roll back registered models", _models),
-    "report": ("kolm_ray.report:report_command", "spend, savings and drift per namespace", _report),
+    "report": ("kolm_ray.loop.report:report_command", "spend, savings and drift per namespace", _report),
     "loop": (
-        "kolm_ray.loop:loop_command",
+        "kolm_ray.loop.loop:loop_command",
         "recompile, evaluate and promote namespaces on new traffic",
         _loop,
     ),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kolm_ray.simulate import SYSTEM_PROMPT, frontier_answer
+from kolm_ray.demo.simulate import SYSTEM_PROMPT, frontier_answer
 
 OPENAI_KEY = "sk-test-" + "q" * 40
 ANTHROPIC_KEY = "sk-ant-test-" + "z" * 40

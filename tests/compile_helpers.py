@@ -63,9 +63,9 @@ def build_artifact_without_ray(
     from dataclasses import replace
 
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile import build_artifact, train_config
-    from kolm_ray.compile_plan import validate
-    from kolm_ray.train.loop import train_loop_per_worker
+    from kolm_ray.compile.compile import build_artifact, train_config
+    from kolm_ray.compile.plan import validate
+    from kolm_ray.compile.train.loop import train_loop_per_worker
 
     args = build_parser().parse_args(compile_argv(tmp, "--epochs", str(epochs), *extra, base=base))
     plan = validate(args)

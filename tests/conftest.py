@@ -82,7 +82,7 @@ def store_url(request, tmp_path) -> str:
 @pytest.fixture(scope="module")
 def upstream():
     """The stand-in OpenAI/Anthropic upstream in a thread on a free port (test_capture*.py): one per module."""
-    from kolm_ray.simulate import start_upstream_in_thread
+    from kolm_ray.demo.simulate import start_upstream_in_thread
 
     url, stop = start_upstream_in_thread()
     yield url
@@ -105,7 +105,7 @@ def client(store):
     from bridge_helpers import JSON_HEADERS
     from fastapi.testclient import TestClient
 
-    from kolm_ray.observations.capture import create_app
+    from kolm_ray.capture.app import create_app
 
     with TestClient(create_app(store, bridge_max_body=4096), headers=JSON_HEADERS) as c:
         yield c

@@ -47,9 +47,9 @@ def build_tagger(
     if cached is not None and cached.is_file():
         return cached
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile import build_artifact, train_config
-    from kolm_ray.compile_plan import validate
-    from kolm_ray.train.loop import train_loop_per_worker
+    from kolm_ray.compile.compile import build_artifact, train_config
+    from kolm_ray.compile.plan import validate
+    from kolm_ray.compile.train.loop import train_loop_per_worker
 
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs(seed)))

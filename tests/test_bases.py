@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kolm_ray.bases import QWEN_CODER, resolve_base, weights_digest
 from kolm_ray.errors import KolmError
+from kolm_ray.models.bases import QWEN_CODER, resolve_base, weights_digest
 
 
 @pytest.mark.parametrize("size", ["0.5b", "1.5b", "3b", "7b"])

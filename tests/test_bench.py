@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from kolm_ray import bench
 from kolm_ray.cli import main
 from kolm_ray.errors import KolmError
+from kolm_ray.serve import bench
 
 
 def test_open_loop_offers_the_rate_without_waiting_for_answers():

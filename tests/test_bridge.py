@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kolm_ray.observations.capture import create_app
+from kolm_ray.capture.app import create_app
 
 
 def test_import_list_verify_namespaces(client):

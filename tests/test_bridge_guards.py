@@ -12,7 +12,7 @@ import pytest
 from bridge_helpers import JSON_HEADERS, ROWS, post_rows
 from fastapi.testclient import TestClient
 
-from kolm_ray.observations.capture import create_app
+from kolm_ray.capture.app import create_app
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ import openai
 import pytest
 from capture_helpers import ANTHROPIC_KEY, OPENAI_KEY, A, Q, check, msgs
 
-from kolm_ray.observations.capture import create_app
+from kolm_ray.capture.app import create_app
+from kolm_ray.demo.simulate import SYSTEM_PROMPT, serve_in_thread
 from kolm_ray.observations.store import open_store
-from kolm_ray.simulate import SYSTEM_PROMPT, serve_in_thread
 
 
 @pytest.fixture(scope="module")

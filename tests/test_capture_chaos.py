@@ -43,7 +43,16 @@ def upstream() -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "kolm_ray.simulate", "upstream", "--port", str(port), "--latency-ms", "20"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kolm_ray.demo.simulate",
+        "upstream",
+        "--port",
+        str(port),
+        "--latency-ms",
+        "20",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kolm_ray.observations.exchange import (
+from kolm_ray.capture.exchange import (
     MAX_DEPTH,
     Exchange,
     check_request,
@@ -22,10 +22,10 @@ from kolm_ray.observations.exchange import (
     sanitize,
     to_observation,
 )
+from kolm_ray.capture.spool import Spool, SpoolFull
+from kolm_ray.capture.writer import BackgroundWriter
 from kolm_ray.observations.model import Observation
-from kolm_ray.observations.spool import Spool, SpoolFull
 from kolm_ray.observations.store import open_store
-from kolm_ray.observations.writer import BackgroundWriter
 from kolm_ray.providers import REDACTED, is_credential_field, scrub_credentials, scrub_text
 
 json_values = st.recursive(

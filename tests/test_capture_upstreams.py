@@ -22,13 +22,13 @@ import openai
 import pytest
 from capture_helpers import ANTHROPIC_KEY, OPENAI_KEY, A, Q, check, msgs
 
-from kolm_ray.observations.capture import create_app
+from kolm_ray.capture.app import create_app
+from kolm_ray.demo.simulate import serve_in_thread, start_upstream_in_thread
 from kolm_ray.observations.store import open_store
-from kolm_ray.simulate import serve_in_thread, start_upstream_in_thread
 
 
 def test_upstream_sees_the_clients_own_key(tmp_path):
-    from kolm_ray.simulate import make_upstream_app
+    from kolm_ray.demo.simulate import make_upstream_app
 
     up_app = make_upstream_app()
     up_url, stop_up = serve_in_thread(up_app)
@@ -239,7 +239,7 @@ def _gzipping(app):
 
 
 def test_compressed_upstream_is_passed_through_once_and_stored_decoded(tmp_path):
-    from kolm_ray.simulate import make_upstream_app
+    from kolm_ray.demo.simulate import make_upstream_app
 
     up_url, stop_up = serve_in_thread(_gzipping(make_upstream_app()))
     store = open_store(f"sqlite:///{tmp_path / 'obs.db'}")

@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
+from kolm_ray.demo.simulate import start_upstream_in_thread
 from kolm_ray.observations.store import open_store
-from kolm_ray.simulate import start_upstream_in_thread
 
 pytestmark = pytest.mark.slow
 

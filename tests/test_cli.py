@@ -77,7 +77,7 @@ def test_spec_schema_prints_json(capsys):
 def test_compile_args_parse_as_the_cli_does():
     """The loop recompiles through compile_args (it may not import the CLI): the same flags, the same values."""
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile_args import compile_args
+    from kolm_ray.compile.args import compile_args
 
     argv = ["--recipe", "recipe-out", "--output", "x.kolm", "--epochs", "2", "--use-gpu"]
     parsed = vars(build_parser().parse_args(["compile", *argv]))

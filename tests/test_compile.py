@@ -209,7 +209,7 @@ def test_gate_below_floor_exits_3_and_writes_nothing(ray_local, tmp_path: Path, 
 
 @pytest.mark.slow
 def test_lora_compile_of_local_qwen2_dir(ray_local, tmp_path: Path, capsys) -> None:
-    from kolm_ray.bases import resolve_base
+    from kolm_ray.models.bases import resolve_base
 
     local = tmp_path / "my-qwen2"
     shutil.copytree(resolve_base("tiny-causal-lm").source, local)
@@ -244,9 +244,9 @@ def test_namespaces_file_must_be_names(tmp_path: Path, capsys) -> None:
 
 def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_path: Path) -> None:
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile_plan import validate
-    from kolm_ray.evaluate import evaluate
-    from kolm_ray.predictors import open_predictor
+    from kolm_ray.compile.evaluate import evaluate
+    from kolm_ray.compile.plan import validate
+    from kolm_ray.inference.predictors import open_predictor
 
     artifact, _ = build_artifact_without_ray(tmp_path)
     evals = write_eval_with_negatives(tmp_path / "eval.jsonl")
@@ -274,8 +274,8 @@ def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_
 
 def test_calibration_weight_is_a_compile_setting_not_a_train_one(tmp_path: Path) -> None:
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile import train_config
-    from kolm_ray.compile_plan import validate
+    from kolm_ray.compile.compile import train_config
+    from kolm_ray.compile.plan import validate
 
     plan = validate(build_parser().parse_args(compile_argv(tmp_path)))
     plan.training.update(calibration_negative_weight=0.3, max_failures=2, num_workers=2)
@@ -288,8 +288,8 @@ def test_router_with_eval_negatives_ships_class_distances_the_fast_path_reproduc
 
     import numpy as np
 
-    from kolm_ray.fastpath import EncoderParts, build_fast_tagger
-    from kolm_ray.predictors import open_predictor
+    from kolm_ray.inference.fastpath import EncoderParts, build_fast_tagger
+    from kolm_ray.inference.predictors import open_predictor
 
     evals = write_eval_with_negatives(tmp_path / "eval.jsonl")
     artifact, _ = build_artifact_without_ray(tmp_path, extra=("--eval-pairs", str(evals)))
@@ -312,7 +312,7 @@ def test_router_with_eval_negatives_ships_class_distances_the_fast_path_reproduc
 
 
 def test_router_without_eval_negatives_has_no_class_distances(tmp_path: Path) -> None:
-    from kolm_ray.predictors import open_predictor
+    from kolm_ray.inference.predictors import open_predictor
 
     artifact, _ = build_artifact_without_ray(tmp_path, epochs=1)
     with open_predictor(artifact) as p:

@@ -34,7 +34,7 @@ def _validate_serve_config(path: Path) -> None:
 
 
 def _validate_tenants(path: Path) -> None:
-    from kolm_ray.serving import load_tenants
+    from kolm_ray.serve.router import load_tenants
 
     assert load_tenants(path).all
 
@@ -46,7 +46,7 @@ def _validate_recipe_yaml(path: Path) -> None:
 
 
 def _validate_prices(path: Path) -> None:
-    from kolm_ray.prices import load_prices
+    from kolm_ray.loop.prices import load_prices
 
     table = load_prices(str(path))
     assert table.taken, f"{path}: the date the prices were taken"

@@ -15,11 +15,12 @@ import httpx
 import pytest
 from local_helpers import SIGNING_KEY, build_tagger, truth
 
-from kolm_ray import drift, registry
+from kolm_ray import registry
+from kolm_ray.capture.app import create_app
 from kolm_ray.cli import main
-from kolm_ray.observations.capture import create_app
+from kolm_ray.demo.simulate import serve_in_thread, start_upstream_in_thread
 from kolm_ray.observations.store import open_store
-from kolm_ray.simulate import serve_in_thread, start_upstream_in_thread
+from kolm_ray.registry import drift
 
 pytestmark = pytest.mark.slow  # starts the proxy and an upstream server (in-process threads)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kolm_ray.evaluate import (
+from kolm_ray.compile.evaluate import (
     brier,
     ece,
     field_correct,
@@ -81,7 +81,7 @@ def test_temperature_with_negatives_trades_labelled_brier_for_low_negative_confi
 
 
 def test_outlier_calibration_lowers_far_negatives_that_temperature_alone_cannot() -> None:
-    from kolm_ray.models import outlier_probs
+    from kolm_ray.models.modeling import outlier_probs
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1000, 4, generator=g) * 3.0

@@ -202,7 +202,7 @@ def test_key(monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def predictors_imported() -> None:
     """`kolm run` imports torch once per process (seconds); the timings below are of the refusal alone."""
-    import kolm_ray.predictors  # noqa: F401
+    import kolm_ray.inference.predictors  # noqa: F401
 
 
 @pytest.fixture

@@ -21,30 +21,38 @@ REPO = Path(__file__).resolve().parent.parent
 ROOTS = ("kolm_ray", "deployments")
 
 CLI = ("kolm_ray.cli",)
-TRAIN = ("kolm_ray.train",)
-# Training code, which the capture proxy never loads: the training package and the jobs that run it.
-TRAINING_CODE = (
-    "kolm_ray.train",
-    "kolm_ray.compile",
-    "kolm_ray.compile_plan",
-    "kolm_ray.student_fit",
-    "kolm_ray.loop",
-)
-# Inference and serving, which never import kolm_ray.train: the model layer (bases, models) included.
+TRAIN = ("kolm_ray.compile",)  # validate -> train -> evaluate -> gate -> pack, and train/ inside it
+# Training code, which the capture proxy never loads: compile/ and the loop that runs it.
+TRAINING_CODE = ("kolm_ray.compile", "kolm_ray.loop")
+# Inference and serving, which never import compile/: the model layer and the artifact format included.
 INFERENCE = (
-    "kolm_ray.predictors",
-    "kolm_ray.offline",  # kolm_ray.run and `kolm run`
-    "kolm_ray.serving",
-    "kolm_ray.fastpath",
-    "kolm_ray.student",
-    "kolm_ray.static_scorer",
+    "kolm_ray.inference",  # kolm_ray.run, `kolm run`, the K-score's predictor, local answers
+    "kolm_ray.serve",
     "kolm_ray.models",
-    "kolm_ray.bases",
     "kolm_ray.artifact",
-    "kolm_ray.observations.local",  # the capture proxy's local-answer path
+    "kolm_ray.registry",
     "deployments",
 )
-CAPTURE = ("kolm_ray.observations", "kolm_ray.providers")
+CAPTURE = ("kolm_ray.capture", "kolm_ray.observations", "kolm_ray.providers")
+
+# The packages in the order their imports run: each may import only from the packages before it (README
+# "Architecture"). The loop's order, except that capture answers from promoted models, so it sits above
+# the registry and inference, and the registry above the store it writes to.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("kolm_ray.errors", "kolm_ray.settings", "kolm_ray.placement"),
+    ("kolm_ray.providers",),
+    ("kolm_ray.artifact",),
+    ("kolm_ray.observations",),
+    ("kolm_ray.models",),
+    ("kolm_ray.inference",),
+    ("kolm_ray.registry",),
+    ("kolm_ray.capture", "kolm_ray.clustering", "kolm_ray.serve"),
+    ("kolm_ray.recipe",),
+    ("kolm_ray.compile",),
+    ("kolm_ray.loop",),
+    ("kolm_ray.demo",),
+    ("kolm_ray.cli",),
+)
 
 Graph = dict[str, dict[str, int]]  # module -> {module it imports: line of the first such import}
 
@@ -200,6 +208,35 @@ def forbidden(graph: Graph, sources: Iterable[str], never: Iterable[str]) -> lis
     return out
 
 
+def stage(module: str) -> str | None:
+    """kolm_ray.capture.local -> kolm_ray.capture; kolm_ray.settings -> itself; the package root: None."""
+    parts = module.split(".")
+    if parts[0] != "kolm_ray" or len(parts) == 1:
+        return None
+    return ".".join(parts[:2])
+
+
+def layer_breaks(graph: Graph, layers=LAYERS) -> list[str]:
+    """Every arrow from a package to one in a later layer (or to one no layer names), as a readable line."""
+    rank = {p: i for i, group in enumerate(layers) for p in group}
+    out = []
+    for module, edges in sorted(graph.items()):
+        src = stage(module)
+        if src is None:
+            continue
+        for target, line in sorted(edges.items()):
+            dst = stage(target)
+            if dst is None or dst == src:
+                continue
+            if src not in rank or dst not in rank:
+                out.append(
+                    f"{module} -> {target} (line {line}): {src if src not in rank else dst} is in no layer"
+                )
+            elif rank[dst] > rank[src]:
+                out.append(f"{module} -> {target} (line {line}): {src} may not import {dst}, a later layer")
+    return out
+
+
 # ---- the package as it is -----------------------------------------------------------------------------------
 
 
@@ -211,12 +248,24 @@ def graph() -> Graph:
 def test_the_graph_sees_every_kind_of_import(graph: Graph) -> None:
     """The checks below pass only if the reader finds what is there: function-local imports, packages'
     own submodules, the implicit package __init__ and deployments/."""
-    assert "kolm_ray.predictors" in graph["kolm_ray.observations.local"]  # inside a method
-    assert "kolm_ray.train.config" in graph["kolm_ray.compile"]  # inside a function
+    assert "kolm_ray.inference.predictors" in graph["kolm_ray.capture.local"]  # inside a method
+    assert "kolm_ray.compile.train.config" in graph["kolm_ray.compile.compile"]  # inside a function
     assert "kolm_ray.clustering.featurize" in graph["kolm_ray.clustering.fit"]
-    assert {"kolm_ray.serving", "kolm_ray"} <= set(graph["deployments.recall"])  # kolm_ray/__init__ runs too
+    assert {"kolm_ray.serve.router", "kolm_ray"} <= set(
+        graph["deployments.recall"]
+    )  # kolm_ray/__init__ runs too
     assert "kolm_ray.recipe" not in graph["kolm_ray.recipe.synth"]  # its own package is not an arrow
     assert len(graph) >= 80 and sum(map(len, graph.values())) >= 250  # 80 modules, 269 arrows today
+
+
+def test_packages_import_only_earlier_layers(graph: Graph) -> None:
+    found = layer_breaks(graph)
+    assert not found, "imports against the layers:\n" + "\n".join(found)
+
+
+def test_the_top_level_holds_only_the_cli_settings_errors_and_placement() -> None:
+    top = sorted(p.stem for p in (REPO / "kolm_ray").glob("*.py"))
+    assert top == ["__init__", "cli", "errors", "placement", "settings"]
 
 
 def test_no_module_imports_itself_back(graph: Graph) -> None:
@@ -230,7 +279,7 @@ def test_the_library_never_imports_the_cli(graph: Graph) -> None:
 
 def test_inference_and_serving_never_import_training(graph: Graph) -> None:
     found = forbidden(graph, INFERENCE, TRAIN)
-    assert not found, "inference/serving reaches kolm_ray.train:\n" + "\n".join(found)
+    assert not found, "inference/serving reaches kolm_ray.compile.train:\n" + "\n".join(found)
 
 
 def test_capture_never_imports_training_code(graph: Graph) -> None:
@@ -302,26 +351,59 @@ def test_a_never_arrow_is_found_through_a_chain(tmp_path: Path) -> None:
         tmp_path,
         {
             "kolm_ray/__init__.py": "",
-            "kolm_ray/predictors.py": "from kolm_ray import models\n",
-            "kolm_ray/models.py": "def pooled():\n    import kolm_ray.train.data\n",
-            "kolm_ray/train/__init__.py": "",
-            "kolm_ray/train/data.py": "",
-            "kolm_ray/loop.py": "def run():\n    from kolm_ray.cli import build_parser\n",
-            "kolm_ray/cli.py": "from kolm_ray import loop\n",
-            "deployments/recall.py": "from kolm_ray.predictors import run\n",
+            "kolm_ray/inference/predictors.py": "from kolm_ray.models import modeling\n",
+            "kolm_ray/models/__init__.py": "",
+            "kolm_ray/models/modeling.py": "def pooled():\n    import kolm_ray.compile.train.data\n",
+            "kolm_ray/compile/__init__.py": "",
+            "kolm_ray/compile/train/__init__.py": "",
+            "kolm_ray/compile/train/data.py": "",
+            "kolm_ray/loop/loop.py": "def run():\n    from kolm_ray.cli import build_parser\n",
+            "kolm_ray/cli.py": "from kolm_ray.loop import loop\n",
+            "kolm_ray/loop/__init__.py": "",
+            "deployments/recall.py": "from kolm_ray.inference.predictors import run\n",
         },
     )
     graph = import_graph(tmp_path)
     assert forbidden(graph, INFERENCE, TRAIN) == [
-        "deployments.recall -> kolm_ray.predictors (line 1 of deployments.recall) -> kolm_ray.models (line 1 of"
-        " kolm_ray.predictors) -> kolm_ray.train (line 2 of kolm_ray.models)",
-        "kolm_ray.models -> kolm_ray.train (line 2 of kolm_ray.models)",
-        "kolm_ray.predictors -> kolm_ray.models (line 1 of kolm_ray.predictors) -> kolm_ray.train (line 2 of"
-        " kolm_ray.models)",
+        "deployments.recall -> kolm_ray.inference.predictors (line 1 of deployments.recall) -> kolm_ray.models.modeling"
+        " (line 1 of kolm_ray.inference.predictors) -> kolm_ray.compile (line 2 of kolm_ray.models.modeling)",
+        "kolm_ray.inference.predictors -> kolm_ray.models.modeling (line 1 of kolm_ray.inference.predictors)"
+        " -> kolm_ray.compile (line 2 of kolm_ray.models.modeling)",
+        "kolm_ray.models.modeling -> kolm_ray.compile (line 2 of kolm_ray.models.modeling)",
     ]
-    assert forbidden(graph, ["kolm_ray.loop"], CLI) == [
-        "kolm_ray.loop -> kolm_ray.cli (line 2 of kolm_ray.loop)"
+    assert forbidden(graph, ["kolm_ray.loop.loop"], CLI) == [
+        "kolm_ray.loop.loop -> kolm_ray.cli (line 2 of kolm_ray.loop.loop)"
     ]
     assert cycles(graph) == [
-        "kolm_ray.cli -> kolm_ray.loop (line 1 of kolm_ray.cli) -> kolm_ray.cli (line 2 of kolm_ray.loop)"
+        "kolm_ray.cli -> kolm_ray.loop.loop (line 1 of kolm_ray.cli) -> kolm_ray.cli (line 2 of kolm_ray.loop.loop)"
     ]
+
+
+def test_a_later_layer_import_is_found(tmp_path: Path) -> None:
+    """capture/ importing compile/ (or the store importing capture) breaks the layers, even inside a function."""
+    _tree(
+        tmp_path,
+        {
+            "kolm_ray/__init__.py": "",
+            "kolm_ray/capture/__init__.py": "",
+            "kolm_ray/capture/local.py": "def answer():\n    from kolm_ray.compile.evaluate import field_correct\n",
+            "kolm_ray/compile/__init__.py": "",
+            "kolm_ray/compile/evaluate.py": "",
+            "kolm_ray/observations/__init__.py": "from kolm_ray.capture import local\n",
+            "kolm_ray/stray.py": "",
+            "kolm_ray/artifact/__init__.py": "import kolm_ray.stray\n",
+        },
+    )
+    graph = import_graph(tmp_path)
+    assert layer_breaks(graph) == [
+        "kolm_ray.artifact -> kolm_ray.stray (line 1): kolm_ray.stray is in no layer",
+        "kolm_ray.capture.local -> kolm_ray.compile (line 2): kolm_ray.capture may not import kolm_ray.compile,"
+        " a later layer",
+        "kolm_ray.capture.local -> kolm_ray.compile.evaluate (line 2): kolm_ray.capture may not import"
+        " kolm_ray.compile, a later layer",
+        "kolm_ray.observations -> kolm_ray.capture (line 1): kolm_ray.observations may not import"
+        " kolm_ray.capture, a later layer",
+        "kolm_ray.observations -> kolm_ray.capture.local (line 1): kolm_ray.observations may not import"
+        " kolm_ray.capture, a later layer",
+    ]
+    assert forbidden(graph, CAPTURE, TRAINING_CODE)

@@ -21,10 +21,10 @@ import pytest
 from local_helpers import SIGNING_KEY, build_tagger, truth, upstream_answer
 
 from kolm_ray import registry
+from kolm_ray.capture.app import create_app
 from kolm_ray.cli import main
-from kolm_ray.observations.capture import create_app
+from kolm_ray.demo.simulate import serve_in_thread, start_upstream_in_thread
 from kolm_ray.observations.store import open_store
-from kolm_ray.simulate import serve_in_thread, start_upstream_in_thread
 
 pytestmark = pytest.mark.slow  # starts the proxy and an upstream server (in-process threads)
 
@@ -210,7 +210,7 @@ def test_off_header_other_shape_and_low_confidence_go_upstream(proxy, taggers):
 
     # The threshold: with `strict` live, each query goes local exactly when the same Predictor, offline,
     # is at least as confident as the model's threshold (0.999).
-    from kolm_ray.predictors import open_predictor
+    from kolm_ray.inference.predictors import open_predictor
 
     assert main(["models", "promote", str(taggers[2]), "--namespace", NS, "--store", store.url]) == 0
     wait_for_model(url, "strict@2")

@@ -19,8 +19,9 @@ import pytest
 from local_helpers import SIGNING_KEY, build_tagger, truth
 from recall_artifact import pairs
 
-from kolm_ray import loop, registry
+from kolm_ray import registry
 from kolm_ray.cli import main
+from kolm_ray.loop import loop
 from kolm_ray.observations.model import Observation
 from kolm_ray.observations.store import open_store
 

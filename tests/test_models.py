@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kolm_ray.bases import resolve_base
-from kolm_ray.models import (
+from kolm_ray.models.bases import resolve_base
+from kolm_ray.models.modeling import (
     IGNORE,
     ClassGaussians,
     EncoderTagger,
@@ -75,7 +75,7 @@ def test_candidate_answers_respect_allowed() -> None:
 
 
 def test_lora_sft_loss_falls_and_scoring_prefers_trained_answer() -> None:
-    from kolm_ray.models import pad_batch
+    from kolm_ray.models.modeling import pad_batch
 
     base = resolve_base("tiny-causal-lm")
     tok = base.load_tokenizer()
@@ -106,7 +106,7 @@ def test_lora_sft_loss_falls_and_scoring_prefers_trained_answer() -> None:
 
 
 def test_generate_returns_text_and_confidence() -> None:
-    from kolm_ray.models import generate
+    from kolm_ray.models.modeling import generate
 
     base = resolve_base("tiny-causal-lm")
     tok = base.load_tokenizer()
@@ -171,7 +171,7 @@ def test_outlier_probs_lower_confidence_far_from_the_allowed_classes_only() -> N
 
 def _one_row_per_candidate(model, tok, inputs, cands) -> torch.Tensor:
     """Reference: each prompt + candidate run alone, log-likelihood of the candidate's tokens."""
-    from kolm_ray.models import _end_ids, prompt_text
+    from kolm_ray.models.modeling import _end_ids, prompt_text
 
     out = torch.empty(len(inputs), len(cands))
     with torch.no_grad():

@@ -15,8 +15,8 @@ from compile_helpers import WORDS, build_artifact_without_ray
 
 from kolm_ray.cli import main
 from kolm_ray.errors import ArtifactError
-from kolm_ray.offline import run
-from kolm_ray.predictors import open_predictor
+from kolm_ray.inference.offline import run
+from kolm_ray.inference.predictors import open_predictor
 
 KEY = "predictor-tests-signing-key-0123456789"
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from kolm_ray import simulate
+from kolm_ray.demo import simulate
+from kolm_ray.demo.simulate.upstream import _sse
 from kolm_ray.providers import REDACTED, iter_sse, json_or_text, scrub_credentials
 from kolm_ray.providers import anthropic as anth
 from kolm_ray.providers import openai as oai
-from kolm_ray.simulate.upstream import _sse
 
 
 def sse(*events: tuple[str | None, object]) -> bytes:

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from recall_helpers import REPO, TENANT_NAMESPACES
 
 from kolm_ray.errors import ArtifactError
-from kolm_ray.fastpath import PROBES, EncoderParts, build_fast_tagger, measure_backends
-from kolm_ray.serving import Router, load_tenants
+from kolm_ray.inference.fastpath import PROBES, EncoderParts, build_fast_tagger, measure_backends
+from kolm_ray.serve.router import Router, load_tenants
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def signing_key(monkeypatch):
 @pytest.fixture(scope="module")
 def served(tagger_artifact):
     """(predictor, fast tagger, report) built the way a replica builds them."""
-    from kolm_ray.predictors import open_predictor
+    from kolm_ray.inference.predictors import open_predictor
 
     # One key set and put back (setenv), never patch.dict: its exit clears the whole environment and
     # rebuilds it, and a C library reading getenv() on another thread at that moment crashes (glibc).
@@ -46,7 +46,7 @@ def served(tagger_artifact):
 @pytest.fixture(scope="module")
 def cascade(tagger_artifact):
     """The artifact's Predictor as `kolm run` opens it: student first, the encoder for the rest."""
-    from kolm_ray.predictors import open_predictor
+    from kolm_ray.inference.predictors import open_predictor
 
     # One key set and put back (setenv), never patch.dict: its exit clears the whole environment and
     # rebuilds it, and a C library reading getenv() on another thread at that moment crashes (glibc).
@@ -143,9 +143,9 @@ def test_fit_student_ships_one_only_when_the_cascade_holds_the_bar(tagger_artifa
     student whose cascade is right; with a floor no cascade can reach, none, and the manifest says why."""
     from types import SimpleNamespace
 
-    from kolm_ray.predictors import open_predictor
-    from kolm_ray.spec import validate_spec
-    from kolm_ray.student_fit import fit_student
+    from kolm_ray.artifact.spec import validate_spec
+    from kolm_ray.compile.student_fit import fit_student
+    from kolm_ray.inference.predictors import open_predictor
 
     rows = recall_artifact.pairs(seed=3)
     with open_predictor(tagger_artifact, device="cpu") as teacher:
@@ -267,7 +267,7 @@ def test_tagger_deployment_refuses_a_tampered_or_wrongly_keyed_artifact(
         NamespaceTagger.func_or_class(str(tampered))
     # ... and so do `kolm serve` (before Ray starts) and the app builder `serve run` calls, at deploy time
     from deployments.recall import app_builder
-    from kolm_ray.serving import check_serve_config
+    from kolm_ray.serve.router import check_serve_config
 
     config = tmp_path / "recall.yaml"
     data = yaml.safe_load((REPO / "deployments" / "recall.yaml").read_text())

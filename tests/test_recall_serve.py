@@ -48,7 +48,7 @@ def test_serve_route_contract_readiness_and_a_killed_tagger_replica(
     from ray import serve
 
     from deployments.recall import Args, app_builder
-    from kolm_ray.bench import open_loop
+    from kolm_ray.serve.bench import open_loop
 
     monkeypatch.setenv("KOLM_SIGNING_KEY", recall_artifact.SIGNING_KEY)
     monkeypatch.setenv("KOLM_SERVE_THREADS", "1")

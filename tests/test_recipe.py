@@ -11,10 +11,10 @@ import pytest
 import recipe_data as rd
 import yaml
 
+from kolm_ray.artifact.spec import load_spec
+from kolm_ray.clustering.purity import normalize_text
 from kolm_ray.errors import KolmError
-from kolm_ray.purity import normalize_text
 from kolm_ray.recipe import recipe_from_observations, validate_recipe_dir
-from kolm_ray.spec import load_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "configs" / "examples"
 
@@ -229,7 +229,7 @@ def test_tagger_drops_the_confidence_target_and_keeps_calibration(tmp_path):
 
 
 def test_compile_dry_run_accepts_written_recipes(categorical_recipe, tmp_path, capsys):
-    pytest.importorskip("kolm_ray.compile")
+    pytest.importorskip("kolm_ray.compile.compile")
     from kolm_ray.cli import main
 
     for d in [categorical_recipe[0]["recipe_dir"], *sorted(str(p) for p in EXAMPLES.iterdir() if p.is_dir())]:
@@ -238,7 +238,7 @@ def test_compile_dry_run_accepts_written_recipes(categorical_recipe, tmp_path, c
 
 
 def test_floor_out_of_a_probes_reach_is_warned_before_compile(categorical_recipe):
-    from kolm_ray.purity import PurityReport
+    from kolm_ray.clustering.purity import PurityReport
     from kolm_ray.recipe.synth import reach_warnings
 
     def report(*accs):

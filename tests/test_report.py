@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from kolm_ray import drift
 from kolm_ray.cli import main
+from kolm_ray.loop.prices import load_prices
+from kolm_ray.loop.report import build_report
 from kolm_ray.observations.model import Observation
 from kolm_ray.observations.store import open_store
-from kolm_ray.prices import load_prices
-from kolm_ray.report import build_report
+from kolm_ray.registry import drift
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 

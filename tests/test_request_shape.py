@@ -5,7 +5,7 @@ from __future__ import annotations
 import recipe_data as rd
 import yaml
 
-from kolm_ray.request_shape import EMPTY_SHAPE, matches, shape_of_cluster, shape_of_request
+from kolm_ray.observations.request_shape import EMPTY_SHAPE, matches, shape_of_cluster, shape_of_request
 
 
 def req(system: str | None = None, *turns: str, **extra) -> dict:
@@ -40,7 +40,7 @@ def test_plain_pairs_shape_answers_only_plain_calls():
 
 def test_recipe_records_the_cluster_shape_and_compile_carries_it(tmp_path):
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile_plan import validate
+    from kolm_ray.compile.plan import validate
     from kolm_ray.recipe import recipe_from_observations
 
     observations, _ = rd.categorical(300, field="namespace")

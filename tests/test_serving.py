@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kolm_ray.errors import KolmError
-from kolm_ray.fastpath import masked_softmax
-from kolm_ray.serving import (
+from kolm_ray.inference.fastpath import masked_softmax
+from kolm_ray.serve.router import (
     MAX_BODY_BYTES,
     MAX_QUERY_CHARS,
     Router,
@@ -119,7 +119,7 @@ def test_yaml_merge_keys_still_work(tmp_path):
     path.write_text(f"base: &b {{namespaces: [x, y]}}\ntenants:\n  a: {{<<: *b, key_sha256: '{'a' * 64}'}}\n")
     with pytest.raises(KolmError, match="base"):  # the anchor's home is an unknown top-level key...
         load_tenants(path)
-    from kolm_ray.serving import load_yaml
+    from kolm_ray.serve.router import load_yaml
 
     assert load_yaml(path.read_text())["tenants"]["a"]["namespaces"] == ["x", "y"]  # ...but it merges
 
@@ -299,7 +299,7 @@ def test_masked_softmax_gives_zero_to_masked_labels_even_with_huge_logits():
 def test_masked_softmax_with_distances_matches_the_predictors_torch_form():
     import torch
 
-    from kolm_ray.models import outlier_probs
+    from kolm_ray.models.modeling import outlier_probs
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(64, 5)) * 3
@@ -369,7 +369,7 @@ def test_property_answers_never_name_a_namespace_outside_the_callers(world):
 def test_fast_serve_env_for_a_ray_started_here(monkeypatch):
     import shutil
 
-    from kolm_ray.serving import fast_serve_env
+    from kolm_ray.serve.router import fast_serve_env
 
     for var in (
         "RAY_SERVE_THROUGHPUT_OPTIMIZED",

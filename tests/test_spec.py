@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from kolm_ray.artifact.spec import Spec, validate_spec
+from kolm_ray.artifact.verifiers import VERIFIERS, build, hard_failures, parse_verifier_list
 from kolm_ray.errors import KolmError
-from kolm_ray.spec import Spec, validate_spec
-from kolm_ray.verifiers import VERIFIERS, build, hard_failures, parse_verifier_list
 
 NS = ["billing", "runbooks", "incidents"]
 
@@ -72,7 +72,7 @@ def test_invalid_spec_reports_every_problem():
 
 def test_spec_schema_names_exactly_the_verifier_table():
     """validate_spec leaves unknown names to the published schema's enum: it must be the verifier table."""
-    from kolm_ray.spec import spec_json_schema
+    from kolm_ray.artifact.spec import spec_json_schema
 
     names = spec_json_schema()["properties"]["verifier"]["items"]["properties"]["name"]["enum"]
     assert sorted(names) == sorted(VERIFIERS)

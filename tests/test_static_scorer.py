@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kolm_ray.bases import resolve_base
-from kolm_ray.models import answer_text, score_candidates
-from kolm_ray.static_scorer import StaticScorer
+from kolm_ray.inference.static_scorer import StaticScorer
+from kolm_ray.models.bases import resolve_base
+from kolm_ray.models.modeling import answer_text, score_candidates
 
 
 @pytest.fixture(scope="module")

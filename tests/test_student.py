@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kolm_ray.student import Student
-from kolm_ray.student_fit import THRESHOLDS, choose_threshold, distill, teacher_targets, train_student
+from kolm_ray.compile.student_fit import THRESHOLDS, choose_threshold, distill, teacher_targets, train_student
+from kolm_ray.inference.student import Student
 
 WORDS = ["pay", "bill", "card", "fly", "hotel", "trip", "cook", "recipe", "oven", "the", "my", "a", "please"]
 GROUPS = [["pay", "bill", "card"], ["fly", "hotel", "trip"], ["cook", "recipe", "oven"]]
@@ -73,7 +73,7 @@ def test_trained_student_answers_held_out_queries_right(trained):
 def test_training_forward_is_the_served_forward(trained):
     """The torch module compile trains (EmbeddingBag mean -> normalise -> MLP) and the numpy path Student
     serves (model2vec encode -> MLP) give the same logits for the trained table."""
-    from kolm_ray.student_fit import _bags, _Net, token_ids
+    from kolm_ray.compile.student_fit import _bags, _Net, token_ids
 
     texts, _ = _queries(20, seed=3)
     texts.append("zzz")  # no known token
@@ -130,7 +130,7 @@ def test_student_masks_every_label_outside_the_caller():
 
 @pytest.mark.slow  # a real distillation (every vocabulary token through the tiny encoder): up to minutes on a busy CPU
 def test_student_files_round_trip_through_model2vec(tmp_path):
-    from kolm_ray.bases import resolve_base
+    from kolm_ray.models.bases import resolve_base
 
     base = resolve_base("tiny-encoder")
     static = distill(base.load_model(), base.load_tokenizer())
@@ -196,7 +196,7 @@ class _Scores:
 
 
 def test_teacher_targets_spread_the_none_of_these_mass_over_the_labels():
-    from kolm_ray.models import outlier_probs
+    from kolm_ray.models.modeling import outlier_probs
 
     t = teacher_targets(_Scores(), "namespace", ["in scope", "far away"])
     assert torch.allclose(t.sum(dim=1), torch.ones(2, dtype=t.dtype))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from compile_helpers import WORDS
 
-from kolm_ray.train.checkpoint import STATE, WEIGHTS
-from kolm_ray.train.config import TrainConfig
-from kolm_ray.train.loop import batch_size_for, train_loop_per_worker
+from kolm_ray.compile.train.checkpoint import STATE, WEIGHTS
+from kolm_ray.compile.train.config import TrainConfig
+from kolm_ray.compile.train.loop import batch_size_for, train_loop_per_worker
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = {"namespace": list(WORDS)}
@@ -54,9 +54,9 @@ def test_probe_init_starts_heads_fitted(tmp_path: Path) -> None:
     head's (same seed, same rows), and the probe alone already separates the labels."""
     import torch
 
-    from kolm_ray.train.data import collate_tagger, encode_tagger_rows
-    from kolm_ray.train.encoder import init_heads
-    from kolm_ray.train.loop import build_model
+    from kolm_ray.compile.train.data import collate_tagger, encode_tagger_rows
+    from kolm_ray.compile.train.encoder import init_heads
+    from kolm_ray.compile.train.loop import build_model
 
     cfg = TrainConfig(**_config(tmp_path))
     model, tok = build_model(cfg)
@@ -107,7 +107,7 @@ def test_deepspeed_zero2_on_cpu(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json"])
 def test_deepspeed_configs_resolve(name: str) -> None:
-    from kolm_ray.train.loop import deepspeed_config
+    from kolm_ray.compile.train.loop import deepspeed_config
 
     raw = json.loads((REPO / "configs" / "deepspeed" / name).read_text())
     cfg = deepspeed_config(
@@ -124,8 +124,8 @@ def test_deepspeed_configs_resolve(name: str) -> None:
 def test_ray_train_two_workers_killed_worker_resumes(tmp_path: Path) -> None:
     import ray
 
-    from kolm_ray.bases import resolve_base
-    from kolm_ray.train.trainer import fit
+    from kolm_ray.compile.train.trainer import fit
+    from kolm_ray.models.bases import resolve_base
 
     marker = tmp_path / "killed"
     base = resolve_base(
@@ -166,7 +166,7 @@ def test_ray_train_two_workers_killed_worker_resumes(tmp_path: Path) -> None:
 
 
 def test_small_train_splits_use_smaller_batches_for_enough_steps():
-    from kolm_ray.train.loop import batch_size_for, steps_for
+    from kolm_ray.compile.train.loop import batch_size_for, steps_for
 
     def cfg(**kw):
         return TrainConfig(base="tiny-encoder", kind="encoder", rows=[], **kw)

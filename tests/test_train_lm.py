@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from kolm_ray.bases import resolve_base
-from kolm_ray.models import add_lora, sft_example
-from kolm_ray.train.data import collate_sft, pack_sft
-from kolm_ray.train.lm_loss import output_token_loss
+from kolm_ray.compile.train.data import collate_sft, pack_sft
+from kolm_ray.compile.train.lm_loss import output_token_loss
+from kolm_ray.models.bases import resolve_base
+from kolm_ray.models.modeling import add_lora, sft_example
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ The pipeline (`_pipeline`) reads top to bottom, one module of this package per p
               the inputs form clearly separate groups (k = 1 otherwise). Where the static vectors say a
               split is possible, MiniLM embeds a sample of that fingerprint (in Ray) and decides
     assign    (fit.py) map_batches: nearest centroid within the row's fingerprint
-    summarise (summarise.py) groupby(cluster).map_groups: size, purity (kolm_ray.purity), top examples
+    summarise (summarise.py) groupby(cluster).map_groups: size, purity (kolm_ray.clustering.purity), top examples
 
 MiniLM for every row (`embedder="minilm"`: 10 CPU-seconds per 1,000 inputs here, against ~0.06 for the
 static vectors) is the baseline `benchmarks/recipe.py` measures against. MiniLM runs as ONNX with int8

@@ -10,7 +10,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kolm_ray.clustering.read import _loads, _missing
+from kolm_ray.observations.request_shape import _normalize_prompt, response_format, system_prompt
 
 EMBED_DIM = 384
 MAX_LENGTH = 128  # tokens per input: an intent shows in the first sentences
@@ -25,47 +25,6 @@ EMBED_BATCH = 32  # rows per ONNX call: 32 short inputs ran 15% faster than 128 
 
 
 # ---- structural signals -------------------------------------------------------------------------------------
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content blocks: [{"type": "text", "text": ...}]
-        return " ".join(b.get("text", "") for b in content if isinstance(b, dict))
-    return ""
-
-
-def system_prompt(request: dict | None) -> str:
-    """The system prompt of an OpenAI (system/developer messages) or Anthropic (`system`) request."""
-    if not isinstance(request, dict):
-        return ""
-    parts = [_text_of(request.get("system"))]
-    for m in request.get("messages") or []:
-        if isinstance(m, dict) and m.get("role") in ("system", "developer"):
-            parts.append(_text_of(m.get("content")))
-    return " ".join(p for p in parts if p)
-
-
-def response_format(request: dict | None) -> str:
-    """The requested output format: OpenAI response_format (type + schema keys), Anthropic tools/tool_choice."""
-    if not isinstance(request, dict):
-        return ""
-    rf = request.get("response_format")
-    parts = []
-    if isinstance(rf, dict):
-        parts.append(str(rf.get("type", "")))
-        schema = (
-            (rf.get("json_schema") or {}).get("schema") if isinstance(rf.get("json_schema"), dict) else None
-        )
-        if isinstance(schema, dict):
-            parts.append(",".join(sorted((schema.get("properties") or {}).keys())))
-    tools = request.get("tools")
-    if isinstance(tools, list):
-        parts.append(
-            "tools:"
-            + ",".join(sorted(str(t.get("name", t.get("type", ""))) for t in tools if isinstance(t, dict)))
-        )
-    return "|".join(parts)
 
 
 def output_shape(output: Any) -> str:
@@ -81,11 +40,6 @@ def output_shape(output: Any) -> str:
     if isinstance(output, list):
         return "array"
     return "null"
-
-
-def _normalize_prompt(text: str) -> str:
-    # Templated prompts differ in dates, counts and ids: digits and whitespace do not make a new task.
-    return re.sub(r"\s+", " ", re.sub(r"\d+", "0", text.lower())).strip()
 
 
 def structural_fingerprint(request: dict | None, output: Any) -> str:

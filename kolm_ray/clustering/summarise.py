@@ -21,8 +21,8 @@ TOP_EXAMPLES = 3
 
 def summarize_cluster(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One row per cluster: size, purity estimate, shape, top examples (nearest the centroid)."""
-    from kolm_ray.purity import estimate_purity
-    from kolm_ray.shape import infer_shape, labels_for
+    from kolm_ray.clustering.purity import estimate_purity
+    from kolm_ray.clustering.shape import infer_shape, labels_for
 
     emb = np.asarray(group["embedding"], dtype=np.float32)
     rejected = np.asarray(group["rejected"], dtype=bool)

@@ -8,8 +8,8 @@
     spec, settings, pairs = validate_recipe_dir(info["recipe_dir"])   # what compile --dry-run runs
 
 Modules: split.py (grouped, stratified train/eval), files.py (write atomically, validate), synth.py (the
-phases in order). The output's shape (genson schema, verifier choice: kolm_ray/shape.py) and purity
-(confident learning, near-duplicates, K-floor: kolm_ray/purity.py) sit below this package, since
+phases in order). The output's shape (genson schema, verifier choice: kolm_ray/clustering/shape.py) and purity
+(confident learning, near-duplicates, K-floor: kolm_ray/clustering/purity.py) sit below this package, since
 clustering's summary uses them too.
 """
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
+from kolm_ray.artifact.spec import Spec, validate_spec
+from kolm_ray.clustering.purity import normalize_text
 from kolm_ray.errors import KolmError
-from kolm_ray.purity import normalize_text
-from kolm_ray.spec import Spec, validate_spec
 
 RECIPE_YAML, SPEC_JSON, PAIRS_JSONL, DIAGNOSTICS_JSON = (
     "recipe.yaml",
@@ -160,7 +160,7 @@ def write_recipe_dir(out_dir: str | Path, files: dict[str, str]) -> Path:
 
 def _known_base(base: str) -> str | None:
     try:
-        from kolm_ray.bases import known_names
+        from kolm_ray.models.bases import known_names
 
         known = [n for n in known_names() if not n.startswith("<")]
     except ImportError:  # compile's registry not installed: the names the contract lists
@@ -251,7 +251,7 @@ def _check_settings(s: dict[str, Any]) -> list[str]:
             f"{RECIPE_YAML}: verifiers must be a list of names like closed-vocab or calibrated-brier=0.1"
         )
     elif v:  # a text recipe may have none
-        from kolm_ray.verifiers import parse_verifier_list
+        from kolm_ray.artifact.verifiers import parse_verifier_list
 
         try:
             parse_verifier_list(",".join(v))
@@ -276,8 +276,8 @@ def _check_settings(s: dict[str, Any]) -> list[str]:
 def _read_pairs(path: Path, spec: Spec | None, problems: list[str]) -> list[dict[str, Any]]:
     """Pairs as compile reads them (pairs.load_pairs), held to a recipe's stricter rules: every row in
     train or eval, and every gold output passing the spec's hard verifiers."""
-    from kolm_ray.pairs import load_pairs
-    from kolm_ray.verifiers import build, hard_failures
+    from kolm_ray.artifact.verifiers import build, hard_failures
+    from kolm_ray.recipe.pairs import load_pairs
 
     if not path.is_file():
         problems.append(f"{PAIRS_JSONL}: missing")

@@ -14,8 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from kolm_ray.artifact.spec import CONFIDENCE_FIELD, validate_spec
+from kolm_ray.clustering.purity import (
+    PurityReport,
+    estimate_purity,
+    k_floor_from_purity,
+    near_duplicate_groups,
+)
+from kolm_ray.clustering.shape import choose_verifiers, infer_shape, labels_for, strip_confidence
 from kolm_ray.errors import KolmError
-from kolm_ray.purity import PurityReport, estimate_purity, k_floor_from_purity, near_duplicate_groups
 from kolm_ray.recipe.files import (
     DIAGNOSTICS_JSON,
     ENCODER_BASES,
@@ -28,8 +35,6 @@ from kolm_ray.recipe.files import (
     write_recipe_dir,
 )
 from kolm_ray.recipe.split import split_pairs
-from kolm_ray.shape import choose_verifiers, infer_shape, labels_for, strip_confidence
-from kolm_ray.spec import CONFIDENCE_FIELD, validate_spec
 
 K_MARGIN = 0.025  # k_floor = purity - margin: a model as good as the data passes; |floor - purity| <= 0.05
 # (0.025, not 0.03: the estimate erred -0.022..+0.016 on the benchmark clusters, and int8 activation scales
@@ -82,7 +87,7 @@ def recipe_from_observations(
     inputs = [_field(observations[i], "input") for i in keep]
     outputs = [_field(observations[i], "output") for i in keep]
     # What the capture proxy may answer with the compiled model: this cluster's system prompt and format.
-    from kolm_ray.request_shape import shape_of_cluster
+    from kolm_ray.observations.request_shape import shape_of_cluster
 
     request_shape = shape_of_cluster([_field(observations[i], "request") for i in keep])
 
@@ -94,7 +99,7 @@ def recipe_from_observations(
         stripped, outputs = strip_confidence(shape, outputs)
     specs, why = choose_verifiers(shape, model_confidence=stripped)
     spec = validate_spec(_spec_dict(shape, specs), SPEC_JSON)
-    from kolm_ray.verifiers import build, hard_failures
+    from kolm_ray.artifact.verifiers import build, hard_failures
 
     verifiers = build(spec)
     good = []

@@ -60,7 +60,7 @@ _SHARED: list[Migration] = [
     (
         3,
         [
-            # kolm loop's per-namespace lease (kolm_ray/loop.py): two loops on one store never both promote.
+            # kolm loop's per-namespace lease (kolm_ray/loop/loop.py): two loops on one store never both promote.
             """CREATE TABLE loop_leases (
                 namespace TEXT PRIMARY KEY,
                 owner TEXT NOT NULL,        -- host:pid:uuid of the loop holding it

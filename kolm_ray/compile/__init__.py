@@ -1,0 +1,1 @@
+"""Compile: validate a recipe -> train on Ray Train (train/) -> evaluate (K-score, calibration) -> gate -> pack."""

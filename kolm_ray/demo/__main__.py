@@ -1,0 +1,7 @@
+"""`python -m kolm_ray.demo.demo` (`make demo`)."""
+
+import sys
+
+from kolm_ray.demo.demo.demo import main
+
+sys.exit(main())

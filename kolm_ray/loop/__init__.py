@@ -1,0 +1,1 @@
+"""The closed loop: `kolm loop` (recompile, evaluate, promote), the report and its prices."""

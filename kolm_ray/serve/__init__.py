@@ -1,0 +1,1 @@
+"""The recall router's logic (tenants, routing, `kolm serve`) and `kolm bench`."""
