@@ -337,6 +337,25 @@ def test_compiled_here_verified_and_run_in_another_process_with_the_public_key_o
     r = kolm("models", "promote", str(artifact), "--namespace", "billing", env=env)
     assert r.returncode == 0, r.stderr
     assert not (home / "signing.key").exists()  # nothing secret was ever made on this node
+    # the capture proxy's registry check (capture/local.py) on that node: verifies with the public key only,
+    # and reports (answering upstream meanwhile) once the key is no longer trusted
+    from kolm_ray import registry
+    from kolm_ray.observations.store import open_store
+
+    monkeypatch.delenv("KOLM_SIGNING_KEY_FILE")
+    monkeypatch.setenv("KOLM_HOME", str(home))
+    monkeypatch.setenv("KOLM_TRUSTED_KEYS", str(public))
+    store = open_store(None)
+    try:
+        row = registry.live_models(store)["billing"]
+        assert registry.check_file(row) is None
+        monkeypatch.setenv("KOLM_TRUSTED_KEYS", str(write_pair(tmp_path / "k2", 2)[1]))
+        assert (
+            f"no longer verifies: signed with key {kid}, which is not a trusted key"
+            in registry.check_file(row)
+        )
+    finally:
+        store.close()
     r = kolm(
         "verify", str(artifact), env=verifying_env(tmp_path / "third", write_pair(tmp_path / "k2", 2)[1])
     )
