@@ -146,7 +146,10 @@ def load_public_keys(path: str | Path) -> dict[str, tuple[Any, str]]:
 
     path = Path(path).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".pub" and p.is_file())
+        try:
+            files = sorted(p for p in path.iterdir() if p.suffix == ".pub" and p.is_file())
+        except OSError as e:  # not "a corrupt artifact": the node's own key directory cannot be listed
+            raise KolmError(f"cannot read KOLM_TRUSTED_KEYS {path}: {e.strerror or e}") from None
         if not files:
             raise KolmError(f"KOLM_TRUSTED_KEYS {path} holds no .pub files")
         if len(files) > MAX_TRUSTED_FILES:
