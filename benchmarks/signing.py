@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, sizes: list[int], work: Path) -> int:
         "loadavg_1m_before": load_before,
         "loadavg_1m_after": load(),
         "cpus": os.cpu_count(),
-        "note": "2-core machine shared by ~8 engineers: absolute times are inflated; compare algorithms within the run",
+        "note": "2 cores shared by ~8 engineers: absolute times inflated; compare algorithms within the run",
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

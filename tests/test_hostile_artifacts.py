@@ -304,7 +304,7 @@ def test_messages_name_the_problem(alg, tmp_path) -> None:
         "no spec, signed": "manifest lacks spec",
         "signed with an untrusted key": f"signed with key {key_id(alg, 2, OTHER_HMAC_KEY)}"
         + (", which is not a trusted key (this node trusts " if ed else ", this key is "),
-        "names the trusted key, signed with another": "signature does not match; tampered or signed with another",
+        "names the trusted key, signed with another": "signature does not match; tampered or signed",
         # a public key is never an HMAC secret: the Ed25519-only node has none, the HMAC node's differs
         "hmac with the public key as its secret": "this node has no HMAC key; set KOLM_SIGNING_KEY"
         if ed

@@ -55,7 +55,7 @@ def error_line(capsys) -> str:
     return err.strip()
 
 
-# ---- kolm signing generate ------------------------------------------------------------------------------------
+# ---- kolm signing generate ---------------------------------------------------------------------------------
 
 
 def test_generate_writes_a_key_pair_and_never_overwrites_one(tmp_path, capsys) -> None:
@@ -93,7 +93,7 @@ def test_two_generated_keys_differ(tmp_path, capsys) -> None:
     assert ids[0] != ids[1]
 
 
-# ---- signing and trusting -------------------------------------------------------------------------------------
+# ---- signing and trusting ----------------------------------------------------------------------------------
 
 
 def test_signed_with_the_key_file_verified_with_the_public_key_only(
@@ -282,7 +282,7 @@ def test_status_shows_the_keys_and_creates_nothing(tmp_path, monkeypatch, kolm_h
     assert not (kolm_home / "signing.key").exists()
 
 
-# ---- another process, only the public key ---------------------------------------------------------------------
+# ---- another process, only the public key ------------------------------------------------------------------
 
 
 def verifying_env(home: Path, trusted: Path | None) -> dict[str, str]:

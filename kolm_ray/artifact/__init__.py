@@ -416,8 +416,9 @@ def open_artifact(path: str | Path) -> OpenedArtifact:
 def verify_command(args) -> int:
     """kolm verify X.kolm: check the signature and every file hash."""
     m = verify(args.artifact)
+    key = f"{m['signature_alg']}, key {_clean(m['key_id'], 32)}"
     print(
-        f"ok {_clean(args.artifact, 300)}: signature valid ({m['signature_alg']}, key {_clean(m['key_id'], 32)}), "
+        f"ok {_clean(args.artifact, 300)}: signature valid ({key}), "
         f"{len(m['files'])} files match their hashes"
     )
     return 0

@@ -52,7 +52,7 @@ def key_id(public_key: Any) -> str:
     return hashlib.sha256(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()[:16]
 
 
-# ---- signing ------------------------------------------------------------------------------------------------
+# ---- signing -----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def signer() -> Signer:
     return Signer(HMAC_SHA256, kid, lambda body: hmac.new(key, body, hashlib.sha256).hexdigest())
 
 
-# ---- trusting --------------------------------------------------------------------------------------------------
+# ---- trusting ----------------------------------------------------------------------------------------------
 
 
 def load_public_keys(path: str | Path) -> dict[str, tuple[Any, str]]:
@@ -259,7 +259,7 @@ def check_signature(body: bytes, signature: bytes, manifest: dict[str, Any], whe
         ) from None
 
 
-# ---- kolm signing --------------------------------------------------------------------------------------------
+# ---- kolm signing ------------------------------------------------------------------------------------------
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
