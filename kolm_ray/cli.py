@@ -191,6 +191,15 @@ def _loop(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="store URL (default $KOLM_STORE or $KOLM_HOME)")
 
 
+def _signing(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="{generate,status}")
+    gen = sub.add_parser("generate", help="write a new Ed25519 key pair (never overwrites one)")
+    gen.add_argument(
+        "--out", required=True, help="directory for kolm-signing.key (0600) and kolm-signing.pub"
+    )
+    sub.add_parser("status", help="what this node signs with and which keys it trusts (JSON)")
+
+
 # name -> (handler "module:function", help, argument builder)
 COMMANDS: dict[str, tuple[str, str, Builder]] = {
     "capture": ("kolm_ray.capture.app:capture_command", "run the capture proxy", _capture),
@@ -222,6 +231,11 @@ COMMANDS: dict[str, tuple[str, str, Builder]] = {
         _artifact_only,
     ),
     "inspect": ("kolm_ray.artifact:inspect_command", "print a .kolm's manifest", _artifact_only),
+    "signing": (
+        "kolm_ray.artifact.signing:signing_command",
+        "make an Ed25519 key pair for signing artifacts, or show this node's keys",
+        _signing,
+    ),
     "serve": ("kolm_ray.serve.router:serve_command", "run the Ray Serve recall router", _serve),
     "bench": ("kolm_ray.serve.bench:bench_command", "load-test a running router", _bench),
     "models": ("kolm_ray.registry:models_command", "promote, list or roll back registered models", _models),

@@ -5,7 +5,10 @@ Environment:
     KOLM_STORE         observation store URL (default sqlite:///$KOLM_HOME/observations.db, files 0600;
                        or postgresql://user:password@host:5432/db)
     KOLM_SIGNING_KEY   HMAC key for .kolm artifacts, >= 16 bytes (else $KOLM_HOME/signing.key, created
-                       0600 and atomically on first use)
+                       0600 and atomically when an artifact is first signed; verifying never creates it)
+    KOLM_SIGNING_KEY_FILE  an Ed25519 private key (`kolm signing generate`): where set, artifacts are
+                       signed with it instead (kolm_ray/artifact/signing.py)
+    KOLM_TRUSTED_KEYS  a .pub file, or a directory of them: the Ed25519 public keys verifying nodes accept
     KOLM_ADMIN_TOKEN   when set, the bridge API requires `Authorization: Bearer <token>`
     KOLM_CACHE         built models reused across runs (default $KOLM_HOME/cache): clustering's static
                        MiniLM vectors and MiniLM's ONNX export (kolm_ray/clustering/static.py)
@@ -138,11 +141,21 @@ def check_bind(host: str) -> None:
         )
 
 
-def signing_key() -> tuple[bytes, str]:
-    """The HMAC key for artifacts and its key_id (first 16 hex chars of its sha256).
+def _key_id(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()[:16]
 
-    KOLM_SIGNING_KEY wins; otherwise $KOLM_HOME/signing.key, created with mode 0600 on first use. A key
-    shorter than MIN_KEY_BYTES (an empty file, a 5-byte variable) is refused with exit 2, never used.
+
+def _home_key_path() -> Path:
+    """$KOLM_HOME/signing.key, without creating KOLM_HOME (a node that only verifies writes nothing)."""
+    return Path(os.environ.get("KOLM_HOME") or Path.home() / ".kolm").expanduser() / "signing.key"
+
+
+def hmac_key() -> tuple[bytes, str] | None:
+    """The HMAC key this node holds and its key_id, or None when none is configured. Never creates one.
+
+    KOLM_SIGNING_KEY wins; otherwise $KOLM_HOME/signing.key when it exists. For verifying: a key made up on
+    the spot could verify nothing anyone else signed, so a verifier without one says what to set instead.
+    A key shorter than MIN_KEY_BYTES (an empty file, a 5-byte variable) is refused with exit 2, never used.
     """
     env = os.environ.get("KOLM_SIGNING_KEY")
     if env is not None:
@@ -154,12 +167,27 @@ def signing_key() -> tuple[bytes, str]:
                 f"KOLM_SIGNING_KEY is {len(key)} bytes; a signing key needs at least {MIN_KEY_BYTES} "
                 "(make one with: python -c 'import secrets; print(secrets.token_hex(32))')"
             )
-    else:
-        path = kolm_home() / "signing.key"
-        if not path.exists():
-            _create_key(path)
-        key = _read_key(path)
-    return key, hashlib.sha256(key).hexdigest()[:16]
+        return key, _key_id(key)
+    path = _home_key_path()
+    if not path.exists():
+        return None
+    key = _read_key(path)
+    return key, _key_id(key)
+
+
+def signing_key() -> tuple[bytes, str]:
+    """The HMAC key to sign artifacts with and its key_id (first 16 hex chars of its sha256).
+
+    KOLM_SIGNING_KEY wins; otherwise $KOLM_HOME/signing.key, created with mode 0600 on first use: only
+    signing (pack) may create it, never verifying (hmac_key).
+    """
+    found = hmac_key()
+    if found is not None:
+        return found
+    path = kolm_home() / "signing.key"
+    _create_key(path)
+    key = _read_key(path)
+    return key, _key_id(key)
 
 
 def _create_key(path: Path) -> None:

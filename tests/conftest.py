@@ -32,6 +32,8 @@ def kolm_home(tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.delenv("KOLM_STORE", raising=False)
     monkeypatch.delenv("KOLM_ADMIN_TOKEN", raising=False)
     monkeypatch.delenv("KOLM_SIGNING_KEY", raising=False)
+    monkeypatch.delenv("KOLM_SIGNING_KEY_FILE", raising=False)
+    monkeypatch.delenv("KOLM_TRUSTED_KEYS", raising=False)
     return home
 
 

@@ -1,4 +1,5 @@
-"""The .kolm artifact: signed, hashed, atomic; tampered, truncated or wrongly keyed files are refused."""
+"""The .kolm artifact: signed, hashed, atomic; tampered, truncated or wrongly keyed files are refused.
+Every test runs for both signature algorithms (HMAC-SHA256 and Ed25519)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from signing_helpers import ALGS, signing_node, write_pair
 
 from kolm_ray.artifact import MANIFEST, open_artifact, pack, verify
 from kolm_ray.cli import main
 from kolm_ray.errors import ArtifactError
 
 
+@pytest.fixture(params=ALGS)
+def alg(request, monkeypatch, tmp_path) -> str:
+    """The algorithm under test; the node signs with its key (and so verifies what it signed)."""
+    signing_node(monkeypatch, request.param, tmp_path)
+    return request.param
+
+
 @pytest.fixture
-def artifact(tmp_path: Path) -> Path:
+def artifact(tmp_path: Path, alg: str) -> Path:
     staging = tmp_path / "staging"
     (staging / "sub").mkdir(parents=True)
     (staging / "model.safetensors").write_bytes(b"\x00" * 1000)
@@ -36,9 +45,11 @@ def _rewrite(src: Path, dst: Path, change) -> None:
                 zout.writestr(info.filename, data)
 
 
-def test_manifest_fields_and_roundtrip(artifact: Path) -> None:
+def test_manifest_fields_and_roundtrip(artifact: Path, alg: str) -> None:
     m = verify(artifact)
-    assert m["format"] == "kolm/1" and m["signature_alg"] == "hmac-sha256"
+    assert m["format"] == "kolm/1" and m["signature_alg"] == alg
+    with zipfile.ZipFile(artifact) as z:
+        assert len(z.read("signature")) == {"hmac-sha256": 64, "ed25519": 128}[alg]
     assert set(m["files"]) == {"model.safetensors", "config.json", "sub/tokenizer.json"}
     assert {"created_at", "key_id", "name", "kind", "spec", "metrics"} <= set(m)
     with open_artifact(artifact) as opened:
@@ -86,9 +97,16 @@ def test_truncated_refused(artifact: Path, tmp_path: Path) -> None:
             verify(bad)
 
 
-def test_wrong_key_refused(artifact: Path, monkeypatch) -> None:
+def test_wrong_key_refused(artifact: Path, alg: str, monkeypatch, tmp_path: Path) -> None:
+    signed_by = verify(artifact)["key_id"]
+    if alg == "ed25519":  # a node that trusts another key only: exit 4 naming the key that signed it
+        monkeypatch.delenv("KOLM_SIGNING_KEY_FILE")
+        monkeypatch.setenv("KOLM_TRUSTED_KEYS", str(write_pair(tmp_path / "other", seed=2)[1]))
+        with pytest.raises(ArtifactError, match=f"signed with key {signed_by}, which is not a trusted key"):
+            verify(artifact)
+        return
     monkeypatch.setenv("KOLM_SIGNING_KEY", "a-different-key-of-reasonable-length")
-    with pytest.raises(ArtifactError, match="another key"):
+    with pytest.raises(ArtifactError, match=f"another key \\(signed with key {signed_by}, this key is "):
         verify(artifact)
 
 
@@ -125,9 +143,8 @@ def _resign(
 ) -> None:
     """Rewrite an artifact and sign it again with the real key: what only a holder of the key can do."""
     import hashlib
-    import hmac
 
-    from kolm_ray.settings import signing_key
+    from kolm_ray.artifact.signing import signer
 
     with zipfile.ZipFile(src) as z:
         members = {n: z.read(n) for n in z.namelist() if n not in (MANIFEST, "signature", drop)}
@@ -140,7 +157,7 @@ def _resign(
     body = json.dumps(manifest).encode()
     with zipfile.ZipFile(dst, "w") as z:
         z.writestr(MANIFEST, body)
-        z.writestr("signature", hmac.new(signing_key()[0], body, hashlib.sha256).hexdigest())
+        z.writestr("signature", signer().sign(body))
         for n, d in members.items():
             z.writestr(n, d)
 

@@ -3,8 +3,9 @@
 A .kolm is a zip holding
     manifest.json   format "kolm/1", name, description, kind, base, spec, k_floor, metrics,
                     files {name: sha256} of every other member, sizes {name: bytes}, created_at,
-                    signature_alg, key_id
-    signature       hex HMAC-SHA256 of manifest.json's exact bytes (key: settings.signing_key())
+                    signature_alg ("ed25519" or "hmac-sha256"), key_id
+    signature       hex Ed25519 signature (KOLM_SIGNING_KEY_FILE) or HMAC-SHA256 (settings.signing_key())
+                    of manifest.json's exact bytes; who signs and whom a node trusts: signing.py
     model.safetensors / adapter_model.safetensors, config.json, tokenizer files, labels.json, ...
 
 open_artifact() checks the signature and every member's hash before anything else reads a byte of it;
@@ -32,18 +33,17 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kolm_ray.artifact.signing import ALGS, HEX_LENGTH, check_signature, signer
 from kolm_ray.errors import ArtifactError, KolmError
-from kolm_ray.settings import signing_key
 
 FORMAT = "kolm/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "signature"
-SIGNATURE_ALG = "hmac-sha256"
 MAX_MEMBER_BYTES = 64 << 30  # no member larger than 64 GiB (a 7B model's safetensors are ~15 GiB)
 MAX_MANIFEST_BYTES = (
     8 << 20
 )  # a manifest holds a spec, metrics and hashes: a few KiB; read before the signature
-MAX_SIGNATURE_BYTES = 256  # 64 hex characters and some whitespace
+MAX_SIGNATURE_BYTES = 256  # 128 hex characters (Ed25519; HMAC is 64) and some whitespace
 MAX_MEMBERS = 10_000  # a tokenizer, config and a few weight shards; zipfile parses every entry up front
 MAX_DEPTH = 64  # JSON nesting in a manifest; a spec's schema is a few levels deep
 CHUNK = 1 << 20  # bytes inflated per read: memory per member stays at this, whatever its size
@@ -66,6 +66,7 @@ _CORRUPT = (
     OverflowError,
 )
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_SIGNATURE_HEX = re.compile("|".join(f"[0-9a-f]{{{n}}}" for n in sorted(set(HEX_LENGTH.values()))))
 _REQUIRED = ("files", "key_id", "kind", "spec")  # what verify and every predictor read without a default
 # Manifest fields and their JSON types, checked after the signature so that readers can rely on them.
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -102,7 +103,7 @@ def _safe_name(name: Any) -> bool:
 def pack(staging: str | Path, out: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Zip every file under `staging` with a signed manifest into `out`, atomically. Returns the manifest."""
     staging, out = Path(staging), Path(out)
-    key, key_id = signing_key()
+    sign = signer()  # before hashing gigabytes: a bad KOLM_SIGNING_KEY_FILE fails at once
     files = {
         p.relative_to(staging).as_posix(): _sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
     }
@@ -115,11 +116,11 @@ def pack(staging: str | Path, out: str | Path, manifest: dict[str, Any]) -> dict
         # Signed byte counts: verify caps each member at its own size while it inflates.
         "sizes": {name: (staging / name).stat().st_size for name in files},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "signature_alg": SIGNATURE_ALG,
-        "key_id": key_id,
+        "signature_alg": sign.alg,
+        "key_id": sign.key_id,
     }
     body = json.dumps(full, indent=2, sort_keys=True).encode()
-    sig = hmac.new(key, body, hashlib.sha256).hexdigest()
+    sig = sign.sign(body)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     os.close(fd)
@@ -247,9 +248,9 @@ def _check_manifest(manifest: Any, where: str) -> dict[str, Any]:
         raise ArtifactError(f"{where}: manifest.json is not a JSON object of at most {MAX_DEPTH} levels")
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{where}: format {_clean(repr(manifest.get('format')))} is not {FORMAT}")
-    if manifest.get("signature_alg") != SIGNATURE_ALG:
+    if manifest.get("signature_alg") not in ALGS:
         alg = _clean(repr(manifest.get("signature_alg")))
-        raise ArtifactError(f"{where}: signature_alg {alg} is not {SIGNATURE_ALG}")
+        raise ArtifactError(f"{where}: signature_alg {alg} is not {' or '.join(ALGS)}")
     for field, types in _FIELD_TYPES.items():
         if field in manifest and not isinstance(manifest[field], types):
             kind = type(manifest[field]).__name__
@@ -292,19 +293,16 @@ def verify(path: str | Path, extract_to: str | Path | None = None) -> dict[str, 
                 raise ArtifactError(f"{where}: missing {MANIFEST} or {SIGNATURE}; not a .kolm artifact")
             body = _read_capped(z, MANIFEST, MAX_MANIFEST_BYTES, where)
             sig = _read_capped(z, SIGNATURE, MAX_SIGNATURE_BYTES, where).strip()
-            if not _HEX64.fullmatch(sig.decode("latin-1")):
-                raise ArtifactError(f"{where}: malformed signature (expected 64 hex characters)")
-            key, key_id = signing_key()
-            expected = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
-            parsed = _parse_manifest(body)
-            if not hmac.compare_digest(sig, expected):
-                claimed = parsed.get("key_id") if isinstance(parsed, dict) else None
-                hint = ""
-                if isinstance(claimed, str) and claimed != key_id:
-                    hint = f" (signed with key {_clean(claimed, 32)}, this key is {key_id})"
+            if not _SIGNATURE_HEX.fullmatch(sig.decode("latin-1")):
                 raise ArtifactError(
-                    f"{where}: signature does not match; tampered or signed with another key{hint}"
+                    f"{where}: malformed signature (expected 64 or 128 lowercase hex characters)"
                 )
+            parsed = _parse_manifest(body)
+            if not isinstance(parsed, dict):  # it must name its algorithm and key before it can be checked
+                raise ArtifactError(
+                    f"{where}: manifest.json is not a JSON object of at most {MAX_DEPTH} levels"
+                )
+            check_signature(body, sig, parsed, where)  # the manifest's own alg and key id, trusted keys only
             manifest = _check_manifest(parsed, where)
             files: dict[str, str] = manifest["files"]
             sizes: dict[str, int] | None = manifest.get("sizes")
@@ -418,8 +416,9 @@ def open_artifact(path: str | Path) -> OpenedArtifact:
 def verify_command(args) -> int:
     """kolm verify X.kolm: check the signature and every file hash."""
     m = verify(args.artifact)
+    key = f"{m['signature_alg']}, key {_clean(m['key_id'], 32)}"
     print(
-        f"ok {_clean(args.artifact, 300)}: signature valid (key {_clean(m['key_id'], 32)}), "
+        f"ok {_clean(args.artifact, 300)}: signature valid ({key}), "
         f"{len(m['files'])} files match their hashes"
     )
     return 0

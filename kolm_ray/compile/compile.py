@@ -167,11 +167,13 @@ def build_artifact(
 
 def compile_command(args) -> int:
     """kolm compile: validate -> train -> evaluate -> gate -> pack/sign. Prints `ok wrote OUT`."""
+    from kolm_ray.artifact.signing import signing_alg
     from kolm_ray.placement import quiet_deepspeed_on_cpu
 
     quiet_deepspeed_on_cpu()
     t0 = time.perf_counter()
     plan = validate(args)
+    alg = signing_alg()  # a bad KOLM_SIGNING_KEY_FILE is exit 2 here (dry runs too), not after training
     problem = plan.base.fetch_problem()  # before Ray starts: a missing base is a user's fix, not a crash
     if args.dry_run:
         if problem:
@@ -199,7 +201,7 @@ def compile_command(args) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"ok wrote {plan.output}")
-    print(f"   k_score={metrics['k_score']:.2f}  signature=hmac-sha256")
+    print(f"   k_score={metrics['k_score']:.2f}  signature={alg}")
     print(
         f"   accuracy={metrics['accuracy']:.3f}  brier={metrics['brier']:.4f}  ece={metrics['ece']:.4f}  "
         f"eval={metrics['n_eval']}  train={len(plan.train_rows)}  seconds={time.perf_counter() - t0:.0f}",

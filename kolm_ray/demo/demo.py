@@ -16,8 +16,9 @@
 8. summary   observations captured, recipe, K-score, route accuracy, fallback share, latency, loop, report.
 
 Everything runs on 127.0.0.1 and offline. Observations, recipe and artifact live under --out; the
-artifact is signed with your usual key ($KOLM_SIGNING_KEY or $KOLM_HOME/signing.key), so that
-`serve run deployments/recall.yaml` afterwards verifies and serves the artifact the demo wrote.
+artifact is signed with your usual key ($KOLM_SIGNING_KEY_FILE's Ed25519 key, else $KOLM_SIGNING_KEY or
+$KOLM_HOME/signing.key), so that `serve run deployments/recall.yaml` afterwards verifies and serves the
+artifact the demo wrote (docs/signing.md).
 """
 
 from __future__ import annotations
