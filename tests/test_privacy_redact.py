@@ -122,7 +122,14 @@ def _exchange(**kw) -> Exchange:
         "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
     }
     return Exchange(
-        "openai", "support", "acme", json.dumps(request).encode(), 200, 12.5, body=json.dumps(answer).encode(), **kw
+        "openai",
+        "support",
+        "acme",
+        json.dumps(request).encode(),
+        200,
+        12.5,
+        body=json.dumps(answer).encode(),
+        **kw,
     )
 
 
@@ -136,7 +143,8 @@ def test_exchange_redacts_input_output_and_request_only_when_switched_on():
 
 
 @pytest.mark.parametrize(
-    "omit, has_input, has_output", [("request", False, True), ("response", True, False), ("all", False, False)]
+    "omit, has_input, has_output",
+    [("request", False, True), ("response", True, False), ("all", False, False)],
 )
 def test_omit_keeps_spend_fields_and_drops_that_sides_text(omit, has_input, has_output):
     obs = to_observation(_exchange(omit=omit))
