@@ -21,6 +21,7 @@ numbers [CARD], IBANs [IBAN], US social security numbers [SSN]. Who does what:
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -33,8 +34,9 @@ TAGS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]", "iban": "[IBAN
 KINDS = tuple(TAGS)
 
 # Regions a phone number written without "+" is read in (numbers with "+" are read in any country):
-# the US first (the most common national format in the traffic kolm sees), then the UK's leading-0 form.
-PHONE_REGIONS = ("US", "GB")
+# the US (the most common national format in the traffic kolm sees); one with a leading 0 (a trunk
+# prefix) is read as British first.
+PHONE_REGIONS = ("US",)
 # Chosen on the validation half of benchmarks/data/pii_labelled.jsonl (benchmarks/redact.py --choose):
 # VALID takes every number some plan could dial, POSSIBLE also takes bare lengths, and the GROUPING
 # levels also require the digits to be grouped as the country writes them (they miss `4155550100`).
@@ -47,6 +49,10 @@ _CANDIDATES = re2.compile(
     r"|(?P<num>[+(]?[0-9][0-9()./ \-]{5,30}[0-9])"
 )
 _DIGITS = re.compile(r"\d+")
+# Dates and clock times in the shapes people write them: never a phone number, whatever the digits.
+_DATE_OR_TIME = re.compile(
+    r"(?<!\d)(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|\d{1,2}:\d{2}(?::\d{2})?)(?!\d)"
+)
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 # A bare digit string after one of these words is an identifier, not a phone number.
 _ID_WORDS = re.compile(
@@ -74,6 +80,14 @@ def _ssn_ok(area: str, group: str, serial: str) -> bool:
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
 
 
+def set_phone_leniency(leniency: int) -> None:
+    """Use another phonenumbers leniency (benchmarks/redact.py compares them); forgets cached answers."""
+    global PHONE_LENIENCY
+    PHONE_LENIENCY = leniency
+    _numbers_in.cache_clear()
+    _phones_in.cache_clear()
+
+
 def _kind(text: str, seq: list[tuple[int, int]]) -> str | None:
     """ "ssn", "card" or None for consecutive digit groups `seq` of `text` (one separator between each)."""
     seps = {text[a[1] : b[0]] for a, b in zip(seq, seq[1:], strict=False)}
@@ -89,8 +103,20 @@ def _kind(text: str, seq: list[tuple[int, int]]) -> str | None:
 
 
 def _numbers(text: str, start: int, end: int) -> list[tuple[int, int, str]]:
-    """SSNs and card numbers among the digit groups of text[start:end] (longest run first), then phones
-    in what is left."""
+    """SSNs, card numbers and phones in the candidate text[start:end] (what decides is the candidate, the
+    24 characters before it and the one after: so the answer is cached on those)."""
+    lo = max(0, start - 24)
+    found = _numbers_in(text[lo:start], text[start:end], text[end : end + 1])
+    return [(s + start, e + start, kind) for s, e, kind in found]
+
+
+@functools.lru_cache(maxsize=8192)  # system prompts and templates repeat: each number is judged once
+def _numbers_in(before: str, span: str, after: str) -> tuple[tuple[int, int, str], ...]:
+    """SSNs and card numbers among the digit groups of `span` (longest run first), then phones in what is
+    left; positions relative to `span`."""
+    if _DATE_OR_TIME.fullmatch(span):
+        return ()
+    text, start, end = before + span + after, len(before), len(before) + len(span)
     groups = [m.span() for m in _DIGITS.finditer(text, start, end)]
     found: list[tuple[int, int, str]] = []
     i = 0
@@ -103,30 +129,39 @@ def _numbers(text: str, start: int, end: int) -> list[tuple[int, int, str]]:
                 break
         else:
             i += 1
-    if len(found) == 1 and found[0][:2] == (groups[0][0], groups[-1][1]):
-        return found  # the whole candidate is one number: no phone inside it
-    for ps, pe in _phones(text, start, end):
-        if not any(ps < fe and fs < pe for fs, fe, _ in found):
-            found.append((ps, pe, "phone"))
-    return found
+    if not (len(found) == 1 and found[0][:2] == (groups[0][0], groups[-1][1])):  # else: one number, no phone
+        for ps, pe in _phones(text, start, end):
+            if not any(ps < fe and fs < pe for fs, fe, _ in found):
+                found.append((ps, pe, "phone"))
+    return tuple((s - start, e - start, kind) for s, e, kind in found)
 
 
 def _phones(text: str, start: int, end: int) -> list[tuple[int, int]]:
     """Phone numbers phonenumbers finds in text[start:end] (a candidate with a little context)."""
-    window = text[max(0, start - 1) : min(len(text), end + 1)]
-    offset = max(0, start - 1)
-    found: list[tuple[int, int]] = []
-    for region in PHONE_REGIONS:
-        for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=PHONE_LENIENCY):
-            s, e = m.start + offset, m.end + offset
-            raw = m.raw_string
-            if raw.isdigit() and _ID_WORDS.search(text[max(0, s - 24) : s]):
-                continue  # "order 4155550100": an id that happens to be dialable
-            if not any(s < fe and fs < e for fs, fe in found):
-                found.append((s, e))
+    lo, hi = max(0, start - 1), min(len(text), end + 1)
+    found = [(s + lo, e + lo) for s, e in _phones_in(text[lo:hi])]
+    return [
+        (s, e) for s, e in found if not (text[s:e].isdigit() and _ID_WORDS.search(text[max(0, s - 24) : s]))
+    ]
+
+
+@functools.lru_cache(maxsize=8192)  # system prompts and templates repeat: each number is parsed once
+def _phones_in(window: str) -> tuple[tuple[int, int], ...]:
+    digits = sum(ch.isdigit() for ch in window)
+    if not 7 <= digits <= 17 or _DATE_OR_TIME.search(window):
+        return ()  # no plan has numbers this short or long (E.164: at most 15 digits + a little slack)
+    core = window.lstrip("( ")
+    # "+": the number says its country. A leading 0 is a trunk prefix (UK and most of Europe); else the US.
+    regions = (
+        ("ZZ",) if "+" in window else (("GB", "US") if core[1:2] == "0" or core[:1] == "0" else PHONE_REGIONS)
+    )
+    for region in regions:
+        found = tuple(
+            (m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=PHONE_LENIENCY)
+        )
         if found:
             return found
-    return found
+    return ()
 
 
 def _iban_span(text: str, start: int, end: int) -> int | None:
