@@ -56,6 +56,12 @@ def _capture(p: argparse.ArgumentParser) -> None:
         default=1,
         help="capture processes on the one port (SO_REUSEPORT), one writer each (default 1)",
     )
+    p.add_argument(
+        "--redact",
+        choices=["pii"],
+        default=None,
+        help="pii: store e-mails, phones, cards, IBANs, SSNs as [EMAIL] ... (docs/privacy.md)",
+    )
 
     p.set_defaults(precheck=_check_capture_bind)
 
@@ -77,7 +83,7 @@ def _workers(value: str) -> int:
 
 
 def _observations(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="{list,import,export}")
+    sub = p.add_subparsers(dest="action", required=True, metavar="{list,import,export,delete}")
     ls = sub.add_parser("list", help="print observations as JSON lines")
     ls.add_argument("--namespace")
     ls.add_argument("--tenant")
@@ -92,7 +98,14 @@ def _observations(p: argparse.ArgumentParser) -> None:
     exp.add_argument("--namespace", required=True)
     exp.add_argument("--out", required=True)
     exp.add_argument("--verified-only", action="store_true")
-    for q in (ls, imp, exp):
+    rm = sub.add_parser(
+        "delete", help="delete matching rows, their shadow pairs, spool and dead-letter copies"
+    )
+    rm.add_argument("--namespace", required=True)
+    rm.add_argument("--tenant")
+    rm.add_argument("--before", help="only rows created before this ISO date or date-time (UTC if no zone)")
+    rm.add_argument("--matching", help="only rows holding this text in input, output or request")
+    for q in (ls, imp, exp, rm):
         q.add_argument("--store", default=None, help="observation store URL")
 
 

@@ -153,7 +153,7 @@ def test_verify_unknown_id_is_404(client):
 
 def test_unknown_routes_and_methods_are_json(client):
     assert client.get("/v1/bridges/nope").json()["error"].startswith("no route")
-    r = client.delete("/v1/bridges/observations")
+    r = client.put("/v1/bridges/observations")  # (DELETE is a route now: tests/test_privacy_delete.py)
     assert r.status_code == 405 and "error" in r.json()
 
 

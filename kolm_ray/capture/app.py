@@ -36,7 +36,7 @@ from yarl import URL
 
 from kolm_ray.capture.bridge import install_error_handlers, read_body
 from kolm_ray.capture.bridge import router as bridge_router
-from kolm_ray.capture.exchange import Exchange, check_request
+from kolm_ray.capture.exchange import Exchange, check_request, parse_omit
 from kolm_ray.capture.local import LocalAnswers
 from kolm_ray.capture.server import bind_socket, guarded_protocol, uvicorn_config_kwargs
 from kolm_ray.capture.spool import Spool, spool_dir
@@ -116,6 +116,8 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
     session: aiohttp.ClientSession = state.http
     encoding: str | None = None  # the upstream answer's Content-Encoding, for the writer to decode
 
+    privacy = getattr(request.state, "kolm_privacy", {})  # set by _answer: redact_pii, omit
+
     def record(status: int, latency_ms: float, answer: bytes = b"", **kw: Any) -> None:
         writer.submit(
             Exchange(
@@ -127,6 +129,7 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
                 latency_ms,
                 body=answer,
                 content_encoding=encoding,
+                **privacy,
                 **kw,
             )
         )
@@ -186,6 +189,13 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
 
 
 async def _answer(request: Request, provider: str) -> Response:
+    # What this call's observations may keep (docs/privacy.md): settled before anything is forwarded.
+    try:
+        omit = parse_omit(request.headers.get("x-kolm-omit"))
+    except ValueError as e:
+        return _error(400, str(e))
+    # Per request: the proxy's --redact pii (a capture key's own choice joins it here: `or key.redact`).
+    request.state.kolm_privacy = {"redact_pii": request.app.state.redact_pii, "omit": omit}
     # A promoted model answers its namespace's calls itself (observations/local.py); the rest go upstream.
     local = request.app.state.local
     response = await local.answer(request, provider) if local is not None else None
@@ -224,6 +234,7 @@ def create_app(
     max_queued_bytes: int = 512 * 1024 * 1024,
     spool_max_bytes: int = 1 << 30,
     local_answers: bool = True,
+    redact_pii: bool = False,
 ) -> FastAPI:
     """The capture proxy + bridge API as one ASGI app over `store`.
 
@@ -234,6 +245,7 @@ def create_app(
     max_in_flight / max_queued_bytes: past either, requests get 503 + Retry-After before forwarding.
     spool_max_bytes: the spool's size bound (past it observations are counted lost, loudly).
     local_answers: let promoted models answer their namespaces (kolm models promote; observations/local.py).
+    redact_pii: store every call's e-mails, phones, cards, IBANs, SSNs as [EMAIL] ... (`--redact pii`).
     The writer and the shared aiohttp session live for the app's lifespan; shutdown drains the writer.
     """
     upstreams = {
@@ -257,6 +269,7 @@ def create_app(
             raise_for_status=False,
         )
         home = kolm_home()
+        app.state.home = home  # where the spool and the dead letters are: a delete reaches them too
         app.state.writer = BackgroundWriter(
             store,
             Spool(spool_dir(home, store.url), max_bytes=spool_max_bytes),
@@ -283,6 +296,7 @@ def create_app(
     app.state.upstreams = upstreams
     app.state.upstream_urls = {k: URL(v) for k, v in upstreams.items()}  # parsed once, not per request
     app.state.admin_token = token
+    app.state.redact_pii = redact_pii
     app.state.capture_max_body = capture_max_body
     app.state.max_in_flight = max_in_flight
     app.state.in_flight = 0
@@ -395,6 +409,7 @@ def capture_command(args: argparse.Namespace) -> int:
             max_in_flight=int(env["KOLM_CAPTURE_MAX_IN_FLIGHT"]),
             max_queued_bytes=int(env["KOLM_CAPTURE_MAX_QUEUED_MB"] * 1024 * 1024),
             spool_max_bytes=int(env["KOLM_SPOOL_MAX_MB"] * 1024 * 1024),
+            redact_pii=getattr(args, "redact", None) == "pii",
         )
         sock = bind_socket(args.host, args.port, reuse_port=worker is not None)
     except BaseException:

@@ -6,6 +6,8 @@
          -> {"inserted": n}
     POST /v1/bridges/observations/{id}/verify   {"verified": bool, "output"?: corrected} -> the observation
     GET  /v1/bridges/namespaces            -> {"namespaces": [{"name", "count", "verified"}]}
+    DELETE /v1/bridges/observations?namespace=&tenant=&before=&matching=   (admin token only)
+         -> {"deleted": n}: the rows, their shadow pairs, their spool and dead-letter copies
 
 `Authorization: Bearer $KOLM_ADMIN_TOKEN` when that variable is set. Every bad input is a 4xx with
 `{"error": "..."}` naming the problem, and an import is all-or-nothing (one transaction).
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kolm_ray.observations.erase import Erasure
 from kolm_ray.observations.model import MalformedInput, loads_strict, parse_import
 from kolm_ray.observations.store import MAX_PAGE, Store
 from kolm_ray.settings import is_loopback
@@ -185,6 +188,40 @@ async def verify_observation(obs_id: str, request: Request, store: StoreDep) -> 
     if obs is None:
         raise HTTPException(404, f"observation {obs_id!r} not found")
     return obs.model_dump(mode="json")
+
+
+ERASE_PARAMS = ("namespace", "tenant", "before", "matching")
+
+
+@router.delete("/observations")
+async def delete_observations(request: Request) -> dict:
+    """Delete what the query matches (observations/erase.py), with the admin token only: {"deleted": n}.
+
+    Filters come only from the query string: an unknown or repeated parameter, or any body, is a 400
+    (a typo such as `tenat=` must not widen a delete to the whole namespace)."""
+    if request.app.state.admin_token is None:
+        raise HTTPException(
+            403, "deleting observations needs the admin token: start kolm capture with KOLM_ADMIN_TOKEN set"
+        )
+    query = request.query_params
+    unknown = sorted(set(query.keys()) - set(ERASE_PARAMS))
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise HTTPException(400, f"unknown parameter(s) {shown}; known: {', '.join(ERASE_PARAMS)}")
+    repeated = [k for k in ERASE_PARAMS if len(query.getlist(k)) > 1]
+    if repeated:
+        raise HTTPException(400, f"parameter {repeated[0]!r} given more than once")
+    if await read_body(request, 1024):
+        raise HTTPException(400, "DELETE takes its filters in the query string: send no body")
+    try:
+        erasure = Erasure.parse(*(query.get(k) for k in ERASE_PARAMS))
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+    writer = request.app.state.writer
+    try:
+        return await run_in_threadpool(writer.erase, erasure, request.app.state.home)
+    except TimeoutError as e:
+        raise HTTPException(503, str(e), {"Retry-After": "1"}) from None
 
 
 @router.get("/namespaces")

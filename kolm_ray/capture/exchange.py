@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from kolm_ray.observations.model import CLIENT_CLOSED, Observation, utcnow
+from kolm_ray.observations.model import CLIENT_CLOSED, Observation, Omitted, utcnow
 from kolm_ray.providers import Extracted, scrub_credentials, scrub_text
 from kolm_ray.providers import anthropic as anthropic_fmt
 from kolm_ray.providers import openai as openai_fmt
+from kolm_ray.providers.pii import redact_pii, redact_pii_json
 
 FORMATS = {"openai": openai_fmt, "anthropic": anthropic_fmt}
 MAX_DEPTH = 128  # JSON nesting a request may have: real schemas nest ~10-20; deeper is refused (400)
@@ -54,6 +55,11 @@ class Exchange:
     """Answered by the namespace's promoted model (observations/local.py): stored with provider "local"."""
     observation_id: str | None = None
     """The observation's id when the caller must know it (a shadow pair links the two); else a fresh one."""
+    redact_pii: bool = False
+    """Replace e-mails, phone numbers, card numbers, IBANs and SSNs by [EMAIL] ... in input, output and
+    request (providers/pii.py): the proxy's `--redact pii`, or the caller's capture key's choice."""
+    omit: Omitted | None = None
+    """X-Kolm-Omit: store no text of this side ("request": input and request, "response": output, "all")."""
 
     @property
     def nbytes(self) -> int:
@@ -119,6 +125,20 @@ def check_request(body: bytes) -> str | None:
         kind = {"[": "array", '"': "string"}.get(stripped[:1], "scalar")
         return f"request body must be a JSON object, got {kind}"
     return None
+
+
+OMIT_VALUES = ("request", "response", "all")
+
+
+def parse_omit(header: str | None) -> Omitted | None:
+    """The X-Kolm-Omit header's value (None when absent); ValueError (a 400 before forwarding) when bad."""
+    if header is None:
+        return None
+    value = header.strip().lower()
+    if value not in OMIT_VALUES:
+        shown = "".join(ch for ch in header[:40] if ch.isprintable())
+        raise ValueError(f"X-Kolm-Omit: {shown!r} is not one of request, response, all")
+    return value  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- decoding the upstream's answer, capped
@@ -245,14 +265,15 @@ def _build(ex: Exchange) -> Observation:
     if ex.error is not None and not ex.body:
         output = {"error": ex.error}
     model = parsed.model or (raw_request.get("model") if isinstance(raw_request.get("model"), str) else None)
+    input_text, output, request = _private(ex, scrub_text(input_text), scrub_credentials(output), request)
     return Observation(
         **({"id": ex.observation_id} if ex.observation_id else {}),
         namespace=ex.namespace,
         tenant=ex.tenant,
         provider="local" if ex.local else ex.provider,
         model=model,
-        input=scrub_text(input_text),
-        output=scrub_credentials(output),
+        input=input_text,
+        output=output,
         # Failures are known-bad (false); successes are not judged yet (null) until someone verifies.
         verified=None if ok else False,
         status=CLIENT_CLOSED if ex.client_closed else ex.status,
@@ -260,7 +281,23 @@ def _build(ex: Exchange) -> Observation:
         usage=parsed.usage,
         created_at=ex.created_at,
         request=request,
+        omitted=ex.omit,
     )
+
+
+def _private(ex: Exchange, input_text: str, output: Any, request: Any) -> tuple[str, Any, Any]:
+    """What privacy leaves of the three texts: nothing of an omitted side, PII redacted in the rest."""
+    if ex.omit in ("request", "all"):
+        input_text, request = "", None
+    if ex.omit in ("response", "all"):
+        output = None
+    if ex.redact_pii:
+        input_text, output, request = (
+            redact_pii(input_text),
+            redact_pii_json(output),
+            redact_pii_json(request),
+        )
+    return input_text, output, request
 
 
 def to_observation(ex: Exchange) -> Observation:
@@ -268,12 +305,15 @@ def to_observation(ex: Exchange) -> Observation:
     try:
         return _build(ex)
     except Exception as e:  # a provider parser's surprise must not cost the exchange its observation
+        text = scrub_text(ex.request_body[:10000].decode("utf-8", "replace"))
+        text = _private(ex, text, None, None)[0]
         return Observation(
             **({"id": ex.observation_id} if ex.observation_id else {}),
             namespace=ex.namespace,
             tenant=ex.tenant,
             provider="local" if ex.local else ex.provider,
-            input=scrub_text(ex.request_body[:10000].decode("utf-8", "replace")),
+            input=text,
+            omitted=ex.omit,
             output={"error": f"kolm could not parse this exchange: {type(e).__name__}: {e}"[:2000]},
             verified=False,
             status=CLIENT_CLOSED if ex.client_closed else ex.status,

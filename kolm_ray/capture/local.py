@@ -300,7 +300,8 @@ class LocalAnswers:
             # ASCII JSON of the parsed request: a lone surrogate stays an escape, as the client sent it.
             Exchange(provider, namespace, request.headers.get("x-kolm-tenant") or None, json.dumps(payload).encode(),
                      status, latency_ms,
-                     body=content, streamed=stream, local=local, observation_id=obs_id)
+                     body=content, streamed=stream, local=local, observation_id=obs_id,
+                     **getattr(request.state, "kolm_privacy", {}))
         )  # fmt: skip
 
     def _rate(self, namespace: str) -> float:
@@ -338,7 +339,7 @@ class LocalAnswers:
             state.writer.submit(
                 Exchange(provider, namespace, request.headers.get("x-kolm-tenant") or None, shadow_body, status,
                          (time.perf_counter() - t0) * 1000, body=content, content_encoding=encoding,
-                         observation_id=up_id)
+                         observation_id=up_id, **getattr(request.state, "kolm_privacy", {}))
             )  # fmt: skip
             agree, detail = _agreement(FORMATS[provider], content, encoding, status, local_output, loaded)
         self.served["shadowed"] += 1

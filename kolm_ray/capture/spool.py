@@ -22,7 +22,6 @@ segments it can lock, oldest first.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import threading
@@ -30,7 +29,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from kolm_ray.observations.erase import Erasure, erase_spool, spool_dir
 from kolm_ray.observations.model import Observation
+
+__all__ = ["Spool", "SpoolFull", "spool_dir"]
 
 log = logging.getLogger("kolm.capture")
 SEGMENT_BYTES = 16 * 1024 * 1024  # a new segment past this: replayed (and deleted) piece by piece
@@ -47,12 +49,6 @@ def _line(obs: Observation) -> str:
 
 class SpoolFull(OSError):
     """The spool is at its size bound (or its disk is full): the caller must count these as lost."""
-
-
-def spool_dir(home: Path, store_url: str) -> Path:
-    """The spool directory for one store: a store URL's hash (never its text: it may hold a password)."""
-    digest = hashlib.sha256(store_url.encode()).hexdigest()[:16]
-    return home / "spool" / digest
 
 
 class Spool:
@@ -170,6 +166,15 @@ class Spool:
             if line.strip():
                 out.append(Observation.model_validate_json(line.decode("utf-8", "replace")))
         return out
+
+    def erase(self, erasure: Erasure) -> int:
+        """Drop the rows `erasure` matches from every segment (observations/erase.py); how many.
+
+        Holds this spool's lock (no append meanwhile) and seals the open segment first, so every
+        segment is rewritten under its flock, the lock a replay takes."""
+        with self._lock:
+            self._close_segment()
+            return erase_spool(self.dir, erasure)
 
     def ack(self, path: Path) -> None:
         """The segment's rows are in the store: delete it."""

@@ -96,6 +96,8 @@ def run_workers(args: argparse.Namespace, url: str, banner: Callable[[str], list
     ):
         if value:
             cmd += [flag, value]
+    if getattr(args, "redact", None):
+        cmd += ["--redact", args.redact]
     procs: list[subprocess.Popen] = []
     stopping = False
 

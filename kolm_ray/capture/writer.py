@@ -28,6 +28,7 @@ from pathlib import Path
 
 from kolm_ray.capture.exchange import Exchange, sanitize, to_observation
 from kolm_ray.capture.spool import Spool, SpoolFull
+from kolm_ray.observations.erase import Erasure, dead_letter_lock, erase
 from kolm_ray.observations.model import Observation
 from kolm_ray.observations.store import Store
 
@@ -275,13 +276,15 @@ class BackgroundWriter:
             )
         except Exception:  # even the dump fails (e.g. pathological nesting): keep what identifies it
             line = json.dumps({"error": str(error)[:500], "id": obs.id, "namespace": obs.namespace})
-        self.dead_letter.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dead_letter, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # prompts: owner only
-        try:
-            os.write(fd, (line + "\n").encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with dead_letter_lock(self.dead_letter):  # a delete (observations/erase.py) rewrites it under this
+            fd = os.open(
+                self.dead_letter, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+            )  # prompts: owner only
+            try:
+                os.write(fd, (line + "\n").encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _to_spool(self, observations: list[Observation]) -> None:
         if not observations:
@@ -326,6 +329,18 @@ class BackgroundWriter:
             with self._cond:
                 self.spool_rows = 0
             log.info("spool replayed: the store has every observation again")
+
+    def erase(self, erasure: Erasure, home: Path) -> dict[str, int]:
+        """Delete what `erasure` matches everywhere this writer puts rows (observations/erase.py).
+
+        What was answered before the call is stored or spooled first (flush), so it is caught too."""
+        self.flush(timeout=10.0)
+        in_spool_before = self.spool_rows
+        result = erase(self.store, erasure, home, spool=self.spool)
+        if self.spool is not None:
+            with self._cond:  # the rows dropped from the spool will never be replayed
+                self.spool_rows = min(in_spool_before, self.spool.count_rows())
+        return result
 
     def close(self, drain_s: float | None = None) -> None:
         """Stop taking queued work; drain what is queued (to the store, or the spool past `drain_s`)."""

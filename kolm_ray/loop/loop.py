@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from kolm_ray.errors import KolmError
-from kolm_ray.observations.store.base import portable_sql
+from kolm_ray.observations.store.base import TRAINABLE, portable_sql
 
 DEFAULT_MIN_NEW = 500
 HOLDOUT = 200  # newest upstream calls held out per pass: a quarter of the new ones, 20 to 200
@@ -54,6 +54,7 @@ MIN_HOLDOUT = 20  # fewer rows of the candidate's shape: no verdict, the live mo
 ALPHA = 0.05
 LEASE_S = 6 * 3600  # longer than any compile on a small cluster; renewed before promoting
 USABLE = "provider IN ('openai', 'anthropic', 'import') AND verified IS NOT FALSE"
+USABLE += f" AND {TRAINABLE}"  # privacy: rows stored without their text (X-Kolm-Omit) never train
 
 # (store, namespace, exclude ids, workdir, name) -> candidate .kolm path; raises KolmError/GateError
 Builder = Callable[[Any, str, set[str], Path, str, Any], Path]

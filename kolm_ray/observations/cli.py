@@ -3,6 +3,7 @@
 kolm observations list --namespace support --verified true --limit 20     # JSON lines on stdout
 kolm observations import rows.jsonl --namespace support                   # all rows or none
 kolm observations export --namespace support --out support.jsonl [--verified-only]
+kolm observations delete --namespace support [--tenant T] [--before 2026-12-01] [--matching jane@example.com]
 """
 
 from __future__ import annotations
@@ -99,6 +100,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delete(args: argparse.Namespace) -> int:
+    from kolm_ray.observations.erase import Erasure, erase
+    from kolm_ray.settings import kolm_home
+
+    try:
+        erasure = Erasure.parse(args.namespace, args.tenant, args.before, args.matching)
+    except ValueError as e:
+        raise KolmError(f"--{e}") from None  # "--before: '2026-13-01' is not an ISO date: ..."
+    store = open_store(args.store)
+    try:
+        result = erase(store, erasure, kolm_home())
+    except TimeoutError as e:
+        raise KolmError(str(e)) from None
+    finally:
+        store.close()
+    print(json.dumps(result))
+    return 0
+
+
 def observations_command(args: argparse.Namespace) -> int:
-    """Dispatch `kolm observations list|import|export`."""
-    return {"list": _list, "import": _import, "export": _export}[args.action](args)
+    """Dispatch `kolm observations list|import|export|delete`."""
+    return {"list": _list, "import": _import, "export": _export, "delete": _delete}[args.action](args)

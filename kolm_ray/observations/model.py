@@ -16,9 +16,18 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 Provider = Literal["openai", "anthropic", "import", "local"]  # local: answered by a promoted model
+Omitted = Literal["request", "response", "all"]  # X-Kolm-Omit: the side whose text is not stored
 # fullmatch, never match with `$`: `$` also matches before a trailing newline ("support\n" would pass)
 NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 # Deepest JSON kolm stores. pydantic cannot serialize past ~255 levels, so a deeper row, once stored, would
@@ -77,11 +86,22 @@ class Observation(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
     request: dict[str, Any] | None = None
     """The full request body (system prompt, params) minus credentials."""
+    omitted: Omitted | None = None
+    """Which side's text was not stored (`X-Kolm-Omit`): such a row counts for spend, never for training."""
 
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, v: str) -> str:
         return check_namespace(v)
+
+    @model_serializer(mode="wrap")
+    def _omitted_only_when_set(self, handler: Any) -> dict[str, Any]:
+        # `omitted` appears in exports and bridge pages only on the rows it describes: the contract's
+        # observation keeps its fields.
+        data = handler(self)
+        if data.get("omitted") is None:
+            data.pop("omitted", None)
+        return data
 
     @field_validator("created_at")
     @classmethod
@@ -108,6 +128,7 @@ class ImportRow(BaseModel):
     usage: dict[str, Any] | None = None
     created_at: datetime | None = None
     request: dict[str, Any] | None = None
+    omitted: Omitted | None = None
 
     @field_validator("request")
     @classmethod

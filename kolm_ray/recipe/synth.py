@@ -244,6 +244,8 @@ def _select(observations: list[Any], verified_only: bool) -> tuple[list[int], li
             reason = "local answer (a promoted model's output)"
         elif verified is False:
             reason = "rejected (verified=false)"
+        elif _field(obs, "omitted"):  # privacy, apart from the other rules: text not stored (X-Kolm-Omit)
+            reason = "text omitted (X-Kolm-Omit)"
         elif verified is None and verified_only:
             reason = "unverified (--verified-only)"
         elif not isinstance(inp, str) or not inp.strip():

@@ -32,7 +32,7 @@ from typing import Any
 from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import check_namespace
 from kolm_ray.observations.store import Store, open_store
-from kolm_ray.observations.store.base import portable_sql
+from kolm_ray.observations.store.base import TRAINABLE, portable_sql
 from kolm_ray.settings import kolm_home
 
 FIT_SAMPLE = 200  # recent upstream outputs a spec is checked against at promotion
@@ -168,7 +168,8 @@ def check_fit(store: Store, namespace: str, manifest: dict[str, Any], shape: dic
     q = _sql(
         store,
         "SELECT input, output, request FROM observations WHERE namespace = ? AND provider <> 'local'"
-        " AND verified IS NOT FALSE ORDER BY seq DESC LIMIT ?",  # IS NOT FALSE: 0/1 or boolean columns alike
+        " AND verified IS NOT FALSE"
+        f" AND {TRAINABLE} ORDER BY seq DESC LIMIT ?",  # IS NOT FALSE: 0/1 or boolean columns alike
     )
     rows = store._read().execute(q, (namespace, FIT_SAMPLE * 5)).fetchall()
     checked, failures = 0, []

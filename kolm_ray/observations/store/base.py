@@ -31,6 +31,7 @@ COLUMNS = (
     "usage",
     "created_at",
     "request",
+    "omitted",
 )
 COLUMN_LIST = ", ".join(COLUMNS)
 
@@ -89,6 +90,10 @@ class Store(Protocol):
     def count(self, namespace: str | None = None) -> int:
         """How many observations (in a namespace, or in all)."""
 
+    def delete(self, erasure: Any) -> int:
+        """Delete the rows an `erase.Erasure` matches and their shadow pairs, in one transaction; how many
+        observations were deleted."""
+
     def schema_version(self) -> int:
         """The highest migration applied."""
 
@@ -125,6 +130,7 @@ def to_row(obs: Observation, iso_time: bool = False) -> tuple:
         dumps(obs.usage),
         created.isoformat() if iso_time else created,
         dumps(obs.request),
+        obs.omitted,
     )
 
 
@@ -146,7 +152,13 @@ def from_row(r: tuple | list) -> Observation:
         usage=None if r[10] is None else json.loads(r[10]),
         created_at=created.astimezone(timezone.utc),
         request=None if r[12] is None else json.loads(r[12]),
+        omitted=r[13],
     )
+
+
+# The rows any stage may train on, as far as privacy goes: those whose text was stored (no X-Kolm-Omit).
+# One condition, kept apart from every other filter (provider, verified, trust) so that each reads alone.
+TRAINABLE = "omitted IS NULL"
 
 
 def encode_cursor(seq: int) -> str:

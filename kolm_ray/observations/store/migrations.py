@@ -68,6 +68,14 @@ _SHARED: list[Migration] = [
             )""",
         ],
     ),
+    (
+        4,
+        [
+            # X-Kolm-Omit (docs/privacy.md): "request", "response" or "all" when that side's text was not
+            # stored; such rows count for spend and are never trained on (base.TRAINABLE).
+            "ALTER TABLE observations ADD COLUMN omitted TEXT",
+        ],
+    ),
 ]
 
 

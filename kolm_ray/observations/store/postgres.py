@@ -34,6 +34,7 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import Observation
 from kolm_ray.observations.store.base import (
     COLUMN_LIST,
+    TRAINABLE,
     check_limit,
     decode_cursor,
     encode_cursor,
@@ -50,9 +51,9 @@ CONNECT_TIMEOUT_S = 4
 POOL_MAX = 8  # the writer thread + the bridge's threadpool readers of one process
 _SELECT = (
     "seq, id, namespace, tenant, provider, model, input, output::text, verified, status, latency_ms, "
-    "usage::text, created_at, request::text"
+    "usage::text, created_at, request::text, omitted"
 )
-_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join(['%s'] * 13)})"
+_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join(['%s'] * 14)})"
 _TEXT_FIELDS = (0, 1, 2, 3, 4, 5)  # id .. input: where a NUL must become U+FFFD
 
 
@@ -303,10 +304,23 @@ class PostgresStore:
             return self._fetchall("SELECT COUNT(*) FROM observations")[0][0]
         return self._fetchall("SELECT COUNT(*) FROM observations WHERE namespace = %s", (namespace,))[0][0]
 
+    def delete(self, erasure: Any) -> int:
+        where, params = erasure.where("postgresql")
+        ids = f"SELECT id FROM observations WHERE {where}"
+
+        def run(conn: psycopg.Connection) -> int:
+            conn.execute(
+                f"DELETE FROM shadow_pairs WHERE local_id IN ({ids}) OR upstream_id IN ({ids})", params * 2
+            )
+            return conn.execute(f"DELETE FROM observations WHERE {where}", params).rowcount
+
+        return self._write(run)
+
     def dataset_source(self, namespaces: list[str]) -> tuple[str, list[Any], Callable[[], Any]]:
         sql = (
             "SELECT seq, id, namespace, input, output::text AS output, verified::int AS verified, "
-            "request::text AS request FROM observations WHERE namespace = ANY(%s) AND provider <> 'local' ORDER BY seq"
+            "request::text AS request FROM observations WHERE namespace = ANY(%s) AND provider <> 'local' AND "
+            f"{TRAINABLE} ORDER BY seq"
         )
         return sql, [list(namespaces)], functools.partial(_read_only, self._dsn)
 

@@ -15,6 +15,7 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import Observation
 from kolm_ray.observations.store.base import (
     COLUMN_LIST,
+    TRAINABLE,
     check_limit,
     decode_cursor,
     encode_cursor,
@@ -26,7 +27,7 @@ from kolm_ray.observations.store.migrations import migrate
 from kolm_ray.settings import private_file
 
 BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another process's write lock
-_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join('?' * 13)})"
+_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join('?' * 14)})"
 
 
 def _read_only(path: str) -> sqlite3.Connection:
@@ -239,9 +240,21 @@ class SQLiteStore:
             .fetchone()[0]
         )
 
+    def delete(self, erasure: Any) -> int:
+        where, params = erasure.where("sqlite")
+        ids = f"SELECT id FROM observations WHERE {where}"
+
+        def run(c: sqlite3.Connection) -> int:
+            c.execute(
+                f"DELETE FROM shadow_pairs WHERE local_id IN ({ids}) OR upstream_id IN ({ids})", params * 2
+            )
+            return c.execute(f"DELETE FROM observations WHERE {where}", params).rowcount
+
+        return self._write(run)
+
     def dataset_source(self, namespaces: list[str]) -> tuple[str, list[Any], Callable[[], Any]]:
         marks = ",".join("?" * len(namespaces))
-        sql = f"SELECT seq, id, namespace, input, output, verified, request FROM observations WHERE namespace IN ({marks}) AND provider <> 'local' ORDER BY seq"
+        sql = f"SELECT seq, id, namespace, input, output, verified, request FROM observations WHERE namespace IN ({marks}) AND provider <> 'local' AND {TRAINABLE} ORDER BY seq"
         return sql, list(namespaces), functools.partial(_read_only, str(self.path))
 
     def close(self) -> None:
