@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m kolm_ray.demo.demo
+	$(PY) -m kolm_ray.demo.demo $(if $(VERBOSE),--verbose)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q --timeout=900 --durations=20
