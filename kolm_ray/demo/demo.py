@@ -23,7 +23,6 @@ artifact is signed with your usual key ($KOLM_SIGNING_KEY or $KOLM_HOME/signing.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import shutil
@@ -33,9 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-from kolm_ray.demo.demo_loop import free_port, wait_http
+from kolm_ray.demo.demo_loop import free_port, run_kolm, wait_http
+from kolm_ray.demo.simulate.traffic import DEMO_NAMESPACE  # the observation namespace (the task)
+from kolm_ray.placement import progress_bars, quiet_output
 
-DEMO_NAMESPACE = "support-router"  # the observation namespace (the task), not a recall namespace
 DEMO_TENANT_KEY = "demo-all-key"  # the demo tenant in configs/tenants.yaml authorized for every namespace
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,9 +47,7 @@ def _step(n: int, title: str) -> float:
 
 def capture(out: Path, calls: int, store_url: str) -> dict:
     """Phase 1: the stand-in upstream, the capture proxy as a subprocess, the openai SDK as the client."""
-    import openai
-
-    from kolm_ray.demo.simulate import SYSTEM_PROMPT, generate_workload, start_upstream_in_thread
+    from kolm_ray.demo.simulate import generate_workload, send_traffic, start_upstream_in_thread
 
     upstream_url, stop_upstream = start_upstream_in_thread(latency_ms=5)
     port = free_port()
@@ -74,30 +72,8 @@ def capture(out: Path, calls: int, store_url: str) -> dict:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/v1/bridges/namespaces", proxy)
-        client = openai.OpenAI(
-            base_url=f"{base}/v1/capture/openai",
-            api_key="sk-demo-not-a-real-key",
-            default_headers={"X-Kolm-Namespace": DEMO_NAMESPACE},
-            max_retries=0,
-        )
-        items = generate_workload(calls, seed=0)
-
-        def ask(item) -> bool:
-            r = client.chat.completions.create(
-                model="gpt-4o-mini",
-                messages=[
-                    {"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": item.query},
-                ],
-            )
-            return r.choices[0].message.content is not None
-
-        from tqdm import tqdm
-
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            answered = sum(
-                tqdm(pool.map(ask, items), total=len(items), desc="openai SDK -> proxy", unit="call")
-            )
+        served = send_traffic(base, generate_workload(calls, seed=0), DEMO_NAMESPACE, 16, progress_bars())
+        answered = len(served)
     finally:
         proxy.send_signal(signal.SIGTERM)  # the proxy drains its write queue before it exits
         proxy.wait(timeout=60)
@@ -127,9 +103,8 @@ def recipe(out: Path, store_url: str) -> dict:
 def compile_tagger(out: Path, recipe_dir: str) -> dict:
     """Phase 3: `kolm compile --recipe DIR` as a user runs it (Ray Train, K-score gate, signing)."""
     artifact = out / "namespace-tagger.kolm"
-    cmd = [sys.executable, "-m", "kolm_ray.cli", "compile", "--recipe", recipe_dir, "--output", str(artifact)]
     print("$ kolm compile --recipe", recipe_dir, "--output", artifact, flush=True)
-    proc = subprocess.run(cmd)
+    proc = run_kolm(["compile", "--recipe", recipe_dir, "--output", str(artifact)])
     if proc.returncode != 0:
         raise SystemExit(f"compile failed with exit code {proc.returncode}")
     from kolm_ray.artifact import open_artifact
@@ -199,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--route-queries", type=int, default=400, help="held-out queries routed through Serve")
     p.add_argument("--local-calls", type=int, default=300, help="new calls sent once the loop promoted")
     p.add_argument("--out", default="demo-out", help="where the demo keeps everything (wiped first)")
+    p.add_argument("--verbose", action="store_true", help="Ray's own logs too (KOLM_VERBOSE=1 does the same)")
     args = p.parse_args(argv)
+    if args.verbose:
+        os.environ["KOLM_VERBOSE"] = "1"
+    quiet_output()  # progress bars only on a terminal, Ray's chatter off unless --verbose; children follow
 
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
