@@ -110,10 +110,10 @@ def test_readme_session_runs_as_written_after_the_demo(tmp_path):
     env.pop("RAY_ADDRESS", None)
     os.environ["KOLM_HOME"] = str(home)  # the demo signs with the same key the session verifies with
     try:
-        cap = capture(out, 1200, f"sqlite:///{out / 'observations.db'}")
+        cap = capture(out, 600, f"sqlite:///{out / 'observations.db'}")
     finally:
         os.environ.pop("KOLM_HOME", None)
-    assert cap["stored"] == 1200
+    assert cap["stored"] == 600
 
     # Ports chosen free here (the README's 8700 and 9100 may be taken on a shared machine); the venv's
     # `kolm` and `python` instead of `source .venv/bin/activate` (this checkout may have no .venv).
@@ -132,7 +132,7 @@ def test_readme_session_runs_as_written_after_the_demo(tmp_path):
         ln for ln in proc.stdout.splitlines() if ln.startswith("{") and '"namespace": "support-router"' in ln
     ]
     assert len(listed) >= 3  # kolm observations list --limit 3
-    assert "namespace support-router: 1400 observations" in log  # kolm cluster: the demo's + the traffic's
+    assert "namespace support-router: 800 observations" in log  # kolm cluster: the demo's + the traffic's
     assert (tmp_path / "recipe-out" / "pairs.jsonl").exists() and (
         tmp_path / "namespace-tagger.kolm"
     ).exists()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from kolm_ray.demo.demo_loop import free_port, run_kolm, wait_http
 from kolm_ray.demo.simulate.traffic import DEMO_NAMESPACE  # the observation namespace (the task)
-from kolm_ray.placement import progress_bars, quiet_output
+from kolm_ray.placement import progress_bars, quiet_output, verbose
 
 DEMO_TENANT_KEY = "demo-all-key"  # the demo tenant in configs/tenants.yaml authorized for every namespace
 REPO = Path(__file__).resolve().parents[2]
@@ -131,7 +132,10 @@ def serve_and_route(out: Path, artifact: str, queries: int) -> dict:
     port = free_port()
     if not os.environ.get("RAY_ADDRESS"):
         fast_serve_env()  # HAProxy + throughput-optimized Serve, as `kolm serve` starts it
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    quiet = {} if verbose() else {"logging_config": ray.LoggingConfig(log_level="ERROR")}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **quiet)
+    if not verbose():  # Serve's own INFO lines (`Started Serve in namespace ...`) are a log, not the demo
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(
