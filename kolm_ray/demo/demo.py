@@ -1,6 +1,6 @@
 """`make demo`: the whole loop on the embedded default, start to finish, in phases that read in order.
 
-    python -m kolm_ray.demo.demo [--calls 1600] [--out demo-out]
+    python -m kolm_ray.demo.demo [--calls 1600] [--out demo-out] [--verbose]     (make demo [VERBOSE=1])
 
 1. capture   a stand-in frontier API (kolm_ray.demo.simulate) behind `kolm capture` (a real subprocess);
              the official openai SDK sends support queries through the proxy, which records each
@@ -15,7 +15,8 @@
 7. report    `kolm report --html`: spend, savings, live agreement; the page's path.
 8. summary   observations captured, recipe, K-score, route accuracy, fallback share, latency, loop, report.
 
-Everything runs on 127.0.0.1 and offline. Observations, recipe and artifact live under --out; the
+Sent to a file, each phase prints a few lines (no progress bars: those only on a terminal) and Ray's own
+logs stay off unless --verbose. Everything runs on 127.0.0.1 and offline. Observations, recipe and artifact live under --out; the
 artifact is signed with your usual key ($KOLM_SIGNING_KEY or $KOLM_HOME/signing.key), so that
 `serve run deployments/recall.yaml` afterwards verifies and serves the artifact the demo wrote.
 """
