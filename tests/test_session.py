@@ -96,7 +96,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(3000)  # one compile took over 20 min on the shared 2-core machine at load ~50
 def test_readme_session_runs_as_written_after_the_demo(tmp_path):
     """After `make demo` (here: its capture phase, which fills demo-out/observations.db), the README's
     session typed line by line: every command exits 0 and says what the README says it does."""
@@ -124,7 +124,7 @@ def test_readme_session_runs_as_written_after_the_demo(tmp_path):
     for ln in lines[1:]:
         script.append(ln.replace("8700", str(proxy)).replace("9100", str(upstream)))
     proc = subprocess.run(["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=1400)  # fmt: skip
+                          text=True, timeout=2900)  # fmt: skip
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "200 calls to http://127.0.0.1:" in log and "200 answered" in log  # the traffic step
