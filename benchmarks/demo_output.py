@@ -6,7 +6,7 @@
 Each log is the demo's combined stdout + stderr sent to a file (run it yourself: the demo takes minutes,
 so this script only reads the logs). Counted per log: `lines` (newlines, what `wc -l` says), the
 carriage-return redraws a progress bar writes inside those lines, lines that are progress bars
-(tqdm's `NN%|...|`), Ray's own lines (its Python loggers' `INFO`/`WARNING` records, Ray Train's
+(tqdm's `NN%|...|`), error and traceback lines, Ray's own lines (its Python loggers' `INFO`/`WARNING` records, Ray Train's
 `Reporting training result`, worker-group and process-group notices, the C++ core's `[... E pid tid]
 file.cc:N:` lines), the phase headers (`== N. ...`) and whether the summary was printed. A trailing
 `/usr/bin/time -v` block, when the run was timed, is left out of every count.
@@ -47,10 +47,26 @@ def count(text: str, through_phase: int | None = None) -> dict:
         "ray_python_log_lines": sum(1 for ln in lines if RAY_PY.match(ln)),
         "ray_train_lines": sum(1 for ln in lines if any(k in ln for k in RAY_TRAIN)),
         "ray_core_cpp_lines": sum(1 for ln in lines if RAY_CORE.match(ln)),
+        "error_and_traceback_lines": _error_lines(lines),
         "phase_headers": sum(1 for ln in lines if re.match(r"^== \d\. ", ln)),
         "summary_printed": any(ln.startswith("== 8. summary") for ln in lines),
         "longest_line_chars": max((len(ln) for ln in lines), default=0),
     }
+
+
+def _error_lines(lines: list[str]) -> int:
+    """Lines of Python tracebacks (from `Traceback ...` to the exception's own line) and the one-line
+    errors that introduce them (`Exception in thread ...`, Ray's `Failed to send resource request ...`)."""
+    n, inside = 0, False
+    for ln in lines:
+        if ln.startswith(("Exception in thread", "Failed to send resource request")):
+            n += 1
+        elif ln.startswith("Traceback (most recent call last):"):
+            inside, n = True, n + 1
+        elif inside:
+            n += 1
+            inside = ln.startswith(" ")  # the exception's unindented line ends the traceback
+    return n
 
 
 def _read(path: str) -> str:
