@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m kolm_ray.demo.demo
+	$(PY) -m kolm_ray.demo.demo $(if $(VERBOSE),--verbose)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q --timeout=900 --durations=20
@@ -43,7 +43,9 @@ lint: $(STAMP)
 
 # The HTTP benchmarks drive load with compiled generators (Debian packages), installed here when missing:
 # hey for capture.py and store.py, wrk (a Lua script, a different query per request) for recall.py.
+# py-spy (capture.py's and recall.py's profiles) comes from PyPI, in the test extra; installed here if missing.
 bench: $(STAMP)
+	@test -x $(VENV)/bin/py-spy || $(PY) -m pip install -q 'py-spy>=0.3'
 	@command -v hey >/dev/null 2>&1 || apt-get install -y hey >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y hey >/dev/null 2>&1) \
 		|| { echo "make bench: benchmarks/capture.py drives load with hey; install it: sudo apt-get install -y hey"; exit 1; }
 	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y wrk >/dev/null 2>&1) \

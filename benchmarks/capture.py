@@ -264,7 +264,7 @@ def main() -> int:
                 )
                 print(json.dumps(rows[-1]), flush=True)
             profile = None
-            if args.profile_s > 0 and shutil.which("py-spy"):
+            if args.profile_s > 0 and capture_profile.py_spy():
                 ns = f"profile-{TARGET['rate']}"
                 url = f"{proxy_url}/v1/capture/openai/chat/completions"
                 profile = capture_profile.profile(

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -118,6 +120,13 @@ def _runqueue_wait(pid: int) -> dict[int, float]:
     return out
 
 
+def py_spy() -> str | None:
+    """The py-spy binary: the one PyPI installs beside this Python (the `test` extra, `make bench`), else
+    the first on PATH; None when there is none (the profile is then skipped)."""
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.exists() else shutil.which("py-spy")
+
+
 def _cpu(proc: psutil.Process) -> float:
     c = proc.cpu_times()
     return c.user + c.system
@@ -129,7 +138,7 @@ def profile(
     """Sample the proxy with py-spy while run_hey() (a `seconds`-long hey run) drives it."""
     proxy, upstream = psutil.Process(proxy_pid), psutil.Process(upstream_pid)
     spy = subprocess.Popen(
-        ["py-spy", "record", "--pid", str(proxy_pid), "--duration", str(int(seconds) + 2)]
+        [py_spy() or "py-spy", "record", "--pid", str(proxy_pid), "--duration", str(int(seconds) + 2)]
         + ["--rate", str(rate), "--format", "raw", "--threads", "--idle", "--nonblocking", "-o", str(raw)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import capture_profile  # py_spy(): the py-spy binary PyPI installed beside this Python
 import psutil
 import wrk_load
 
@@ -227,7 +228,7 @@ def profile(url: str, key: str, queries: list[str], rate: float, seconds: float,
         for role, ps in procs.items():
             for p in ps:
                 raw = Path(tmp) / f"{role}-{p.pid}.txt"
-                cmd = ["py-spy", "record", "--pid", str(p.pid), "--duration", str(int(seconds) + 2), "--rate",
+                cmd = [capture_profile.py_spy() or "py-spy", "record", "--pid", str(p.pid), "--duration", str(int(seconds) + 2), "--rate",
                        str(hz), "--format", "raw", "--nonblocking", "-o", str(raw)]  # fmt: skip
                 spies.append(
                     (role, p, raw, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))

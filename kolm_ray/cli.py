@@ -265,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kolm", description="Turn frontier-API traffic into small models you own."
     )
+    parser.add_argument(  # SUPPRESS: absent unless given, so each command's namespace is its own flags
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show Ray's own logs too (KOLM_VERBOSE=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text, build) in COMMANDS.items():
         build(sub.add_parser(name, help=help_text, description=help_text))
@@ -284,6 +290,11 @@ def _printable(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from kolm_ray.placement import quiet_output
+
+    if getattr(args, "verbose", False):
+        os.environ["KOLM_VERBOSE"] = "1"
+    quiet_output()  # progress bars only on a terminal; Ray's chatter off unless verbose (children follow)
     try:
         if precheck := getattr(args, "precheck", None):
             precheck(args)

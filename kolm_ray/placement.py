@@ -18,6 +18,37 @@ from kolm_ray.errors import KolmError
 _QUIET_ENV = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "0", "RAY_DEDUP_LOGS": "1"}
 
 
+def verbose() -> bool:
+    """KOLM_VERBOSE=1 (what `kolm --verbose` and `make demo VERBOSE=1` set): show Ray's own logs too."""
+    return os.environ.get("KOLM_VERBOSE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def progress_bars() -> bool:
+    """Progress bars only on a terminal: sent to a file they are hundreds of redrawn lines, so there each
+    phase prints one line instead (a TQDM_DISABLE the user set wins either way)."""
+    import sys
+
+    if os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false"):
+        return False
+    return verbose() or sys.stderr.isatty()
+
+
+def quiet_output() -> None:
+    """Progress bars only on a terminal, Ray's own chatter off unless verbose(); called first by `kolm` and
+    `make demo`. It sets environment variables (never one the user set), so the child processes and the
+    local Ray workers started afterwards follow it too: tqdm's bars (ours, model2vec's, Ray Train
+    workers') and Ray Data's progress bars off when stderr is not a terminal."""
+    if verbose() or progress_bars():
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def train_log_level() -> str:
+    """Ray Train's own console logs (`Requesting resources`, `Started training worker group`, ...)."""
+    return "INFO" if verbose() else "WARNING"
+
+
 def pick_device(prefer: str | None = None) -> str:
     """cuda, then mps, then cpu (KOLM_DEVICE or `prefer` overrides)."""
     import torch
@@ -220,16 +251,15 @@ def ray_session(worker_logs: bool = True) -> Iterator[None]:
     """Connect to RAY_ADDRESS, else start a local Ray; shut down on exit only what this call started.
 
     Without RAY_ADDRESS it always starts a fresh local Ray (address="local"), never attaching to whichever
-    cluster happens to run on the machine. worker_logs=False keeps the workers' output off the terminal, and
-    Ray Data's INFO lines too when stderr is not one (there they are a progress log, ~90 lines for a small
-    `kolm recipe`, ahead of the one line that matters); its warnings and errors still show.
+    cluster happens to run on the machine. worker_logs=False keeps the workers' output off the terminal.
+    Ray Data's INFO lines stay off the console unless verbose() (they are a progress log, ~90 lines for a
+    small `kolm recipe`, ahead of the one line that matters); its warnings and errors still show.
     """
     import logging
-    import sys
 
     import ray
 
-    if not worker_logs and not sys.stderr.isatty():
+    if not verbose():
         import ray.data  # noqa: F401  (its import sets up the "ray.data" logger: file DEBUG, console INFO)
 
         for handler in logging.getLogger("ray.data").handlers:

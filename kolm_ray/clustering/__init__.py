@@ -167,10 +167,12 @@ def _pipeline(
 
 def cluster_command(args: Any) -> int:
     """kolm cluster: run the Ray Data pipeline on one or more namespaces and print their clusters."""
+    from kolm_ray.observations.dataset import check_readable
     from kolm_ray.settings import redact_url, store_url
 
     url = store_url(args.store)
     namespaces = list(dict.fromkeys(args.namespace))
+    check_readable(url, namespaces)  # an empty or unknown namespace: exit 2 before Ray starts
     with ray_session(worker_logs=False):
         results = cluster_namespaces(url, namespaces, num_workers=args.num_workers)
     empty = [ns for ns in namespaces if not results[ns].clusters]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -113,7 +114,14 @@ def onnx_model_path() -> Path | None:
             _export_onnx(fp32)
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+            # quantize_dynamic logs a pre-processing hint on the root logger: advice, not a problem here.
+            root = logging.getLogger()
+            level = root.level
+            root.setLevel(logging.ERROR)
+            try:
+                quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+            finally:
+                root.setLevel(level)
             os.replace(int8, target)  # atomic: concurrent builders each write a whole file
     except Exception:  # noqa: BLE001 - any export failure means "use PyTorch"
         return None

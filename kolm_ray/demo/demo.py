@@ -1,6 +1,6 @@
 """`make demo`: the whole loop on the embedded default, start to finish, in phases that read in order.
 
-    python -m kolm_ray.demo.demo [--calls 1600] [--out demo-out]
+    python -m kolm_ray.demo.demo [--calls 1600] [--out demo-out] [--verbose]     (make demo [VERBOSE=1])
 
 1. capture   a stand-in frontier API (kolm_ray.demo.simulate) behind `kolm capture` (a real subprocess);
              the official openai SDK sends support queries through the proxy, which records each
@@ -15,17 +15,18 @@
 7. report    `kolm report --html`: spend, savings, live agreement; the page's path.
 8. summary   observations captured, recipe, K-score, route accuracy, fallback share, latency, loop, report.
 
-Everything runs on 127.0.0.1 and offline. Observations, recipe and artifact live under --out; the
-artifact is signed with your usual key ($KOLM_SIGNING_KEY_FILE's Ed25519 key, else $KOLM_SIGNING_KEY or
-$KOLM_HOME/signing.key), so that `serve run deployments/recall.yaml` afterwards verifies and serves the
-artifact the demo wrote (docs/signing.md).
+Sent to a file, each phase prints a few lines (no progress bars: those only on a terminal) and Ray's own
+logs stay off unless --verbose. Everything runs on 127.0.0.1 and offline. Observations, recipe and artifact
+live under --out; the artifact is signed with your usual key ($KOLM_SIGNING_KEY_FILE's Ed25519 key, else
+$KOLM_SIGNING_KEY or $KOLM_HOME/signing.key), so that `serve run deployments/recall.yaml` afterwards verifies
+and serves the artifact the demo wrote (docs/signing.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
+import logging
 import os
 import shutil
 import signal
@@ -34,9 +35,10 @@ import sys
 import time
 from pathlib import Path
 
-from kolm_ray.demo.demo_loop import free_port, wait_http
+from kolm_ray.demo.demo_loop import free_port, run_kolm, wait_http
+from kolm_ray.demo.simulate.traffic import DEMO_NAMESPACE  # the observation namespace (the task)
+from kolm_ray.placement import progress_bars, quiet_output, verbose
 
-DEMO_NAMESPACE = "support-router"  # the observation namespace (the task), not a recall namespace
 DEMO_TENANT_KEY = "demo-all-key"  # the demo tenant in configs/tenants.yaml authorized for every namespace
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,9 +50,7 @@ def _step(n: int, title: str) -> float:
 
 def capture(out: Path, calls: int, store_url: str) -> dict:
     """Phase 1: the stand-in upstream, the capture proxy as a subprocess, the openai SDK as the client."""
-    import openai
-
-    from kolm_ray.demo.simulate import SYSTEM_PROMPT, generate_workload, start_upstream_in_thread
+    from kolm_ray.demo.simulate import generate_workload, send_traffic, start_upstream_in_thread
 
     upstream_url, stop_upstream = start_upstream_in_thread(latency_ms=5)
     port = free_port()
@@ -75,30 +75,8 @@ def capture(out: Path, calls: int, store_url: str) -> dict:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/v1/bridges/namespaces", proxy)
-        client = openai.OpenAI(
-            base_url=f"{base}/v1/capture/openai",
-            api_key="sk-demo-not-a-real-key",
-            default_headers={"X-Kolm-Namespace": DEMO_NAMESPACE},
-            max_retries=0,
-        )
-        items = generate_workload(calls, seed=0)
-
-        def ask(item) -> bool:
-            r = client.chat.completions.create(
-                model="gpt-4o-mini",
-                messages=[
-                    {"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": item.query},
-                ],
-            )
-            return r.choices[0].message.content is not None
-
-        from tqdm import tqdm
-
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            answered = sum(
-                tqdm(pool.map(ask, items), total=len(items), desc="openai SDK -> proxy", unit="call")
-            )
+        served = send_traffic(base, generate_workload(calls, seed=0), DEMO_NAMESPACE, 16, progress_bars())
+        answered = len(served)
     finally:
         proxy.send_signal(signal.SIGTERM)  # the proxy drains its write queue before it exits
         proxy.wait(timeout=60)
@@ -128,9 +106,8 @@ def recipe(out: Path, store_url: str) -> dict:
 def compile_tagger(out: Path, recipe_dir: str) -> dict:
     """Phase 3: `kolm compile --recipe DIR` as a user runs it (Ray Train, K-score gate, signing)."""
     artifact = out / "namespace-tagger.kolm"
-    cmd = [sys.executable, "-m", "kolm_ray.cli", "compile", "--recipe", recipe_dir, "--output", str(artifact)]
     print("$ kolm compile --recipe", recipe_dir, "--output", artifact, flush=True)
-    proc = subprocess.run(cmd)
+    proc = run_kolm(["compile", "--recipe", recipe_dir, "--output", str(artifact)])
     if proc.returncode != 0:
         raise SystemExit(f"compile failed with exit code {proc.returncode}")
     from kolm_ray.artifact import open_artifact
@@ -157,7 +134,10 @@ def serve_and_route(out: Path, artifact: str, queries: int) -> dict:
     port = free_port()
     if not os.environ.get("RAY_ADDRESS"):
         fast_serve_env()  # HAProxy + throughput-optimized Serve, as `kolm serve` starts it
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    quiet = {} if verbose() else {"logging_config": ray.LoggingConfig(log_level="ERROR")}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **quiet)
+    if not verbose():  # Serve's own INFO lines (`Started Serve in namespace ...`) are a log, not the demo
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(
@@ -200,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--route-queries", type=int, default=400, help="held-out queries routed through Serve")
     p.add_argument("--local-calls", type=int, default=300, help="new calls sent once the loop promoted")
     p.add_argument("--out", default="demo-out", help="where the demo keeps everything (wiped first)")
+    p.add_argument("--verbose", action="store_true", help="Ray's own logs too (KOLM_VERBOSE=1 does the same)")
     args = p.parse_args(argv)
+    if args.verbose:
+        os.environ["KOLM_VERBOSE"] = "1"
+    quiet_output()  # progress bars only on a terminal, Ray's chatter off unless --verbose; children follow
 
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)

@@ -6,22 +6,53 @@
             promoted model answers them (`x-kolm-served-by: local`), a share is shadow-checked upstream.
 8. report   `kolm report --html` on the store: spend, savings, live agreement; the page's path.
 
-free_port and wait_http, which every phase that starts a proxy uses, live here (demo.py imports them).
+free_port, wait_http and run_kolm, which every phase that starts a proxy or a `kolm` command uses, live
+here (demo.py imports them).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 DEMO_SHADOW_RATE = "0.2"  # more shadow checks than the 0.05 default, so the demo's report has a window
+# A line of Ray's C++ core (`[2026-12-06 21:25:04,757 E 10341 10571] core_worker.cc:2465: ...`): Ray writes
+# these to the driver's stderr itself, past Python's logging, and its session logs keep them anyway.
+_RAY_CORE_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\] \S+\.(cc|h):\d+: ")
+
+
+def run_kolm(argv: list[str], capture: bool = False, env: dict[str, str] | None = None):
+    """`kolm ARGV` as a subprocess, as a user runs it; its stderr passes through minus Ray's C++ core lines
+    (unless KOLM_VERBOSE). capture=True: stdout is returned in `.stdout` instead of printed."""
+    from kolm_ray.placement import verbose
+
+    cmd = [sys.executable, "-m", "kolm_ray.cli", *argv]
+    if verbose():
+        return subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+    def relay() -> None:
+        for line in proc.stderr:
+            if not _RAY_CORE_LINE.match(line):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    relay_thread = threading.Thread(target=relay, daemon=True)
+    relay_thread.start()
+    out = proc.stdout.read() if capture else None
+    proc.wait()
+    relay_thread.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 
 def free_port() -> int:
@@ -49,9 +80,8 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
 
 def loop_phase(store_url: str) -> dict[str, Any]:
     """`kolm loop --once --min-new 500`: its line for the demo namespace."""
-    cmd = [sys.executable, "-m", "kolm_ray.cli", "loop", "--once", "--min-new", "500", "--store", store_url]
     print("$ kolm loop --once --min-new 500 --store", store_url, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    proc = run_kolm(["loop", "--once", "--min-new", "500", "--store", store_url], capture=True)
     sys.stdout.write(proc.stdout)
     if proc.returncode != 0:
         raise SystemExit(f"kolm loop failed with exit code {proc.returncode}")
@@ -64,9 +94,8 @@ def loop_phase(store_url: str) -> dict[str, Any]:
 def local_phase(out: Path, store_url: str, namespace: str, calls: int) -> dict[str, Any]:
     """The proxy on the same store answers new queries with the promoted model."""
     import httpx
-    import openai
 
-    from kolm_ray.demo.simulate import SYSTEM_PROMPT, generate_workload, start_upstream_in_thread
+    from kolm_ray.demo.simulate import generate_workload, send_traffic, start_upstream_in_thread
 
     upstream_url, stop_upstream = start_upstream_in_thread(latency_ms=5)
     port = free_port()
@@ -86,21 +115,7 @@ def local_phase(out: Path, store_url: str, namespace: str, calls: int) -> dict[s
             time.sleep(0.2)
         if label is None:
             raise SystemExit(f"the proxy never loaded {namespace}'s promoted model (see capture-local.log)")
-        client = openai.OpenAI(base_url=f"{base}/v1/capture/openai", api_key="sk-demo-not-a-real-key",
-                               default_headers={"X-Kolm-Namespace": namespace}, max_retries=0)  # fmt: skip
-
-        def ask(item) -> str:
-            raw = client.chat.completions.with_raw_response.create(
-                model="gpt-4o-mini",
-                messages=[
-                    {"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": item.query},
-                ],
-            )
-            return raw.headers.get("x-kolm-served-by", "?")
-
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            served = list(pool.map(ask, generate_workload(calls, seed=777)))
+        served = send_traffic(base, generate_workload(calls, seed=777), namespace, threads=4)
     finally:
         proxy.send_signal(signal.SIGTERM)  # drains its writes and in-flight shadow checks
         proxy.wait(timeout=90)
@@ -115,9 +130,9 @@ def report_phase(out: Path, store_url: str) -> dict[str, Any]:
     import json
 
     html = out / "report.html"
-    base = [sys.executable, "-m", "kolm_ray.cli", "report", "--store", store_url]
-    proc = subprocess.run([*base, "--json", "--html", str(html)], stdout=subprocess.PIPE, text=True)
+    base = ["report", "--store", store_url]
+    proc = run_kolm([*base, "--json", "--html", str(html)], capture=True)
     if proc.returncode != 0:
         raise SystemExit(f"kolm report failed with exit code {proc.returncode}")
-    subprocess.run(base)  # the table
+    run_kolm(base)  # the table
     return {"html": str(html), **json.loads(proc.stdout)}

@@ -17,6 +17,40 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import check_namespace
 
 
+def check_readable(store_url: str, namespaces: list[str]) -> None:
+    """Fail as one KolmError line, before Ray starts, when `kolm cluster`/`kolm recipe` would read nothing:
+    a SQLite file that does not exist, a malformed namespace, or a namespace with no rows to read.
+
+    Counts with the same query Ray Data's read_sql runs (`Store.dataset_source`), on one connection, so
+    "no rows" here means exactly what the pipeline would have found.
+    """
+    from kolm_ray.observations.store import open_store
+    from kolm_ray.settings import redact_url
+
+    if store_url.startswith("sqlite:///") and not Path(store_url[len("sqlite:///") :]).exists():
+        raise KolmError(f"observation store {store_url[len('sqlite:///') :]} does not exist")
+    for n in namespaces:
+        try:
+            check_namespace(n)
+        except ValueError as e:
+            raise KolmError(str(e)) from None
+    store = open_store(store_url)
+    try:
+        sql, params, connect = store.dataset_source(list(namespaces))
+    finally:
+        store.close()
+    conn = connect()
+    try:
+        cur = conn.cursor()
+        cur.execute(f"SELECT namespace, COUNT(*) FROM ({sql}) AS q GROUP BY namespace", params)
+        counts = dict(cur.fetchall())
+    finally:
+        conn.close()
+    empty = [n for n in namespaces if not counts.get(n)]
+    if empty:
+        raise KolmError(f"namespace {empty[0]!r} has no observations in {redact_url(store_url)}")
+
+
 def read_observations(store_url: str, namespaces: str | list[str], parallelism: int) -> Any:
     """A ray.data.Dataset of the namespaces' observations, read in `parallelism` shards.
 

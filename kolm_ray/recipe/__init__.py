@@ -30,10 +30,12 @@ def recipe_command(args: Any) -> int:
     """kolm recipe: cluster the namespace (Ray Data), then write a recipe for one cluster; print its paths."""
     from kolm_ray.clustering import cluster_members, cluster_namespace
     from kolm_ray.errors import KolmError
+    from kolm_ray.observations.dataset import check_readable
     from kolm_ray.placement import ray_session
     from kolm_ray.settings import redact_url, store_url
 
     url = store_url(args.store)
+    check_readable(url, [args.namespace])  # an empty or unknown namespace: exit 2 before Ray starts
     with ray_session(worker_logs=False):
         result = cluster_namespace(url, args.namespace, num_workers=args.num_workers, summarize=False)
         if not result.clusters:

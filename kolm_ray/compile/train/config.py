@@ -65,6 +65,9 @@ class TrainConfig:
     threads: int | None = None
     """torch intra-op threads per worker (default: what Ray or the OS gives)."""
     progress: bool = True
+    """A progress bar per epoch (rank 0); False prints one line per epoch instead (output not a terminal)."""
+    verbose: bool = False
+    """Under Ray: keep Ray Train's own INFO lines (`Reporting training result ...`) on the console."""
     in_ray: bool = False
     """Set by train/trainer.py: report through ray.train instead of writing output_dir."""
     output_dir: str | None = None

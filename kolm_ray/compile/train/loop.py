@@ -20,6 +20,7 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -177,10 +178,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     Returns the last epoch's metrics (plus "checkpoint": the last checkpoint directory when run without Ray).
     """
     cfg = TrainConfig(**config)
-    if cfg.in_ray:  # one line per epoch from Ray Train is plenty; our progress bar says the rest
+    if cfg.in_ray and not cfg.verbose:  # our bar (or line) per epoch says enough; Ray Train's INFO is noise
         import logging
 
         logging.getLogger("ray.train").setLevel(logging.WARNING)
+        # `Reporting training result ...` comes from a logger named after its file, which only the root
+        # logger's level (INFO under Ray Train) governs.
+        logging.getLogger().setLevel(logging.WARNING)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not cfg.in_ray:
@@ -315,6 +319,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             t = torch.tensor([total, float(seen)])
             torch.distributed.all_reduce(t)
             mean_loss = (t[0] / t[1].clamp(min=1)).item()
+        if not cfg.progress and rank == 0:  # no bar (output is not a terminal): one line per epoch
+            print(f"epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f}, {steps_per_epoch} batches, "
+                  f"{seconds:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
         state = {"epoch": epoch, "step": step, "losses": [*state["losses"], mean_loss]}
         metrics = {
             "epoch": epoch,

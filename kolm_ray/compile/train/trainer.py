@@ -45,10 +45,10 @@ def fit(
     Must run inside placement.ray_session() (or an initialised Ray). use_gpu=None: GPUs when the cluster has them.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from kolm_ray.placement import resolve_use_gpu, scaling_config, torch_threads
+    from kolm_ray.placement import progress_bars, resolve_use_gpu, scaling_config, torch_threads, verbose
 
     gpu = resolve_use_gpu(use_gpu)
     cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -56,6 +56,8 @@ def fit(
     if not gpu:
         config.threads = config.threads or torch_threads(int(per_worker))
     config.in_ray = True
+    config.progress = config.progress and progress_bars()  # a bar on a terminal, else a line per epoch
+    config.verbose = verbose()
     storage = storage_path or os.environ.get("KOLM_TRAIN_STORAGE") or _default_storage()
     run_name = name or f"compile-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     trainer = TorchTrainer(
@@ -68,6 +70,7 @@ def fit(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),
         ),
     )
     t0 = time.perf_counter()

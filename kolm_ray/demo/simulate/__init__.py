@@ -9,6 +9,7 @@
 
     python -m kolm_ray.demo.simulate upstream --port 9100 --latency-ms 20    # as its own process
     python -m kolm_ray.demo.simulate workload -n 5 --seed 0                  # JSON lines
+    python -m kolm_ray.demo.simulate traffic --proxy http://127.0.0.1:8700   # through kolm capture
 
 workload.py builds queries from templates around namespace-specific topic phrases; the upstream
 (upstream.py) labels a query with `frontier_label`, the same deterministic function the generator
@@ -20,6 +21,7 @@ the provider's shape; `x-sim-latency-ms`; `x-sim-chunk-delay-ms` (between SSE ev
 `sim-stream-cut` breaks the stream after two events (an upstream dying mid-answer).
 """
 
+from kolm_ray.demo.simulate.traffic import DEMO_NAMESPACE, send_traffic
 from kolm_ray.demo.simulate.upstream import (
     make_upstream_app,
     run_upstream,
@@ -38,6 +40,7 @@ from kolm_ray.demo.simulate.workload import (
 )
 
 __all__ = [
+    "DEMO_NAMESPACE",
     "NAMESPACES",
     "SYSTEM_PROMPT",
     "UNKNOWN",
@@ -47,6 +50,7 @@ __all__ = [
     "generate_workload",
     "make_upstream_app",
     "run_upstream",
+    "send_traffic",
     "serve_in_thread",
     "start_upstream_in_thread",
     "true_namespace",

@@ -1,10 +1,12 @@
-"""`python -m kolm_ray.demo.simulate upstream|workload`: the stand-in upstream as a process, or queries."""
+"""`python -m kolm_ray.demo.simulate upstream|workload|traffic`: the stand-in upstream as a process, the
+queries as JSON lines, or the queries sent through a `kolm capture` proxy with the openai SDK."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from kolm_ray.demo.simulate.traffic import DEMO_NAMESPACE, traffic_command
 from kolm_ray.demo.simulate.upstream import run_upstream
 from kolm_ray.demo.simulate.workload import generate_workload
 
@@ -24,7 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     wl.add_argument("-n", type=int, default=10)
     wl.add_argument("--seed", type=int, default=0)
     wl.add_argument("--noise", type=float, default=0.02)
+    tr = sub.add_parser("traffic", help="send support queries through a kolm capture proxy (openai SDK)")
+    tr.add_argument("--proxy", default="http://127.0.0.1:8700", help="the proxy's root URL")
+    tr.add_argument("--calls", type=int, default=200)
+    tr.add_argument("--namespace", default=DEMO_NAMESPACE, help="X-Kolm-Namespace of every call")
+    tr.add_argument("--seed", type=int, default=1, help="workload seed (make demo's capture uses 0)")
+    tr.add_argument("--threads", type=int, default=16, help="calls in flight")
     args = p.parse_args(argv)
+    if args.cmd == "traffic":
+        return traffic_command(args.proxy, args.calls, args.namespace, args.seed, args.threads)
     if args.cmd == "upstream":
         run_upstream(args.host, args.port, args.latency_ms, args.chunk_delay_ms, args.noise)
     else:
