@@ -363,7 +363,8 @@ def test_cli_tampered_unfit_and_nothing_to_roll_back(tmp_path, taggers, monkeypa
         (2, "tagger2", True),
     ]
     assert set(models[0]) == {"namespace", "version", "name", "sha256", "k_score", "k_floor", "live",
-                              "created_at", "promoted_at"}  # fmt: skip
+                              "created_at", "promoted_at", "threshold", "coverage", "answered_accuracy"}  # fmt: skip
+    assert 0.2 <= models[0]["coverage"] <= 1 and models[0]["answered_accuracy"] >= models[0]["k_floor"]
     assert main(["models", "rollback", "--namespace", "other", "--store", url]) == 0
     assert capsys.readouterr().out.strip() == "ok other -> tagger@1"
     assert main(["models", "rollback", "--namespace", "other", "--store", url]) == 2

@@ -54,6 +54,9 @@ class Exchange:
     """Answered by the namespace's promoted model (observations/local.py): stored with provider "local"."""
     observation_id: str | None = None
     """The observation's id when the caller must know it (a shadow pair links the two); else a fresh one."""
+    local_cpu_ms: float | None = None
+    """CPU milliseconds the namespace's local model spent on this call (answered locally, or tried and sent
+    upstream below its threshold): stored as usage.kolm_local_cpu_ms, priced by `kolm report`'s net savings."""
 
     @property
     def nbytes(self) -> int:
@@ -257,10 +260,18 @@ def _build(ex: Exchange) -> Observation:
         verified=None if ok else False,
         status=CLIENT_CLOSED if ex.client_closed else ex.status,
         latency_ms=round(ex.latency_ms, 3),
-        usage=parsed.usage,
+        usage=_with_local_cpu(parsed.usage, ex.local_cpu_ms),
         created_at=ex.created_at,
         request=request,
     )
+
+
+def _with_local_cpu(usage: Any, cpu_ms: float | None) -> Any:
+    """The provider's usage, plus `kolm_local_cpu_ms` when the local model ran for this call (token counts
+    are untouched: `kolm report` prices them as before)."""
+    if cpu_ms is None:
+        return usage
+    return {**(usage if isinstance(usage, dict) else {}), "kolm_local_cpu_ms": round(float(cpu_ms), 3)}
 
 
 def to_observation(ex: Exchange) -> Observation:

@@ -316,6 +316,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             torch.distributed.all_reduce(t)
             mean_loss = (t[0] / t[1].clamp(min=1)).item()
         state = {"epoch": epoch, "step": step, "losses": [*state["losses"], mean_loss]}
+        # This worker process's CPU seconds so far (its whole life: loading the base, every epoch), summed
+        # over the workers: what the compile's net-savings arithmetic prices (compile/compute.py).
+        cpu = torch.tensor([time.process_time()], dtype=torch.float64)
+        if world > 1:
+            summed = cpu.to(device) if on_gpu else cpu  # NCCL reduces GPU tensors only
+            torch.distributed.all_reduce(summed)
+            cpu = summed.cpu()
         metrics = {
             "epoch": epoch,
             "loss": mean_loss,
@@ -325,6 +332,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "start_epoch": start_epoch,
             "world_size": world,
             "batch_size": cfg.batch_size,
+            "worker_cpu_s": round(float(cpu[0]), 3),
+            "gpus": world if on_gpu else 0,
         }
         metrics["checkpoint"] = _checkpoint(cfg, unwrapped, opt, state, rank, engine, epoch, metrics)
         _maybe_kill(cfg, rank, epoch)
