@@ -231,6 +231,12 @@ def test_off_header_other_shape_and_low_confidence_go_upstream(proxy, taggers):
     upstream_obs = [o for o in observations if o.provider != "local"]
     assert len(upstream_obs) == 3 + expected.count(False)  # off, two other shapes, below threshold
     assert all(o.status == 200 and o.verified is None for o in upstream_obs)
+    # the local model's CPU time, for net savings: on every local answer, and on each call it tried and sent
+    # upstream below its threshold; never on a call it did not run for (off, another shape)
+    local_obs = [o for o in observations if o.provider == "local"]
+    assert local_obs and all(o.usage["kolm_local_cpu_ms"] > 0 for o in local_obs)
+    tried = [o for o in upstream_obs if "kolm_local_cpu_ms" in (o.usage or {})]
+    assert len(tried) == expected.count(False) and all(o.usage["kolm_local_cpu_ms"] > 0 for o in tried)
 
 
 def test_shadow_rate_within_binomial_bounds_and_pairs_stored(proxy, monkeypatch):

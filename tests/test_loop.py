@@ -51,10 +51,16 @@ def relabelled(artifact: Path, tmp: Path, old: str, new: str, name: str) -> Path
     from kolm_ray.inference.predictors import TAGGER_FILE
 
     files = tmp / "files"
+    files.mkdir(parents=True)
     manifest = verify(artifact, extract_to=files)
     meta = json.loads((files / TAGGER_FILE).read_text())
-    meta["labels"] = [new if lb == old else lb for lb in meta["labels"]]
+    meta["labels"] = {f: [new if lb == old else lb for lb in values] for f, values in meta["labels"].items()}
     (files / TAGGER_FILE).write_text(json.dumps(meta))
+    student = files / "student" / "student.json"  # the cascade's first stage answers too: the same labels
+    if student.is_file():
+        sm = json.loads(student.read_text())
+        sm["labels"] = [new if lb == old else lb for lb in sm["labels"]]
+        student.write_text(json.dumps(sm))
     keep = {k: v for k, v in manifest.items() if k not in ("files", "sizes", "created_at", "signature_alg",
                                                            "key_id", "format")}  # fmt: skip
     out = tmp / f"{name}.kolm"

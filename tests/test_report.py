@@ -240,3 +240,28 @@ def test_cli_json_and_bad_input(store, tmp_path, capsys, store_url):
     assert main(["report", "--html", str(tmp_path / "no" / "x.html"), "--store", store_url]) == 2
     assert not (tmp_path / "no").exists()
     assert Path(body["prices"]).is_file()
+
+
+@pytest.mark.parametrize("seconds", [20, 90, 3600, 3 * 86400])
+def test_time_axis_labels_are_readable_at_any_span(seconds):
+    """The live-agreement plot over a short window once printed ticks like `01:08.800000`: now clock times
+    (HH:MM or HH:MM:SS) or dates (`07 Dec`), the shared date said once in the offset."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kolm_ray.loop.report_html import _time_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([T0, T0 + timedelta(seconds=seconds)], [0, 1])
+    ax.set_xlim(T0, T0 + timedelta(seconds=max(seconds, 60)))
+    _time_axis(ax)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    plt.close(fig)
+    assert len(labels) >= 3, labels
+    assert all(re.fullmatch(r"\d\d:\d\d(:\d\d)?|\d\d [A-Z][a-z]{2}", t) for t in labels), labels
+    assert len(set(labels)) == len(labels), labels

@@ -12,7 +12,7 @@ import html
 import io
 import os
 import tempfile
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,11 @@ def _dt(s: str) -> datetime:
 
 
 def _time_axis(ax: Any) -> None:
-    """Readable time ticks at any span (seconds to months): matplotlib's concise date labels, at most ~6
+    """Readable time ticks at any span (a minute to months): matplotlib's concise date labels, 3 to 8
     ticks, the shared part (day, month) said once in the offset instead of on every tick."""
     import matplotlib.dates as mdates
 
-    locator = mdates.AutoDateLocator(minticks=3, maxticks=6)
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=8)
     formatter = mdates.ConciseDateFormatter(locator)
     formatter.formats = ["%Y", "%b", "%d %b", "%H:%M", "%H:%M", "%H:%M:%S"]  # never %S.%f fractions
     formatter.zero_formats = ["", "%Y", "%b", "%d %b", "%H:%M", "%H:%M"]
@@ -121,8 +121,8 @@ def agreement_plot(ns: Any) -> str:
             ax.axvline(_dt(t), color="#8172b2", alpha=0.5)
             ax.annotate(label, (_dt(t), 0.05), rotation=90, fontsize=7, color="#8172b2")
     ax.set_ylim(0, 1.05)
-    if span is not None and span[0] < span[1]:
-        ax.set_xlim(span)
+    if span is not None:  # at least a minute wide: second ticks, never fractions of one
+        ax.set_xlim(span[0], max(span[1], span[0] + timedelta(minutes=1)))
     ax.set_ylabel("agreement (trailing window)")
     ax.set_title(f"{ns.name}: live agreement vs floor")
     if ax.get_legend_handles_labels()[0]:
