@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from kolm_ray.compile.selective import COVERAGE_FLOOR, choose_threshold, gate, select_and_gate
+from kolm_ray.compile.selective import COVERAGE_FLOOR, choose_threshold, gate, select_and_gate, wilson_lower
 
 
 def test_gate_counts_only_the_answered_rows():
@@ -33,12 +33,22 @@ def test_choose_threshold_is_the_lowest_that_holds_the_floor_with_a_margin():
     conf = [0.99] * 50 + [0.8] * 50
     right = [True] * 50 + [True] * 40 + [False] * 10
     assert choose_threshold(conf, right, k_floor=0.95, minimum=0.7) == 0.99
-    assert choose_threshold(conf, right, k_floor=0.85, minimum=0.7) == 0.7  # 0.9 - 0.03 >= 0.85: all rows
-    # 0.9 - one standard error (0.03) is below 0.88: the margin keeps the noisy tail out
+    assert choose_threshold(conf, right, k_floor=0.85, minimum=0.7) == 0.7  # Wilson 0.866, confidence 0.895
+    # 0.9 observed, but its lower bound (0.866) is below 0.88: the margin keeps the noisy tail out
     assert choose_threshold(conf, right, k_floor=0.88, minimum=0.7) == 0.99
     assert choose_threshold(conf, [False] * 100, k_floor=0.5, minimum=0.7) is None
     # never below the spec's own threshold, even when every row is right
     assert choose_threshold([0.6, 0.65, 0.9], [True] * 3, k_floor=0.5, minimum=0.7) == 0.7
+
+
+def test_every_row_right_is_not_proof_enough():
+    """57 of 57 threshold rows right from 0.7 up (what a small threshold half can show by chance): the mean
+    confidence of the rows between 0.7 and 0.9 says they will not all be right, so the threshold rises."""
+    conf = [0.99] * 40 + [0.75] * 17
+    assert wilson_lower(57, 57) > 0.95  # the observed accuracy alone would answer everything
+    assert choose_threshold(conf, [True] * 57, k_floor=0.95, minimum=0.7) == 0.99
+    assert wilson_lower(18, 18) < 0.95 <= wilson_lower(19, 19)  # 19 right rows before a 0.95 floor is met
+    assert choose_threshold([0.99] * 18, [True] * 18, k_floor=0.95, minimum=0.7) is None
 
 
 def test_threshold_rows_and_gate_rows_are_different_rows():

@@ -13,9 +13,13 @@ a model answering under a fifth of its traffic saves too little to be worth serv
 answered-accuracy rests on too few rows to trust), so it is refused and the traffic keeps going upstream.
 
 The threshold is chosen on other rows than the ones gated on: `choose_threshold` picks, on the threshold
-rows, the lowest threshold (at least the spec's own fallback threshold, `minimum`) whose answered-accuracy
-minus one standard error (sqrt(a (1 - a) / n)) reaches k_floor, so that the gate rows, scored at that
-threshold, are not simply the same noise it was fitted on. `kolm compile` uses its eval split: the
+rows, the lowest threshold (at least the spec's own fallback threshold, `minimum`) at which both estimates
+of the answered-accuracy reach k_floor: the observed one's Wilson lower bound (z = 1, one standard error;
+unlike `a - sqrt(a (1 - a) / n)` it is below 1 when every answered row is right, so 19 right rows are
+needed for a 0.95 floor), and the mean calibrated confidence of the answered rows (what the calibration
+expects; it still sees the risk when a small threshold half happens to hold no errors above a threshold).
+Either estimate alone chose thresholds the gate half then refused on CLINC150's 30 banking + credit_cards
+intents (benchmarks/loop.py --task cards30: 57 of 57 threshold rows right at 0.7, 53 of 56 gate rows). `kolm compile` uses its eval split: the
 calibration half (temperatures and threshold) and the scoring half (gate). `kolm loop` gates the candidate
 at the threshold in its manifest on the newest held-out traffic, which neither the compile nor the
 threshold saw. Both call `gate` below, so one cannot pass what the other refuses.
@@ -91,22 +95,31 @@ def gate(
                      coverage_floor)  # fmt: skip
 
 
+def wilson_lower(hits: int, n: int, z: float = 1.0) -> float:
+    """Wilson score interval's lower bound for hits / n."""
+    if n == 0:
+        return 0.0
+    p = hits / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
+
+
 def choose_threshold(
     confidences: Sequence[float], right: Sequence[bool], k_floor: float, minimum: float
 ) -> float | None:
-    """The lowest threshold >= minimum (the most coverage) whose answered-accuracy on these rows, minus one
-    standard error, is at least k_floor; None when no threshold gets there."""
+    """The lowest threshold >= minimum (the most coverage) at which, on these rows, the answered rows'
+    Wilson lower bound (z = 1) and their mean confidence both reach k_floor; None when none does."""
     rows = sorted(zip(confidences, right, strict=True), key=lambda r: -r[0])
-    best, n, hits = None, 0, 0
+    best, n, hits, conf = None, 0, 0, 0.0
     i = 0
     while i < len(rows):
         c = rows[i][0]
         if c < minimum:
             break
         while i < len(rows) and rows[i][0] == c:  # every row at this confidence is answered together
-            n, hits, i = n + 1, hits + bool(rows[i][1]), i + 1
-        acc = hits / n
-        if acc - math.sqrt(acc * (1 - acc) / n) >= k_floor:
+            n, hits, conf, i = n + 1, hits + bool(rows[i][1]), conf + float(rows[i][0]), i + 1
+        if wilson_lower(hits, n) >= k_floor and conf / n >= k_floor:
             best = c
     if best is None:
         return None
