@@ -223,4 +223,11 @@ def compile_command(args) -> int:
         f"eval={metrics['n_eval']}  train={len(plan.train_rows)}  seconds={time.perf_counter() - t0:.0f}",
         file=sys.stderr,
     )
+    sel = metrics.get("selective")
+    if sel is not None:
+        print(
+            f"   answered_accuracy={sel['answered_accuracy']:.3f}  coverage={sel['coverage']:.3f}  "
+            f"threshold={sel['threshold']}  (on {sel['n_gate_rows']} eval pairs the threshold was not chosen on)",
+            file=sys.stderr,
+        )
     return 0
