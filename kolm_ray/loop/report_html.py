@@ -121,6 +121,9 @@ def agreement_plot(ns: Any) -> str:
             ax.axvline(_dt(t), color="#8172b2", alpha=0.5)
             ax.annotate(label, (_dt(t), 0.05), rotation=90, fontsize=7, color="#8172b2")
     ax.set_ylim(0, 1.05)
+    if span is None and ns.promotions:  # no pairs yet: the promotions' own minutes, not years around them
+        times = [_dt(t) for t, _ in ns.promotions]
+        span = (min(times) - timedelta(minutes=5), max(times) + timedelta(minutes=5))
     if span is not None:  # at least a minute wide: second ticks, never fractions of one
         ax.set_xlim(span[0], max(span[1], span[0] + timedelta(minutes=1)))
     ax.set_ylabel("agreement (trailing window)")
