@@ -188,6 +188,8 @@ def _report(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prices", default=None, help="price table (default $KOLM_PRICES, $KOLM_HOME/prices.yaml, configs/)"
     )
+    p.add_argument("--compute-prices", default=None, help="$/CPU-hour, $/GPU-hour table (default"
+                   " $KOLM_COMPUTE_PRICES, $KOLM_HOME/compute_prices.yaml, configs/)")  # fmt: skip
     p.add_argument("--store", default=None, help="store URL (default $KOLM_STORE or $KOLM_HOME)")
 
 

@@ -186,6 +186,21 @@ def test_compile_writes_signed_artifact_that_runs(ray_local, tmp_path: Path, cap
     assert {"brier", "ece", "field_accuracy", "temperature"} <= set(m["metrics"])
     losses = m["metrics"]["training"]["losses"]
     assert len(losses) == 6 and losses[-1] < losses[0]
+    # the selective gate: threshold chosen on the calibration half, gated on the other half
+    sel = m["metrics"]["selective"]
+    assert (
+        sel["passed"]
+        and sel["disjoint"]
+        and sel["n_threshold_rows"] + sel["n_gate_rows"] == m["metrics"]["n_eval"]
+    )
+    assert sel["answered_accuracy"] >= m["k_floor"] and sel["coverage"] >= 0.2
+    assert (
+        m["metrics"]["coverage"] == sel["coverage"] and sel["threshold"] >= 0.7
+    )  # the spec's fallback floor
+    # measured compute: the driver and the Ray Train worker both spent CPU; no GPU here
+    c = m["metrics"]["compute"]
+    assert c["driver_cpu_s"] > 0 and c["worker_cpu_s"] > 0 and c["gpus"] == 0 and c["gpu_s"] == 0
+    assert c["cpu_s"] == pytest.approx(c["driver_cpu_s"] + c["worker_cpu_s"], abs=0.01) and c["wall_s"] > 0
     student = m["metrics"]["student"]  # an encoder router: a student either holds the bar or is left out
     if student["used"]:
         assert student["k_score"]["cascade"] >= student["k_score"]["teacher"] - 0.005
@@ -203,7 +218,8 @@ def test_gate_below_floor_exits_3_and_writes_nothing(ray_local, tmp_path: Path, 
     write_pairs(tmp_path / "pairs.jsonl", 90, shuffle_labels=True)  # labels carry no signal: K ~ 1/3
     assert main(argv) == 3
     err = capsys.readouterr().err
-    assert "below floor 0.95" in err and err.strip().splitlines()[-1].startswith("error: K-score ")
+    last = err.strip().splitlines()[-1]  # the selective gate's line: no threshold answers well enough
+    assert last.startswith("error: ") and "k_floor 0.95" in last and "K-score " in last, last
     assert not (tmp_path / "tagger.kolm").exists() and not list(tmp_path.glob(".tagger.kolm*"))
 
 

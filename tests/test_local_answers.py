@@ -231,6 +231,12 @@ def test_off_header_other_shape_and_low_confidence_go_upstream(proxy, taggers):
     upstream_obs = [o for o in observations if o.provider != "local"]
     assert len(upstream_obs) == 3 + expected.count(False)  # off, two other shapes, below threshold
     assert all(o.status == 200 and o.verified is None for o in upstream_obs)
+    # the local model's CPU time, for net savings: on every local answer, and on each call it tried and sent
+    # upstream below its threshold; never on a call it did not run for (off, another shape)
+    local_obs = [o for o in observations if o.provider == "local"]
+    assert local_obs and all(o.usage["kolm_local_cpu_ms"] > 0 for o in local_obs)
+    tried = [o for o in upstream_obs if "kolm_local_cpu_ms" in (o.usage or {})]
+    assert len(tried) == expected.count(False) and all(o.usage["kolm_local_cpu_ms"] > 0 for o in tried)
 
 
 def test_shadow_rate_within_binomial_bounds_and_pairs_stored(proxy, monkeypatch):
@@ -363,7 +369,8 @@ def test_cli_tampered_unfit_and_nothing_to_roll_back(tmp_path, taggers, monkeypa
         (2, "tagger2", True),
     ]
     assert set(models[0]) == {"namespace", "version", "name", "sha256", "k_score", "k_floor", "live",
-                              "created_at", "promoted_at"}  # fmt: skip
+                              "created_at", "promoted_at", "threshold", "coverage", "answered_accuracy"}  # fmt: skip
+    assert 0.2 <= models[0]["coverage"] <= 1 and models[0]["answered_accuracy"] >= models[0]["k_floor"]
     assert main(["models", "rollback", "--namespace", "other", "--store", url]) == 0
     assert capsys.readouterr().out.strip() == "ok other -> tagger@1"
     assert main(["models", "rollback", "--namespace", "other", "--store", url]) == 2

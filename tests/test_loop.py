@@ -1,9 +1,9 @@
 """kolm loop on a generated namespace: promote a better candidate, keep the live model over a weakened one,
 skip a namespace with too few observations, never promote twice from two loops at once; the paired test.
 
-The candidate builder is swapped for one that returns a prebuilt real tagger (a strong one or a deliberately
-weakened one: 8 vs 2 epochs), so these run in seconds; everything after it (held-out selection, both models
-answering the held-out calls, McNemar, the lease, registry.promote) is the loop's own code. The full
+The candidate builder is swapped for one that returns a prebuilt real tagger (a strong one, a weakened one:
+8 vs 2 epochs, or the strong one relabelled to be wrong on a quarter of the rows), so these run in seconds;
+everything after it (held-out selection, both models answering the held-out calls, McNemar, the lease, registry.promote) is the loop's own code. The full
 recipe -> compile path runs in test_loop_compile_end_to_end (slow: Ray Data + Ray Train).
 """
 
@@ -34,12 +34,38 @@ def taggers(tmp_path_factory) -> dict[str, Path]:
     mp.setenv("KOLM_SIGNING_KEY", SIGNING_KEY)
     try:
         d = tmp_path_factory.mktemp("taggers")
+        strong = build_tagger(d / "s", seed=0, epochs=8, name="tagger")
         return {
-            "strong": build_tagger(d / "s", seed=0, epochs=8, name="tagger"),
+            "strong": strong,
             "weak": build_tagger(d / "w", seed=0, epochs=2, name="weak"),
+            "worse": relabelled(strong, d / "x", "music", "songs", name="worse"),
         }
     finally:
         mp.undo()
+
+
+def relabelled(artifact: Path, tmp: Path, old: str, new: str, name: str) -> Path:
+    """A copy of a tagger that answers `new` wherever it would answer `old` (re-signed): wrong on every `old`
+    row, right elsewhere, so it passes a low floor but is clearly worse than the original."""
+    from kolm_ray.artifact import pack, verify
+    from kolm_ray.inference.predictors import TAGGER_FILE
+
+    files = tmp / "files"
+    files.mkdir(parents=True)
+    manifest = verify(artifact, extract_to=files)
+    meta = json.loads((files / TAGGER_FILE).read_text())
+    meta["labels"] = {f: [new if lb == old else lb for lb in values] for f, values in meta["labels"].items()}
+    (files / TAGGER_FILE).write_text(json.dumps(meta))
+    student = files / "student" / "student.json"  # the cascade's first stage answers too: the same labels
+    if student.is_file():
+        sm = json.loads(student.read_text())
+        sm["labels"] = [new if lb == old else lb for lb in sm["labels"]]
+        student.write_text(json.dumps(sm))
+    keep = {k: v for k, v in manifest.items() if k not in ("files", "sizes", "created_at", "signature_alg",
+                                                           "key_id", "format")}  # fmt: skip
+    out = tmp / f"{name}.kolm"
+    pack(files, out, keep | {"name": name})
+    return out
 
 
 def traffic(n: int, seed: int = 3) -> list[Observation]:
@@ -97,7 +123,7 @@ def test_promotes_a_better_candidate(store, taggers, capsys):
 def test_keeps_the_live_model_over_a_weakened_candidate(store, taggers):
     registry.promote(store, taggers["strong"], NS)
     store.append_many(traffic(300))
-    (line,) = loop.loop_once(store, min_new=100, build=builder(taggers["weak"]))
+    (line,) = loop.loop_once(store, min_new=100, build=builder(taggers["worse"]))
     assert line.startswith(f"{NS}: kept tagger@1 (candidate ") and "candidate worse" in line
     assert registry.live_models(store)[NS].version == 1
     assert len(registry.list_models(store, NS)) == 1
@@ -171,14 +197,42 @@ def test_mcnemar_and_the_rule():
     assert loop.mcnemar_worse_p(5, 0) == 1 / 32
     assert loop.mcnemar_worse_p(0, 0) == 1.0
     assert loop.mcnemar_worse_p(3, 3) == pytest.approx(42 / 64)
+    assert loop.mcnemar_worse_p(3, 1) == pytest.approx(5 / 16)
     right, wrong = [True] * 90 + [False] * 10, [True] * 80 + [False] * 20
     assert loop.decide(right, wrong, 0.8).promote  # better
     assert loop.decide(right, right, 0.8).promote  # equal: the newer one
-    assert not loop.decide(wrong, right, 0.7).promote  # worse (b=10, c=0)
+    v = loop.decide(wrong, right, 0.7)
+    assert not v.promote and (v.b, v.c) == (10, 0) and "candidate worse" in v.reason  # p = 1/1024
     assert not loop.decide(right, None, 0.95).promote  # below its own floor
-    one_worse = [True] * 89 + [False] * 11
-    v = loop.decide(one_worse, right, 0.8)
-    assert not v.promote and (v.b, v.c) == (1, 0)  # the point estimate is worse: keep
+
+
+def test_the_test_decides_a_worse_point_estimate_that_chance_explains():
+    """b=3, c=1: the point estimate says the candidate is worse, McNemar (p = 5/16) says chance can explain
+    it; the test decides, so the candidate (which saw the newer traffic) is promoted. The former rule
+    (keep when b > c) kept the live model here, whatever the test said."""
+    live = [True] * 90 + [True, True, True, False] + [False] * 6
+    cand = [True] * 90 + [False, False, False, True] + [False] * 6
+    v = loop.decide(cand, live, 0.8)
+    assert (v.b, v.c) == (3, 1) and v.p == pytest.approx(5 / 16)
+    assert v.promote, v.reason
+    # ... and the same test keeps the live model once the difference is past chance: b=8, c=1, p = 10/512
+    live = [True] * 80 + [True] * 8 + [False] + [False] * 11
+    cand = [True] * 80 + [False] * 8 + [True] + [False] * 11
+    v = loop.decide(cand, live, 0.7)
+    assert (v.b, v.c) == (8, 1) and v.p < loop.ALPHA and not v.promote
+
+
+def test_the_selective_gate_decides_on_what_the_model_would_answer():
+    """Whole-set accuracy 0.85 under a k_floor of 0.95, but the confident 60% are all right: the candidate
+    answers those locally and sends the rest upstream, so it passes; answering too few rows does not."""
+    right = [True] * 60 + [True] * 25 + [False] * 15
+    conf = [0.99] * 60 + [0.5] * 40
+    v = loop.decide(right, None, 0.95, conf, threshold=0.9)
+    assert v.promote and v.selective["coverage"] == 0.6 and v.selective["answered_accuracy"] == 1.0
+    assert not loop.decide(right, None, 0.95).promote  # every row answered: 0.85 < 0.95
+    few = [0.99] * 10 + [0.5] * 90
+    v = loop.decide(right, None, 0.95, few, threshold=0.9)
+    assert not v.promote and "coverage below the floor 0.20" in v.reason
 
 
 def test_cli_bad_flags(capsys):

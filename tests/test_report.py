@@ -54,8 +54,11 @@ def store(store_url):
         # a stream without usage: an upstream call, no spend
         _obs("support", "openai", "gpt-4o-2024-08-06", None, 1, _req("gpt-4o", "f")),
         # two local answers to gpt-4o requests of the first shape
-        _obs("support", "local", "support@1", {"prompt_tokens": 0, "completion_tokens": 0}, 1, _req("gpt-4o", "g")),
-        _obs("support", "local", "support@1", {"prompt_tokens": 0, "completion_tokens": 0}, 2, _req("gpt-4o", "h")),
+        # (each took the local model 100 ms of CPU: what net savings price as serving)
+        _obs("support", "local", "support@1", {"prompt_tokens": 0, "completion_tokens": 0, "kolm_local_cpu_ms": 100},
+             1, _req("gpt-4o", "g")),
+        _obs("support", "local", "support@1", {"prompt_tokens": 0, "completion_tokens": 0, "kolm_local_cpu_ms": 100},
+             2, _req("gpt-4o", "h")),
         # other: a model with no price, and an import (not a call)
         _obs("other", "openai", "sim-frontier", {"prompt_tokens": 10, "completion_tokens": 5}, 0, _req("sim-frontier", "i")),
         _obs("other", "import", None, None, 0, _req("x", "j")),
@@ -65,15 +68,16 @@ def store(store_url):
     s.close()
 
 
-def _live_row(store, namespace: str, k_floor: float, version: int = 1) -> None:
-    """A registry row as `kolm models promote` writes it (the report reads rows, never the artifact)."""
+def _live_row(store, namespace: str, k_floor: float, version: int = 1, path: str = "/nowhere") -> None:
+    """A registry row as `kolm models promote` writes it (the report reads rows, and only the metrics of the
+    artifact's manifest)."""
     from kolm_ray import registry
 
     store._write(lambda c: c.execute(registry._sql(store,
         "INSERT INTO models (namespace, version, name, sha256, path, k_score, k_floor, threshold, shape, live,"
-        " created_at, promoted_at, rolled_back_at) VALUES (?, ?, 'support', 'f00', '/nowhere', 0.9, ?, 0.5,"
+        " created_at, promoted_at, rolled_back_at) VALUES (?, ?, 'support', 'f00', ?, 0.9, ?, 0.5,"
         " '{}', 1, ?, ?, NULL)"),
-        (namespace, version, k_floor, T0.isoformat(), (T0 + timedelta(hours=20)).isoformat()),
+        (namespace, version, path, k_floor, T0.isoformat(), (T0 + timedelta(hours=20)).isoformat()),
     ))  # fmt: skip
 
 
@@ -102,7 +106,61 @@ def test_spend_is_exact_and_savings_use_the_same_shape_mean(store):
     assert data["public"]["since"].startswith("2026-11-02T09:")
     assert s["live_agreement"] is None and s["drift"] is False and s["k_floor"] is None
     assert set(s) == {"name", "calls", "upstream_calls", "local_calls", "spend_usd", "saved_usd",
-                      "live_agreement", "k_floor", "drift"}  # fmt: skip
+                      "live_agreement", "k_floor", "drift", "coverage", "answered_accuracy", "compile_cpu_s",
+                      "compile_gpu_s", "local_cpu_s", "compile_usd", "serving_usd", "net_saved_usd",
+                      "break_even_calls"}  # fmt: skip
+    assert data["public"]["compute_prices"]["file"].endswith("configs/compute_prices.yaml")
+
+
+def _artifact_with_metrics(path: Path, metrics: dict) -> str:
+    """A zip with just the manifest's metrics: what the report reads of a registered artifact."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("manifest.json", json.dumps({"metrics": metrics}))
+    return str(path)
+
+
+def test_net_savings_price_the_compiles_and_the_local_cpu(store, tmp_path, capsys, store_url):
+    from kolm_ray.loop.compute_prices import load_compute_prices
+
+    table = tmp_path / "compute.yaml"  # $0.01 per CPU-second, $0.10 per GPU-second: round numbers
+    table.write_text('taken: "2026-12-01"\ncpu_hour: 36\ngpu_hour: 360\n')
+    art = _artifact_with_metrics(tmp_path / "m.kolm", {
+        "compute": {"cpu_s": 1.0, "gpu_s": 0.1, "wall_s": 2.0, "gpus": 1}, "coverage": 0.6, "answered_accuracy": 0.97,
+    })  # fmt: skip
+    _live_row(store, "support", k_floor=0.9, path=art)
+    data = build_report(store, load_prices(), "support", load_compute_prices(str(table)))
+    (s,) = data["public"]["namespaces"]
+    assert s["compile_usd"] == 0.02  # 1 CPU-s x $0.01 + 0.1 GPU-s x $0.10
+    assert s["local_cpu_s"] == 0.2 and s["serving_usd"] == 0.002  # two local answers, 100 ms each
+    assert s["saved_usd"] == 0.018 and s["net_saved_usd"] == -0.004  # 0.018 - 0.02 - 0.002
+    # each local answer nets (0.018 - 0.002) / 2 = $0.008: three of them pay the $0.02 of compiles
+    assert s["break_even_calls"] == 3
+    assert (s["coverage"], s["answered_accuracy"]) == (0.6, 0.97)
+    assert data["public"]["compute_prices"] == {"file": str(table), "taken": "2026-12-01", "currency": "USD",
+                                                "cpu_hour_usd": 36.0, "gpu_hour_usd": 360.0}  # fmt: skip
+    # the table and the HTML page say the same and name the table
+    argv = ["report", "--namespace", "support", "--compute-prices", str(table), "--store", store_url]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "-0.0040" in out and f"compute prices: {table} (taken 2026-12-01)" in out
+    assert main([*argv, "--html", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "<td>-0.0040</td><td>3</td>" in page and "$36</b> per CPU-hour" in page
+    # a bad table: exit 2, one line
+    table.write_text("cpu_hour: cheap\ngpu_hour: 1\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: compute price table") and "cpu_hour" in err and "\n" not in err
+
+
+def test_no_local_answers_no_break_even(store, tmp_path):
+    from kolm_ray.loop.compute_prices import load_compute_prices
+
+    data = build_report(store, load_prices(), "other", load_compute_prices())
+    (o,) = data["public"]["namespaces"]
+    assert o["local_calls"] == 0 and o["break_even_calls"] is None and o["net_saved_usd"] == 0.0
 
 
 def test_user_price_table_wins(store, tmp_path, monkeypatch, kolm_home):
@@ -182,3 +240,28 @@ def test_cli_json_and_bad_input(store, tmp_path, capsys, store_url):
     assert main(["report", "--html", str(tmp_path / "no" / "x.html"), "--store", store_url]) == 2
     assert not (tmp_path / "no").exists()
     assert Path(body["prices"]).is_file()
+
+
+@pytest.mark.parametrize("seconds", [20, 90, 3600, 3 * 86400])
+def test_time_axis_labels_are_readable_at_any_span(seconds):
+    """The live-agreement plot over a short window once printed ticks like `01:08.800000`: now clock times
+    (HH:MM or HH:MM:SS) or dates (`07 Dec`), the shared date said once in the offset."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kolm_ray.loop.report_html import _time_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([T0, T0 + timedelta(seconds=seconds)], [0, 1])
+    ax.set_xlim(T0, T0 + timedelta(seconds=max(seconds, 60)))
+    _time_axis(ax)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    plt.close(fig)
+    assert len(labels) >= 3, labels
+    assert all(re.fullmatch(r"\d\d:\d\d(:\d\d)?|\d\d [A-Z][a-z]{2}", t) for t in labels), labels
+    assert len(set(labels)) == len(labels), labels

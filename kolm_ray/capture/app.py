@@ -130,6 +130,7 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
                 body=answer,
                 content_encoding=encoding,
                 **privacy,
+                local_cpu_ms=getattr(request.state, "kolm_local_cpu_ms", None),  # a local try before it
                 **kw,
             )
         )

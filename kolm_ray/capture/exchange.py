@@ -60,6 +60,9 @@ class Exchange:
     request (providers/pii.py): the proxy's `--redact pii`, or the caller's capture key's choice."""
     omit: Omitted | None = None
     """X-Kolm-Omit: store no text of this side ("request": input and request, "response": output, "all")."""
+    local_cpu_ms: float | None = None
+    """CPU milliseconds the namespace's local model spent on this call (answered locally, or tried and sent
+    upstream below its threshold): stored as usage.kolm_local_cpu_ms, priced by `kolm report`'s net savings."""
 
     @property
     def nbytes(self) -> int:
@@ -278,7 +281,7 @@ def _build(ex: Exchange) -> Observation:
         verified=None if ok else False,
         status=CLIENT_CLOSED if ex.client_closed else ex.status,
         latency_ms=round(ex.latency_ms, 3),
-        usage=parsed.usage,
+        usage=_with_local_cpu(parsed.usage, ex.local_cpu_ms),
         created_at=ex.created_at,
         request=request,
         omitted=ex.omit,
@@ -298,6 +301,14 @@ def _private(ex: Exchange, input_text: str, output: Any, request: Any) -> tuple[
             redact_pii_json(request),
         )
     return input_text, output, request
+
+
+def _with_local_cpu(usage: Any, cpu_ms: float | None) -> Any:
+    """The provider's usage, plus `kolm_local_cpu_ms` when the local model ran for this call (token counts
+    are untouched: `kolm report` prices them as before)."""
+    if cpu_ms is None:
+        return usage
+    return {**(usage if isinstance(usage, dict) else {}), "kolm_local_cpu_ms": round(float(cpu_ms), 3)}
 
 
 def to_observation(ex: Exchange) -> Observation:

@@ -84,6 +84,15 @@ class Loaded:
         return {k: prediction[k] for k in self.fields if k in prediction}
 
 
+def _timed(loaded: Loaded, text: str) -> tuple[dict[str, Any], float]:
+    """The model's answer and the CPU milliseconds it took: the process's CPU time over the call (torch's
+    intra-op threads included, which a per-thread clock would miss). Anything else the proxy computes on
+    other threads meanwhile is counted too, so this is an upper bound: net savings err on the low side."""
+    c0 = time.process_time()
+    out = loaded.answer(text)
+    return out, (time.process_time() - c0) * 1000
+
+
 def _stat(path: str) -> tuple[int, int]:
     st = Path(path).stat()
     return st.st_mtime_ns, st.st_size
@@ -257,12 +266,13 @@ class LocalAnswers:
             return "no input text"
         loop = asyncio.get_running_loop()
         try:
-            prediction = await loop.run_in_executor(self._pool, loaded.answer, text)
+            prediction, cpu_ms = await loop.run_in_executor(self._pool, _timed, loaded, text)
         except Exception as e:  # a model failure is never the caller's failure
             log.warning("local model %s failed: %s", loaded.row.label, e)
             return f"local model failed: {type(e).__name__}"
         confidence = float(prediction.get("confidence", 0.0))
         if confidence < loaded.row.threshold or prediction.get("fallback") == "broad":
+            request.state.kolm_local_cpu_ms = cpu_ms  # the upstream call's observation carries it
             return f"confidence {confidence:.3f} below {loaded.row.threshold}"
         output = loaded.render(prediction)
         text_out = json.dumps(output, ensure_ascii=False)
@@ -276,7 +286,9 @@ class LocalAnswers:
             content, media = local_wire.anthropic_answer(text_out, loaded.row.label, stream)
         latency_ms = (time.perf_counter() - t0) * 1000
         local_id = new_id()
-        self._record(request, provider, namespace, payload, content, stream, latency_ms, local_id)
+        self._record(
+            request, provider, namespace, payload, content, stream, latency_ms, local_id, cpu_ms=cpu_ms
+        )
         rate = self._rate(namespace)
         if rate > 0 and random.random() < rate:
             task = asyncio.create_task(
@@ -293,14 +305,15 @@ class LocalAnswers:
         return Response(content=content, media_type=media, headers=headers)
 
     def _record(self, request: Request, provider: str, namespace: str, payload: dict, content: bytes,
-                stream: bool, latency_ms: float, obs_id: str, local: bool = True, status: int = 200) -> None:  # fmt: skip
+                stream: bool, latency_ms: float, obs_id: str, local: bool = True, status: int = 200,
+                cpu_ms: float | None = None) -> None:  # fmt: skip
         from kolm_ray.capture.exchange import Exchange
 
         request.app.state.writer.submit(
             # ASCII JSON of the parsed request: a lone surrogate stays an escape, as the client sent it.
             Exchange(provider, namespace, request.headers.get("x-kolm-tenant") or None, json.dumps(payload).encode(),
                      status, latency_ms,
-                     body=content, streamed=stream, local=local, observation_id=obs_id,
+                     body=content, streamed=stream, local=local, observation_id=obs_id, local_cpu_ms=cpu_ms,
                      **getattr(request.state, "kolm_privacy", {}))
         )  # fmt: skip
 

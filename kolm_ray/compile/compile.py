@@ -117,15 +117,20 @@ def evaluate_staged(plan: Plan, staging: Path, manifest: dict[str, Any]):
         negatives=plan.eval_negatives,
         negative_weight=float(plan.training.get("calibration_negative_weight", NEGATIVE_CALIBRATION_WEIGHT)),
         progress=True,
+        k_floor=plan.k_floor,
     )
     (staging / CALIBRATION_FILE).write_text(json.dumps(predictor.calibration(), indent=2))
     return metrics, predictor
 
 
 def gate(plan: Plan, metrics: dict[str, Any]) -> None:
-    """K-score below the floor, or a failed set-level verifier: GateError (exit 3)."""
+    """The selective gate (selective.py: answered-accuracy >= k_floor and coverage >= its floor on the eval
+    rows the threshold was not chosen on) and the set-level verifiers: GateError (exit 3)."""
     k = metrics["k_score"]
-    if k < plan.k_floor:
+    sel = metrics.get("selective")
+    if sel is not None and not sel["passed"]:
+        raise GateError(f"{sel['reason']} (K-score {k:.2f} on all {metrics['n_eval']} eval pairs)")
+    if sel is None and k < plan.k_floor:
         raise GateError(f"K-score {k:.2f} below floor {plan.k_floor:.2f}")
     for name, v in metrics.get("verifiers", {}).items():
         if not v["passed"]:
@@ -133,9 +138,15 @@ def gate(plan: Plan, metrics: dict[str, Any]) -> None:
 
 
 def build_artifact(
-    plan: Plan, checkpoint_dir: Path, training: dict[str, Any], workdir: str | Path | None = None
+    plan: Plan,
+    checkpoint_dir: Path,
+    training: dict[str, Any],
+    workdir: str | Path | None = None,
+    started: Any = None,
 ) -> dict[str, Any]:
-    """stage -> evaluate -> gate -> pack from a training checkpoint; returns the metrics in the manifest."""
+    """stage -> evaluate -> gate -> pack from a training checkpoint; returns the metrics in the manifest.
+    `started` (compute.Meter, begun before training): the run's measured CPU/GPU seconds go in
+    metrics.compute."""
     from kolm_ray.artifact import pack
 
     staging = Path(tempfile.mkdtemp(prefix="staging-", dir=workdir))
@@ -159,6 +170,8 @@ def build_artifact(
 
             metrics["student"] = fit_student(teacher, plan, staging)
         teacher.close()
+        if started is not None:
+            metrics["compute"] = started.usage(training)
         pack(staging, plan.output, {**manifest, "metrics": metrics})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -186,7 +199,10 @@ def compile_command(args) -> int:
         return 0
     if problem:
         raise KolmError(problem)
+    from kolm_ray.compile.compute import Meter
+
     workdir = Path(tempfile.mkdtemp(prefix="kolm-compile-"))
+    meter = Meter()  # this process's CPU from here on, plus the Ray Train workers' (they report theirs)
     try:
         result, ds = train(plan, workdir)
         training = {
@@ -196,8 +212,10 @@ def compile_command(args) -> int:
             "world_size": result.metrics.get("world_size"),
             "batch_size": result.metrics.get("batch_size"),  # per worker, after min_steps
             "deepspeed_stage": ds["zero_optimization"]["stage"] if ds else None,
+            "worker_cpu_s": result.metrics.get("worker_cpu_s"),
+            "gpus": result.metrics.get("gpus"),
         }
-        metrics = build_artifact(plan, result.checkpoint_dir, training, workdir)
+        metrics = build_artifact(plan, result.checkpoint_dir, training, workdir, started=meter)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"ok wrote {plan.output}")
@@ -207,4 +225,11 @@ def compile_command(args) -> int:
         f"eval={metrics['n_eval']}  train={len(plan.train_rows)}  seconds={time.perf_counter() - t0:.0f}",
         file=sys.stderr,
     )
+    sel = metrics.get("selective")
+    if sel is not None:
+        print(
+            f"   answered_accuracy={sel['answered_accuracy']:.3f}  coverage={sel['coverage']:.3f}  "
+            f"threshold={sel['threshold']}  (on {sel['n_gate_rows']} eval pairs the threshold was not chosen on)",
+            file=sys.stderr,
+        )
     return 0

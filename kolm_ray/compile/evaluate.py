@@ -233,12 +233,14 @@ def evaluate(
     negative_weight: float = NEGATIVE_CALIBRATION_WEIGHT,
     batch_size: int = 256,
     progress: bool = False,
+    k_floor: float | None = None,
 ) -> dict[str, Any]:
     """Calibrate (when fit), predict every eval pair through the predictor, and score it.
 
     Returns metrics for the manifest: k_score, n_eval, field_accuracy, temperature, brier, ece, the
     set-level verifier scores, fallback_rate (on eval), negatives_broad (share of `negatives` routed
-    broad, when given), and up to 5 failure examples.
+    broad, when given), and up to 5 failure examples. With `k_floor` (and fit): `selective`, `coverage` and
+    `answered_accuracy` (selective.py: the threshold chosen on the calibration rows, gated on the scoring rows).
     """
     inputs = [p["input"] for p in pairs]
     golds = [p["output"] for p in pairs]
@@ -308,6 +310,16 @@ def evaluate(
         },
         "failures": failures,
     }
+    if k_floor is not None and fit:
+        from kolm_ray.artifact.verifiers import DEFAULT_THRESHOLD
+        from kolm_ray.compile.selective import select_and_gate
+
+        minimum = (
+            predictor.fallback_threshold if predictor.fallback_threshold is not None else DEFAULT_THRESHOLD
+        )
+        _, metrics["selective"] = select_and_gate(confs, passed, cal_idx, score_idx, k_floor, minimum)
+        metrics["coverage"] = metrics["selective"]["coverage"]
+        metrics["answered_accuracy"] = metrics["selective"]["answered_accuracy"]
     if predictor.fallback_threshold is not None:
         metrics["fallback_rate"] = sum(a.get(FALLBACK_FIELD) == "broad" for a in answers) / max(
             len(answers), 1

@@ -20,11 +20,16 @@ Per namespace, in one pass:
    A drifting namespace's recipe also leaves out everything up to the live model's compile: the upstream
    answers differently now, and the older answers would teach the candidate the old task.
 5. Decide on the held-out rows of the candidate's request shape: both models answer them; a row is right
-   when every field equals the upstream's (the K-score's field rules). Promote when the candidate's
-   held-out agreement is at least its own k_floor AND it is not worse than the live model: b = rows only
-   the live model gets right, c = rows only the candidate gets right; keep the live model when b > c (the
-   point estimate says worse) or when McNemar's exact one-sided test rejects "not worse" at ALPHA = 0.05
-   (binomial(b + c, 1/2) tail P[X >= b]). Ties (b == c) promote: the candidate saw the newer traffic.
+   when every field equals the upstream's (the K-score's field rules). Two checks, each of which can refuse:
+   - The selective gate (compile/selective.py, the same function `kolm compile` gates with): at the
+     threshold in its manifest (chosen at compile on other rows), the candidate's answered-accuracy on the
+     held-out rows it would answer must be >= its k_floor and its coverage >= selective.COVERAGE_FLOOR.
+   - Not worse than the live model, decided by a test: b = rows only the live model gets right, c = rows
+     only the candidate gets right; keep the live model when McNemar's exact one-sided test says the
+     candidate is worse, p = P[X >= b] < ALPHA = 0.05 with X ~ Binomial(b + c, 1/2). Otherwise promote: the
+     candidate saw the newer traffic, and a difference the test cannot tell from chance (b = 3, c = 1:
+     p = 0.31) is no reason to keep serving an older model. (The rule this replaces kept the live model
+     whenever b > c, which the test could never overrule: p < 0.05 implies b > c.)
 """
 
 from __future__ import annotations
@@ -148,32 +153,51 @@ class Verdict:
     c: int
     p: float
     reason: str
+    selective: dict[str, Any] | None = None  # the candidate's selective gate on these rows (to_json)
+    live_selective: dict[str, Any] | None = None  # the live model's, at its own threshold (reported only)
 
 
-def decide(cand_right: list[bool], live_right: list[bool] | None, cand_floor: float) -> Verdict:
-    """The promotion rule of the module docstring, on paired per-row correctness."""
+def decide(
+    cand_right: list[bool], live_right: list[bool] | None, cand_floor: float,
+    cand_conf: list[float] | None = None, threshold: float = 0.0,
+    live_conf: list[float] | None = None, live_threshold: float = 0.0,
+) -> Verdict:  # fmt: skip
+    """The promotion rule of the module docstring, on paired per-row correctness. Without confidences every
+    row counts as answered (coverage 1, answered-accuracy = accuracy)."""
+    from kolm_ray.compile.selective import gate
+
     n = len(cand_right)
     acc = sum(cand_right) / n
+    sel = gate(cand_conf if cand_conf is not None else [1.0] * n, cand_right, threshold, cand_floor)
+    sj = sel.to_json()
     if live_right is None:
-        ok = acc >= cand_floor
-        why = f"held-out {acc:.3f} on {n} rows" + ("" if ok else f" below its k_floor {cand_floor:.2f}")
-        return Verdict(ok, acc, None, n, 0, 0, 1.0, why)
+        why = f"held-out {acc:.3f} on {n} rows; {sel.reason}"
+        return Verdict(sel.passed, acc, None, n, 0, 0, 1.0, why, sj)
     b = sum(lv and not cv for cv, lv in zip(cand_right, live_right, strict=True))
     c = sum(cv and not lv for cv, lv in zip(cand_right, live_right, strict=True))
     p = mcnemar_worse_p(b, c)
     live_acc = sum(live_right) / n
-    base = f"candidate {acc:.3f} vs live {live_acc:.3f} on {n} held-out rows, b={b} c={c}, McNemar p={p:.3g}"
-    if acc < cand_floor:
+    lj = None
+    if live_conf is not None:
+        lj = gate(live_conf, live_right, live_threshold, cand_floor).to_json()
+    base = (
+        f"candidate {acc:.3f} vs live {live_acc:.3f} on {n} held-out rows, b={b} c={c}, McNemar p={p:.3g}; "
+        f"candidate {sel.reason}"
+    )
+    if lj is not None and lj["answered_accuracy"] is not None:
+        base += f"; live answered-accuracy {lj['answered_accuracy']:.3f}, coverage {lj['coverage']:.2f}"
+    if not sel.passed:
         return Verdict(
-            False, acc, live_acc, n, b, c, p, f"{base}; candidate below its k_floor {cand_floor:.2f}"
+            False, acc, live_acc, n, b, c, p, f"{base}; candidate fails the selective gate", sj, lj
         )
-    if b > c or p < ALPHA:
-        return Verdict(False, acc, live_acc, n, b, c, p, f"{base}; candidate worse")
-    return Verdict(True, acc, live_acc, n, b, c, p, base)
+    if p < ALPHA:
+        return Verdict(False, acc, live_acc, n, b, c, p, f"{base}; candidate worse (p < {ALPHA})", sj, lj)
+    return Verdict(True, acc, live_acc, n, b, c, p, base, sj, lj)
 
 
-def correctness(artifact: str | Path, rows: list[dict[str, Any]]) -> list[bool]:
-    """Per row: does the model's answer equal the upstream's on every field (the K-score's rules)?"""
+def judge(artifact: str | Path, rows: list[dict[str, Any]]) -> tuple[list[bool], list[float]]:
+    """Per row: does the model's answer equal the upstream's on every field (the K-score's rules), and the
+    confidence the proxy would compare with the model's threshold (0 for an answer it routes broad)."""
     from kolm_ray.artifact.kscore import field_correct
     from kolm_ray.artifact.spec import CONFIDENCE_FIELD, FALLBACK_FIELD
     from kolm_ray.inference.predictors import open_predictor
@@ -181,15 +205,22 @@ def correctness(artifact: str | Path, rows: list[dict[str, Any]]) -> list[bool]:
     predictor = open_predictor(artifact)
     try:
         answers = predictor.predict([r["input"] for r in rows])
-        out = []
+        right, conf = [], []
         for r, a in zip(rows, answers, strict=True):
             gold = r["output"]
             if isinstance(gold, dict):
                 gold = {k: v for k, v in gold.items() if k not in (CONFIDENCE_FIELD, FALLBACK_FIELD)}
-            out.append(all(field_correct(a, gold, predictor.spec.tolerance).values()))
-        return out
+            right.append(all(field_correct(a, gold, predictor.spec.tolerance).values()))
+            broad = a.get(FALLBACK_FIELD) == "broad"
+            conf.append(0.0 if broad else float(a.get(CONFIDENCE_FIELD, 0.0)))
+        return right, conf
     finally:
         predictor.close()
+
+
+def correctness(artifact: str | Path, rows: list[dict[str, Any]]) -> list[bool]:
+    """Per row: does the model's answer equal the upstream's on every field (the K-score's rules)?"""
+    return judge(artifact, rows)[0]
 
 
 # ---- the candidate: recipe -> compile ----------------------------------------------------------------------
@@ -203,11 +234,13 @@ def recipe_and_compile(
     from kolm_ray.clustering import cluster_members, cluster_namespace
     from kolm_ray.compile.args import compile_args
     from kolm_ray.compile.compile import build_artifact, train
+    from kolm_ray.compile.compute import Meter
     from kolm_ray.compile.plan import validate
     from kolm_ray.observations.request_shape import shape_of_cluster
     from kolm_ray.placement import ray_session
     from kolm_ray.recipe import recipe_from_observations
 
+    meter = Meter()  # the clustering, recipe and compile's CPU/GPU seconds: metrics.compute
     with ray_session(worker_logs=False):  # RAY_ADDRESS (a Ray job) or a fresh local Ray
         result = cluster_namespace(store.url, namespace, summarize=False)
         if not result.clusters:
@@ -229,7 +262,9 @@ def recipe_and_compile(
     out = workdir / f"{name}.kolm"
     plan = validate(compile_args(["--recipe", info["recipe_dir"], "--output", str(out)]))
     result_t, _ = train(plan, workdir)  # a Ray Train run (its own ray_session: the job's cluster or local)
-    build_artifact(plan, result_t.checkpoint_dir, {"seconds": round(result_t.seconds, 2)}, workdir)
+    training = {"seconds": round(result_t.seconds, 2), "worker_cpu_s": result_t.metrics.get("worker_cpu_s"),
+                "gpus": result_t.metrics.get("gpus")}  # fmt: skip
+    build_artifact(plan, result_t.checkpoint_dir, training, workdir, started=meter)
     return out
 
 
@@ -275,12 +310,13 @@ def run_namespace(store: Any, namespace: str, min_new: int, owner: str, build: B
                 why = f"{len(rows)} held-out calls of the candidate's request shape, fewer than {MIN_HOLDOUT}"
                 return f"{namespace}: kept {live.label} ({why})" if live else f"{namespace}: skipped ({why})"
             floor = float(manifest.get("k_floor") or 0.0)
-            cand = correctness(artifact, rows)
+            cand, cand_conf = judge(artifact, rows)
             # A live model whose file is gone or broken is not answering anything (the proxy skips it):
-            # the candidate then only has to pass its own floor.
+            # the candidate then only has to pass its own gate.
             usable_live = live is not None and registry.check_file(live) is None
-            live_right = correctness(live.path, rows) if usable_live else None
-            v = decide(cand, live_right, floor)
+            live_right, live_conf = judge(live.path, rows) if usable_live else (None, None)
+            v = decide(cand, live_right, floor, cand_conf, registry.threshold_of(manifest),
+                       live_conf, live.threshold if usable_live else 0.0)  # fmt: skip
             print(f"{namespace}: {v.reason}", file=sys.stderr)
             if not v.promote:
                 return (

@@ -21,18 +21,30 @@
   falling back to the same model in any shape, then to the whole namespace; priced at the requested
   model's rate.
 - live_agreement / drift: drift.py (the last 100 comparable shadow pairs of the live version).
+- Net savings (compute_prices.py, configs/compute_prices.yaml: $ per CPU-hour and GPU-hour):
+  compile_usd = every registered version's measured compile compute (manifest metrics.compute: cpu_s
+  priced per CPU-hour, gpu_s per GPU-hour); serving_usd = the local model's CPU time in the proxy
+  (usage.kolm_local_cpu_ms of local answers and of calls it tried and sent upstream) per CPU-hour;
+  net_saved_usd = saved_usd - compile_usd - serving_usd. break_even_calls: local answers needed for
+  the savings to pay the compiles, ceil(compile_usd / ((saved_usd - serving_usd) / local_calls)); null
+  before any local answer or while a local answer saves less than it costs. `compute_prices` names the
+  table used. coverage / answered_accuracy: the live model's selective gate at compile
+  (compile/selective.py). Compiles whose candidate was never promoted are not in the registry and are
+  not counted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from kolm_ray.loop.compute_prices import ComputePrices, load_compute_prices
 from kolm_ray.loop.prices import PriceTable, load_prices
 from kolm_ray.observations.store.base import portable_sql
 
@@ -84,6 +96,26 @@ class NamespaceReport:
     live: str | None = None
     agreement_series: list[tuple[str, float]] = field(default_factory=list)
     promotions: list[tuple[str, str]] = field(default_factory=list)
+    local_cpu_ms: float = 0.0
+    compile_cpu_s: float = 0.0
+    compile_gpu_s: float = 0.0
+    compile_usd: Decimal = Decimal(0)
+    serving_usd: Decimal = Decimal(0)
+    coverage: float | None = None
+    answered_accuracy: float | None = None
+
+    @property
+    def net(self) -> Decimal:
+        return self.saved - self.compile_usd - self.serving_usd
+
+    def break_even_calls(self) -> int | None:
+        """Local answers needed for their savings (net of serving) to pay the compiles."""
+        if not self.local_calls:
+            return None
+        margin = (self.saved - self.serving_usd) / self.local_calls
+        if margin <= 0:
+            return None
+        return math.ceil(self.compile_usd / margin)
 
     def day(self, created_at: str) -> dict[str, Any]:
         return self.days.setdefault(
@@ -101,6 +133,15 @@ class NamespaceReport:
             "live_agreement": None if self.live_agreement is None else round(self.live_agreement, 4),
             "k_floor": self.k_floor,
             "drift": self.drift,
+            "coverage": self.coverage,
+            "answered_accuracy": self.answered_accuracy,
+            "compile_cpu_s": round(self.compile_cpu_s, 3),
+            "compile_gpu_s": round(self.compile_gpu_s, 3),
+            "local_cpu_s": round(self.local_cpu_ms / 1000, 3),
+            "compile_usd": _usd(self.compile_usd),
+            "serving_usd": _usd(self.serving_usd),
+            "net_saved_usd": _usd(self.net),
+            "break_even_calls": self.break_even_calls(),
         }
 
 
@@ -113,8 +154,12 @@ def _model_of(request: dict[str, Any] | None, model: str | None) -> str | None:
     return req if isinstance(req, str) and req else model
 
 
-def build_report(store: Any, prices: PriceTable, namespace: str | None = None) -> dict[str, Any]:
-    """The report's data: `public` (the contract's JSON) and the per-namespace details the HTML plots."""
+def build_report(
+    store: Any, prices: PriceTable, namespace: str | None = None, compute: ComputePrices | None = None
+) -> dict[str, Any]:
+    """The report's data: `public` (the contract's JSON) and the per-namespace details the HTML plots.
+    `compute`: the $/CPU-hour, $/GPU-hour table (default: load_compute_prices())."""
+    compute = compute or load_compute_prices()
     from kolm_ray import registry
     from kolm_ray.observations.request_shape import shape_key, shape_of_request
     from kolm_ray.registry import drift
@@ -138,6 +183,11 @@ def build_report(store: Any, prices: PriceTable, namespace: str | None = None) -
         r = reports.setdefault(ns, NamespaceReport(ns))
         request = json.loads(request_json) if request_json else None
         day = r.day(created_at)
+        usage = json.loads(usage_json) if usage_json else None
+        cpu_ms = usage.get("kolm_local_cpu_ms") if isinstance(usage, dict) else None
+        if isinstance(cpu_ms, (int, float)) and not isinstance(cpu_ms, bool) and cpu_ms >= 0:
+            r.local_cpu_ms += cpu_ms
+            day["serving"] = day.get("serving", Decimal(0)) + compute.cost(cpu_s=cpu_ms / 1000)
         if provider == "local":
             r.local_calls += 1
             day["local"] += 1
@@ -146,7 +196,7 @@ def build_report(store: Any, prices: PriceTable, namespace: str | None = None) -
             continue
         r.upstream_calls += 1
         day["upstream"] += 1
-        tok = tokens_of(json.loads(usage_json) if usage_json else None)
+        tok = tokens_of(usage)
         priced_model = model or _model_of(request, None)
         if prices.key_for(priced_model) is None:
             unpriced[priced_model or "(no model)"] += 1
@@ -181,14 +231,25 @@ def build_report(store: Any, prices: PriceTable, namespace: str | None = None) -
             [p for p in registry.shadow_pairs(store, ns) if p["version"] == row.version]
         )
     for m in registry.list_models(store, namespace):
-        if m.namespace in reports:
-            reports[m.namespace].promotions.append((m.promoted_at, m.label))
+        r = reports.setdefault(m.namespace, NamespaceReport(m.namespace))
+        r.promotions.append((m.promoted_at, m.label))
+        metrics = registry.manifest_metrics(m.path)
+        used = metrics.get("compute") if isinstance(metrics.get("compute"), dict) else {}
+        cpu, gpu = (float(used.get(k) or 0.0) for k in ("cpu_s", "gpu_s"))
+        r.compile_cpu_s += cpu
+        r.compile_gpu_s += gpu
+        r.compile_usd += compute.cost(cpu_s=cpu, gpu_s=gpu)
+        if m.live:
+            r.coverage, r.answered_accuracy = metrics.get("coverage"), metrics.get("answered_accuracy")
+    for r in reports.values():
+        r.serving_usd = compute.cost(cpu_s=r.local_cpu_ms / 1000)
     ordered = [reports[k] for k in sorted(reports)]
     public = {
         "namespaces": [r.public() for r in ordered],
         "prices": prices.path,
         "since": since,
         "unpriced": dict(sorted(unpriced.items())),
+        "compute_prices": compute.public(),
     }
     return {"public": public, "details": ordered, "prices_taken": prices.taken}
 
@@ -219,9 +280,10 @@ def report_command(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise KolmError(f"--namespace: {e}") from None
     prices = load_prices(args.prices)
+    compute = load_compute_prices(getattr(args, "compute_prices", None))
     store = open_store(args.store)
     try:
-        data = build_report(store, prices, args.namespace)
+        data = build_report(store, prices, args.namespace, compute)
     finally:
         store.close()
     if args.namespace is not None and not data["public"]["namespaces"]:
@@ -241,16 +303,26 @@ def report_command(args: argparse.Namespace) -> int:
 def _table(public: dict[str, Any]) -> None:
     print(
         f"{'namespace':<20} {'calls':>8} {'upstream':>8} {'local':>8} {'spend $':>11} {'saved $':>11}"
-        f" {'agree':>6} {'floor':>6}  drift"
+        f" {'compute $':>10} {'net $':>11} {'break-even':>10} {'agree':>6} {'floor':>6} {'answered':>8}"
+        f" {'coverage':>8}  drift"
     )
     for n in public["namespaces"]:
-        a = "-" if n["live_agreement"] is None else f"{n['live_agreement']:.3f}"
-        f = "-" if n["k_floor"] is None else f"{n['k_floor']:.3f}"
+        a, f, acc, cov = (
+            "-" if n[k] is None else f"{n[k]:.3f}"
+            for k in ("live_agreement", "k_floor", "answered_accuracy", "coverage")
+        )
+        be = "-" if n["break_even_calls"] is None else str(n["break_even_calls"])
         print(
             f"{n['name']:<20} {n['calls']:>8} {n['upstream_calls']:>8} {n['local_calls']:>8}"
-            f" {n['spend_usd']:>11.4f} {n['saved_usd']:>11.4f} {a:>6} {f:>6}  {'DRIFT' if n['drift'] else '-'}"
+            f" {n['spend_usd']:>11.4f} {n['saved_usd']:>11.4f} {n['compile_usd'] + n['serving_usd']:>10.4f}"
+            f" {n['net_saved_usd']:>11.4f} {be:>10} {a:>6} {f:>6} {acc:>8} {cov:>8}  {'DRIFT' if n['drift'] else '-'}"
         )
     if public["unpriced"]:
         listed = ", ".join(f"{m} ({c})" for m, c in public["unpriced"].items())
         print(f"unpriced models (priced 0): {listed}")
     print(f"prices: {public['prices']}   since: {public['since'] or '-'}")
+    cp = public["compute_prices"]
+    print(
+        f"compute prices: {cp['file']} (taken {cp['taken'] or '?'}): ${cp['cpu_hour_usd']:g} per CPU-hour,"
+        f" ${cp['gpu_hour_usd']:g} per GPU-hour; compute $ = compiles + the local model's CPU time"
+    )

@@ -12,12 +12,12 @@ import html
 import io
 import os
 import tempfile
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#222;max-width:1100px}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem;color:#222;max-width:1300px}
 table{border-collapse:collapse;margin:1rem 0}td,th{padding:.3rem .7rem;border-bottom:1px solid #ddd;text-align:right}
 th:first-child,td:first-child{text-align:left}.drift{color:#b00;font-weight:600}
 section{margin-top:2rem}figure{margin:0}.plots{display:flex;flex-wrap:wrap;gap:1rem}
@@ -34,6 +34,20 @@ def _svg(fig: Any) -> str:
 
 def _dt(s: str) -> datetime:
     return datetime.fromisoformat(s)
+
+
+def _time_axis(ax: Any) -> None:
+    """Readable time ticks at any span (a minute to months): matplotlib's concise date labels, 3 to 8
+    ticks, the shared part (day, month) said once in the offset instead of on every tick."""
+    import matplotlib.dates as mdates
+
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=8)
+    formatter = mdates.ConciseDateFormatter(locator)
+    formatter.formats = ["%Y", "%b", "%d %b", "%H:%M", "%H:%M", "%H:%M:%S"]  # never %S.%f fractions
+    formatter.zero_formats = ["", "%Y", "%b", "%d %b", "%H:%M", "%H:%M"]
+    formatter.offset_formats = ["", "%Y", "%b %Y", "%d %b %Y", "%d %b %Y", "%d %b %Y %H:%M"]
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(formatter)
 
 
 # (unit, key length of an ISO timestamp, bin width in days): the finest that spans at most ~60 bins
@@ -74,7 +88,7 @@ def spend_plot(ns: Any) -> str:
     ax2.set_ylim(0, 1.05)
     ax2.set_ylabel("share answered locally")
     ax.set_title(f"{ns.name}: spend and local share")
-    fig.autofmt_xdate()
+    _time_axis(ax)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=8)
@@ -107,13 +121,16 @@ def agreement_plot(ns: Any) -> str:
             ax.axvline(_dt(t), color="#8172b2", alpha=0.5)
             ax.annotate(label, (_dt(t), 0.05), rotation=90, fontsize=7, color="#8172b2")
     ax.set_ylim(0, 1.05)
-    if span is not None and span[0] < span[1]:
-        ax.set_xlim(span)
+    if span is None and ns.promotions:  # no pairs yet: the promotions' own minutes, not years around them
+        times = [_dt(t) for t, _ in ns.promotions]
+        span = (min(times) - timedelta(minutes=5), max(times) + timedelta(minutes=5))
+    if span is not None:  # at least a minute wide: second ticks, never fractions of one
+        ax.set_xlim(span[0], max(span[1], span[0] + timedelta(minutes=1)))
     ax.set_ylabel("agreement (trailing window)")
     ax.set_title(f"{ns.name}: live agreement vs floor")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, fontsize=7)
-    fig.autofmt_xdate()
+    _time_axis(ax)
     try:
         return _svg(fig)
     finally:
@@ -124,17 +141,30 @@ def render(data: dict[str, Any]) -> str:
     """The page's HTML text."""
     pub, e = data["public"], html.escape
     head = "".join(f"<th>{h}</th>" for h in
-                   ("namespace", "calls", "upstream", "local", "spend $", "saved $", "live agreement", "k_floor", "drift"))  # fmt: skip
+                   ("namespace", "calls", "upstream", "local", "spend $", "saved $", "compute $", "net saved $",
+                    "break-even calls", "live agreement", "k_floor", "answered-accuracy", "coverage", "drift"))  # fmt: skip
     rows = []
     for n in pub["namespaces"]:
-        a = "-" if n["live_agreement"] is None else f"{n['live_agreement']:.3f}"
-        f = "-" if n["k_floor"] is None else f"{n['k_floor']:.3f}"
+        a, f, acc, cov = (
+            "-" if n[k] is None else f"{n[k]:.3f}"
+            for k in ("live_agreement", "k_floor", "answered_accuracy", "coverage")
+        )
+        be = "-" if n["break_even_calls"] is None else str(n["break_even_calls"])
         flag = '<td class="drift">drift</td>' if n["drift"] else "<td>-</td>"
         rows.append(
             f"<tr><td>{e(n['name'])}</td><td>{n['calls']}</td><td>{n['upstream_calls']}</td>"
             f"<td>{n['local_calls']}</td><td>{n['spend_usd']:.4f}</td><td>{n['saved_usd']:.4f}</td>"
-            f"<td>{a}</td><td>{f}</td>{flag}</tr>"
+            f"<td>{n['compile_usd'] + n['serving_usd']:.4f}</td><td>{n['net_saved_usd']:.4f}</td><td>{be}</td>"
+            f"<td>{a}</td><td>{f}</td><td>{acc}</td><td>{cov}</td>{flag}</tr>"
         )
+    cp = pub["compute_prices"]
+    costs = (
+        f'<p class="muted">compute $ = compiles (measured CPU and GPU seconds in each registered model\'s'
+        f" manifest) + the local model's CPU time per call in the proxy, priced from {e(cp['file'])}"
+        f" (taken {e(str(cp['taken'] or '?'))}): <b>${cp['cpu_hour_usd']:g}</b> per CPU-hour,"
+        f" <b>${cp['gpu_hour_usd']:g}</b> per GPU-hour. net saved = saved - compute; break-even: local"
+        " answers needed to pay the compiles.</p>"
+    )
     sections = []
     for ns in data["details"]:
         promos = ", ".join(f"{e(label)} ({e(t[:19])})" for t, label in ns.promotions) or "none"
@@ -154,7 +184,7 @@ def render(data: dict[str, Any]) -> str:
         f'<p class="muted">since {e(pub["since"] or "-")}; prices {e(pub["prices"])}'
         f" (taken {e(str(data.get('prices_taken') or '?'))})"
         f"{'; unpriced, counted at $0: ' + unpriced if unpriced else ''}</p>"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{costs}"
         f"{''.join(sections)}</body></html>\n"
     )
 

@@ -83,7 +83,37 @@ class ModelRow:
             "promoted_at",
         )
         d = asdict(self)
-        return {k: d[k] for k in keys}
+        return {k: d[k] for k in keys} | {"threshold": self.threshold} | selective_of(self.path)
+
+
+def manifest_metrics(path: str) -> dict[str, Any]:
+    """The artifact's manifest `metrics` ({} for a file that cannot be read). For listing and reports only:
+    the file was verified when it was promoted, and the proxy verifies it again before loading it."""
+    import zipfile
+
+    from kolm_ray.artifact import MANIFEST
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo(MANIFEST)
+            if info.file_size > 4 * 1024 * 1024:
+                return {}
+            metrics = json.loads(z.read(info)).get("metrics")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, AttributeError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def selective_of(path: str) -> dict[str, Any]:
+    """`coverage` and `answered_accuracy` from the artifact's metrics (compile/selective.py: the share of
+    its gate rows it answers at its threshold, and how many of those it gets right); None for an artifact
+    compiled before the selective gate, or a file that cannot be read."""
+    metrics = manifest_metrics(path)
+    out: dict[str, Any] = {}
+    for k in ("coverage", "answered_accuracy"):
+        v = metrics.get(k)
+        out[k] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return out
 
 
 _sql = portable_sql  # `?` SQL for either backend
@@ -143,12 +173,18 @@ def check_file(row: ModelRow) -> str | None:
 
 
 def threshold_of(manifest: dict[str, Any]) -> float:
-    """The model's confidence threshold: its spec's low-confidence-fallback-broad one, else the default."""
+    """The model's confidence threshold: the one its compile chose for the selective gate
+    (metrics.selective.threshold, compile/selective.py), never below its spec's low-confidence-fallback-broad
+    one, else the default."""
     from kolm_ray.artifact.spec import validate_spec
     from kolm_ray.artifact.verifiers import DEFAULT_THRESHOLD
 
     fb = validate_spec(manifest["spec"], "artifact spec").get("low-confidence-fallback-broad")
-    return float(fb.threshold) if fb is not None and fb.threshold is not None else DEFAULT_THRESHOLD
+    spec_t = float(fb.threshold) if fb is not None and fb.threshold is not None else DEFAULT_THRESHOLD
+    chosen = ((manifest.get("metrics") or {}).get("selective") or {}).get("threshold")
+    if isinstance(chosen, (int, float)) and not isinstance(chosen, bool) and 0.0 <= chosen <= 1.0:
+        return max(spec_t, float(chosen))
+    return spec_t
 
 
 def check_fit(store: Store, namespace: str, manifest: dict[str, Any], shape: dict[str, Any]) -> None:
@@ -359,12 +395,19 @@ def models_command(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"models": [m.public() for m in rows]}, indent=2))
             else:
-                print(f"{'namespace':<20} {'model':<32} {'k_score':>7} {'k_floor':>7}  live  promoted_at")
+                print(f"{'namespace':<20} {'model':<32} {'k_score':>7} {'k_floor':>7} {'answered':>8}"
+                      f" {'coverage':>8}  live  promoted_at")  # fmt: skip
                 for m in rows:
                     k = "-" if m.k_score is None else f"{m.k_score:.3f}"
                     f = "-" if m.k_floor is None else f"{m.k_floor:.3f}"
+                    sel = selective_of(m.path)
+                    a, c = (
+                        ("-" if v is None else f"{v:.3f}")
+                        for v in (sel["answered_accuracy"], sel["coverage"])
+                    )
                     print(
-                        f"{m.namespace:<20} {m.label:<32} {k:>7} {f:>7}  {'*' if m.live else ' ':^4}  {m.promoted_at}"
+                        f"{m.namespace:<20} {m.label:<32} {k:>7} {f:>7} {a:>8} {c:>8}  {'*' if m.live else ' ':^4}"
+                        f"  {m.promoted_at}"
                     )
         sys.stdout.flush()
     finally:

@@ -323,6 +323,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f}, {steps_per_epoch} batches, "
                   f"{seconds:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
         state = {"epoch": epoch, "step": step, "losses": [*state["losses"], mean_loss]}
+        # This worker process's CPU seconds so far (its whole life: loading the base, every epoch), summed
+        # over the workers: what the compile's net-savings arithmetic prices (compile/compute.py).
+        cpu = torch.tensor([time.process_time()], dtype=torch.float64)
+        if world > 1:
+            summed = cpu.to(device) if on_gpu else cpu  # NCCL reduces GPU tensors only
+            torch.distributed.all_reduce(summed)
+            cpu = summed.cpu()
         metrics = {
             "epoch": epoch,
             "loss": mean_loss,
@@ -332,6 +339,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "start_epoch": start_epoch,
             "world_size": world,
             "batch_size": cfg.batch_size,
+            "worker_cpu_s": round(float(cpu[0]), 3),
+            "gpus": world if on_gpu else 0,
         }
         metrics["checkpoint"] = _checkpoint(cfg, unwrapped, opt, state, rank, engine, epoch, metrics)
         _maybe_kill(cfg, rank, epoch)
