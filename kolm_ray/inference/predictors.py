@@ -34,6 +34,7 @@ ALLOWED_FIELD = "namespace"  # the field `allowed` restricts
 MAX_SCORERS = 16  # causal LMs on a GPU: candidate sets (allowed subsets) with captured graphs kept at once
 REQUIRED_FILES = {  # what each kind loads (besides tokenizer files, which transformers checks itself)
     "encoder-tagger": ("model.safetensors", TAGGER_FILE, "config.json"),
+    "encoder-extractor": ("model.safetensors", "extractor.json", "config.json"),
     "causal-lm-lora": ("adapter_config.json", "adapter_model.safetensors"),
     "causal-lm": ("config.json",),
 }
@@ -400,6 +401,10 @@ def predictor_from_dir(
         raise ArtifactError(f"{kind} artifact lacks {', '.join(missing)}")
     if kind == "encoder-tagger":
         return EncoderPredictor(Path(directory), manifest, device)
+    if kind == "encoder-extractor":
+        from kolm_ray.inference.extractor import ExtractorPredictor
+
+        return ExtractorPredictor(Path(directory), manifest, device)
     if kind in ("causal-lm-lora", "causal-lm"):
         return CausalPredictor(Path(directory), manifest, device)
     raise ArtifactError(f"unknown artifact kind {kind!r}")

@@ -143,10 +143,16 @@ def check_file(row: ModelRow) -> str | None:
 
 
 def threshold_of(manifest: dict[str, Any]) -> float:
-    """The model's confidence threshold: its spec's low-confidence-fallback-broad one, else the default."""
+    """The model's confidence threshold: an extractor's chosen one, its spec's low-confidence-fallback-broad
+    one, else the default."""
     from kolm_ray.artifact.spec import validate_spec
     from kolm_ray.artifact.verifiers import DEFAULT_THRESHOLD
 
+    chosen = (manifest.get("metrics") or {}).get("local_threshold")
+    if manifest.get("kind") == "encoder-extractor" and isinstance(chosen, (int, float)):
+        return float(
+            chosen
+        )  # an extractor's threshold is chosen on its calibration rows (compile/extract.py)
     fb = validate_spec(manifest["spec"], "artifact spec").get("low-confidence-fallback-broad")
     return float(fb.threshold) if fb is not None and fb.threshold is not None else DEFAULT_THRESHOLD
 
