@@ -115,6 +115,12 @@ def evaluate_staged(plan: Plan, staging: Path, manifest: dict[str, Any]):
     from kolm_ray.inference.predictors import CALIBRATION_FILE, predictor_from_dir
 
     predictor = predictor_from_dir(staging, manifest)
+    if predictor.kind == "encoder-extractor":  # spans + classes: its own calibration, threshold and metrics
+        from kolm_ray.compile.extract import evaluate_extractor
+
+        metrics = evaluate_extractor(predictor, plan.eval_rows, plan.spec, progress=True)
+        (staging / CALIBRATION_FILE).write_text(json.dumps(predictor.calibration(), indent=2))
+        return metrics, predictor
     metrics = evaluate(
         predictor,
         plan.eval_rows,

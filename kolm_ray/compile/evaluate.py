@@ -240,12 +240,6 @@ def evaluate(
     set-level verifier scores, fallback_rate (on eval), negatives_broad (share of `negatives` routed
     broad, when given), and up to 5 failure examples.
     """
-    if (
-        getattr(predictor, "kind", "") == "encoder-extractor"
-    ):  # spans + classes: its own calibration and metrics
-        from kolm_ray.compile.extract import evaluate_extractor
-
-        return evaluate_extractor(predictor, pairs, spec, fit=fit, progress=progress)
     inputs = [p["input"] for p in pairs]
     golds = [p["output"] for p in pairs]
     cal_idx, score_idx, disjoint = split_for_calibration(len(pairs))

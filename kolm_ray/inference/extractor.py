@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kolm_ray.inference.predictors import Predictor
+from kolm_ray.inference.base import Predictor
 from kolm_ray.models.extract_layout import EXTRACTOR_FILE, classes, span_value, spans
 
 TAGS = "__tags__"  # the tag head's temperature key in calibration.json
