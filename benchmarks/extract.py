@@ -378,7 +378,7 @@ def main() -> int:
                 time.sleep(0.2)
             timings["capture"] = time.perf_counter() - t
             timings_path.write_text(json.dumps(timings))
-        ok, capture_s = timings["captured_ok"], timings["capture"]
+        ok, capture_s = timings.get("captured_ok", len(train)), timings["capture"]
 
         from kolm_ray.observations.store import open_store
         from kolm_ray.recipe import recipe_from_observations
