@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kolm_ray.demo import demo_extract  # the second namespace: extraction traffic (issue 27)
 
-    t = _step(6, "local answers, second namespace: order messages -> recipe -> minilm-l6 extractor -> promote")
+    t = _step(6, "local answers, second namespace: orders -> recipe -> minilm-l6 extractor -> promote")
     orders = demo_extract.extract_phase(out, store_url)
     orders["seconds"] = time.perf_counter() - t
 

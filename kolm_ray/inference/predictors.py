@@ -38,7 +38,6 @@ REQUIRED_FILES = {  # what each kind loads (besides tokenizer files, which trans
 }
 
 
-
 class EncoderPredictor(Predictor):
     """Encoder tagger: tokenizer + EncoderTagger (per-field logits) + per-field temperature."""
 
