@@ -131,7 +131,7 @@ def _recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base",
         default=None,
-        help="base written into recipe.yaml (default: minilm-l6 when every output field is categorical, else qwen2.5-coder-0.5b)",
+        help="base written into recipe.yaml (default: minilm-l6 when every output field is categorical (a tagger) or categorical/grounded in the input (an extractor), else qwen2.5-coder-0.5b)",
     )
     p.add_argument("--store", default=None)
     p.add_argument(

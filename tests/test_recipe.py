@@ -95,7 +95,9 @@ def test_extractive_outputs_get_byte_grounded(tmp_path):
     assert set(v["closed-vocab"]["fields"]["priority"]) == {"low", "high"}
     assert diag["fields"]["order_id"]["kind"] == "extractive"
     assert all(p["output"]["order_id"] in p["input"] for p in pairs)
-    assert diag["base"]["name"].startswith("qwen2.5-coder")  # a span extractor needs generation
+    # every field categorical or found verbatim in the input: an encoder extractor (span + class heads)
+    assert diag["base"]["name"] == "minilm-l6" and "encoder extractor" in diag["base"]["why"]
+    assert "order_id 100%" in diag["base"]["why"]
     validate_recipe_dir(info["recipe_dir"])
 
 

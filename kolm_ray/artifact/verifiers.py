@@ -76,12 +76,22 @@ class ByteGroundedVerifier(Verifier):
     doc = "string values (of the listed fields, else all) occur verbatim in the input"
 
     def check(self, output, input_text, allowed=None):
-        fields = self.vspec.fields if isinstance(self.vspec.fields, list) else None
-        for key, value in _fields(output).items():
-            if key in (CONFIDENCE_FIELD, FALLBACK_FIELD) or (fields is not None and key not in fields):
+        fields = set(self.vspec.fields) if isinstance(self.vspec.fields, list) else None
+        return self._check(_fields(output), input_text, fields, "", False)
+
+    def _check(self, obj: dict, input_text: str, fields: set[str] | None, prefix: str, covered: bool):
+        """Nested objects too: `slots` in `fields` covers every string under it, `slots.city` that one."""
+        for key, value in obj.items():
+            if not prefix and key in (CONFIDENCE_FIELD, FALLBACK_FIELD):
                 continue
-            if isinstance(value, str) and value and value not in input_text:
-                return f"{key}={value!r} does not occur in the input"
+            name = prefix + key
+            listed = covered or fields is None or name in fields
+            if isinstance(value, dict):
+                reason = self._check(value, input_text, fields, name + ".", listed)
+                if reason:
+                    return reason
+            elif listed and isinstance(value, str) and value and value not in input_text:
+                return f"{name}={value!r} does not occur in the input"
         return None
 
 

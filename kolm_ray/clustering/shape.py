@@ -24,12 +24,15 @@ REQUIRED_SHARE = 0.95  # a field present in at least this share of outputs is `r
 COMMON_SHARE = 0.8  # the dominant output type must cover this share, else "no common shape"
 FIELD_SHARE = 0.5  # ... and at least one field must occur in this share of object outputs
 GROUNDED_SHARE = 0.9  # byte-grounded when this share of a field's strings occur verbatim in the input
+EXTRACT_SHARE = (
+    0.95  # an encoder extractor cuts a field out of the input when this share of its values are there
+)
 MAX_ENUM = 200  # a string field with more distinct values than this is never categorical
 ENUM_RATIO = 0.2  # ... nor one whose distinct values exceed this share of its occurrences
 CONFIDENCE_NAMES = {CONFIDENCE_FIELD, "score", "probability", "prob", "certainty"}
 FALLBACK_THRESHOLD = 0.7  # the recall router's default: below it a namespace tagger answers broad
 
-FieldKind = Literal["categorical", "extractive", "numeric", "confidence", "text", "other"]
+FieldKind = Literal["categorical", "extractive", "numeric", "confidence", "text", "object", "other"]
 
 
 @dataclass
@@ -49,10 +52,21 @@ class FieldStats:
     """String fields: share of values that occur verbatim in their input."""
     minimum: float | None = None
     maximum: float | None = None
+    nulls: float | None = None
+    """Share of the field's values that are null (typed by the others)."""
+    subfields: dict[str, FieldStats] = field(default_factory=dict)
+    """Nested objects (kind "object"): their fields, `present` relative to the objects."""
+
+    @property
+    def spannable(self) -> bool:
+        """A string or number that occurs verbatim in the input for >= EXTRACT_SHARE of its non-null values."""
+        return self.kind in ("extractive", "numeric") and (self.grounded or 0.0) >= EXTRACT_SHARE
 
     def to_json(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if v is not None and v != [] and v != {}}
         d.pop("counts", None)
+        if self.subfields:
+            d["subfields"] = {n: f.to_json() for n, f in self.subfields.items()}
         if self.kind == "categorical":
             d["top"] = dict(Counter(self.counts).most_common(10))
         return d
@@ -98,6 +112,35 @@ class Shape:
         return all(f.kind in ("categorical", "confidence") for f in self.fields.values()) and bool(
             self.categorical
         )
+
+    def extraction(self) -> tuple[list[str], list[str], list[str]]:
+        """(span fields, class fields, fields neither can answer), nested ones as `parent.child`: what an
+        encoder extractor would predict (CONTRACT "Extraction models that run on a CPU")."""
+        span, cls, bad = [], [], []
+
+        def visit(name: str, f: FieldStats, depth: int) -> None:
+            if f.kind == "confidence":
+                return
+            if f.kind == "categorical":
+                cls.append(name)
+            elif f.spannable:
+                span.append(name)
+            elif f.kind == "object" and depth == 0 and f.subfields:
+                for sub, sf in f.subfields.items():
+                    visit(f"{name}.{sub}", sf, 1)
+            else:
+                bad.append(name)
+
+        if self.output_kind == "json" and self.top_type == "object":
+            for n, f in self.fields.items():
+                visit(n, f, 0)
+        return span, cls, bad
+
+    @property
+    def extractable(self) -> bool:
+        """Not closed, yet every field is categorical, boolean, null or grounded in the input (an extractor)."""
+        span, _, bad = self.extraction()
+        return not self.closed and bool(span) and not bad
 
 
 def json_type(value: Any) -> str:
@@ -182,22 +225,33 @@ def _object_fields(conforming: list[tuple[Any, str]]) -> dict[str, FieldStats]:
 
 def _field_stats(name: str, values: list[tuple[Any, str]], n_outputs: int) -> FieldStats:
     present = len(values) / max(n_outputs, 1)
-    vals = [v for v, _ in values]
-    counts = Counter(_key(v) for v in vals)
-    types = {json_type(v) for v in vals}
+    counts = Counter(_key(v) for v, _ in values)
     stats = FieldStats(name, round(present, 4), "other", len(counts))
+    nonnull = [(v, i) for v, i in values if v is not None]
+    if len(nonnull) < len(values):
+        stats.nulls = round(1 - len(nonnull) / len(values), 4)
+    if not nonnull:  # always null: one value
+        stats.kind, stats.values, stats.counts = "categorical", [None], dict(counts)
+        return stats
+    vals = [v for v, _ in nonnull]
+    types = {json_type(v) for v in vals}
     if types <= {"integer", "number"}:
         nums = [float(v) for v in vals]
         stats.minimum, stats.maximum = min(nums), max(nums)
         is_conf = name.lower() in CONFIDENCE_NAMES and 0.0 <= stats.minimum and stats.maximum <= 1.0
         stats.kind = "confidence" if is_conf else "numeric"
+        stats.grounded = round(sum(1 for v, i in nonnull if _num_text(v) in i) / len(nonnull), 4)
         return stats
     if types == {"boolean"}:
-        stats.kind, stats.values = "categorical", [False, True]
+        stats.kind, stats.values = "categorical", [False, True] + ([None] if stats.nulls else [])
         stats.counts = dict(counts)
         return stats
+    if types == {"object"}:
+        stats.kind = "object"
+        stats.subfields = _object_fields(nonnull)
+        return stats
     if types == {"string"}:
-        grounded = sum(1 for v, i in values if v and v in i) / len(values)
+        grounded = sum(1 for v, i in nonnull if v and v in i) / len(nonnull)
         stats.grounded = round(grounded, 4)
         few = len(counts) <= MAX_ENUM and len(counts) <= max(2, ENUM_RATIO * len(values))
         if few and grounded < GROUNDED_SHARE:
@@ -211,7 +265,16 @@ def _field_stats(name: str, values: list[tuple[Any, str]], n_outputs: int) -> Fi
     return stats
 
 
+def _num_text(v: Any) -> str:
+    return str(v)  # the number as JSON writes it: an extractor's span must read back as this value
+
+
 def _refine(prop: dict[str, Any], f: FieldStats) -> None:
+    if f.kind == "object":
+        sub = prop.setdefault("properties", {})
+        for n, sf in f.subfields.items():
+            _refine(sub.setdefault(n, {}), sf)
+        return
     if f.kind == "categorical":
         prop.clear()
         prop["enum"] = sorted(f.values, key=_key)
@@ -250,11 +313,26 @@ def choose_verifiers(
         why["closed-vocab"] = "categorical fields: " + ", ".join(
             f"{n} ({len(v)} values)" for n, v in cat.items()
         )
-    grounded = [n for n, f in shape.fields.items() if f.kind == "extractive"]
+    grounded = {n: f.grounded for n, f in shape.fields.items() if f.kind == "extractive"}
+    # A nested object whose strings are all grounded (an extractor's `slots`), and numbers an extractor
+    # cuts out of the input: the verifier covers them too (it checks strings, nested ones under a listed name).
+    span = shape.extraction()[0]
+    if shape.extractable:
+        for n, f in shape.fields.items():
+            if f.kind == "numeric" and n in span:
+                grounded[n] = f.grounded
+            elif f.kind == "object" and any(s.startswith(n + ".") for s in span):
+                subs = {f"{n}.{k}": sf for k, sf in f.subfields.items() if f"{n}.{k}" in span}
+                if len(subs) == len(
+                    f.subfields
+                ):  # every nested value grounded: the object's name covers them
+                    grounded[n] = min(sf.grounded or 0.0 for sf in subs.values())
+                else:
+                    grounded.update({k: sf.grounded for k, sf in subs.items()})
     if grounded:
-        specs.append(VerifierSpec(name="byte-grounded", fields=grounded))
+        specs.append(VerifierSpec(name="byte-grounded", fields=list(grounded)))
         why["byte-grounded"] = "string values occur verbatim in their inputs: " + ", ".join(
-            f"{n} ({shape.fields[n].grounded:.0%})" for n in grounded
+            f"{n} ({g or 0.0:.0%})" for n, g in grounded.items()
         )
     ranges = {
         n: [_num(f.minimum), _num(f.maximum)] if f.kind == "numeric" else [0, 1]

@@ -32,9 +32,10 @@ def train_config(plan: Plan, deepspeed: dict[str, Any] | None = None):
 
     return TrainConfig(
         base=plan.base.source if plan.base.is_local else plan.base.name,
-        kind=plan.base.kind,
+        kind=plan.kind,
         rows=plan.train_rows,
         labels=plan.labels,
+        extract=plan.extract,
         deepspeed=deepspeed,
         **{k: v for k, v in plan.training.items() if k not in COMPILE_ONLY_KEYS},
     )
@@ -53,7 +54,7 @@ def train(plan: Plan, workdir: Path):
             ds = json.loads((DEEPSPEED_DIR / "zero2.json").read_text())  # ZeRO-2 when workers have GPUs
         cfg = train_config(plan, ds)
         print(
-            f"training {plan.base.name} ({plan.base.kind}) on {len(plan.train_rows)} pairs: "
+            f"training {plan.base.name} ({plan.kind}) on {len(plan.train_rows)} pairs: "
             f"{workers} Ray Train worker(s), {'GPU' if gpu else 'CPU'}"
             f"{', DeepSpeed ZeRO-' + str(ds['zero_optimization']['stage']) if ds else ', DDP' if workers > 1 else ''}",
             file=sys.stderr,
@@ -73,6 +74,10 @@ def stage(plan: Plan, checkpoint_dir: Path, staging: Path) -> str:
     from kolm_ray.models.modeling import EncoderTagger, add_lora
 
     tokenizer = plan.base.load_tokenizer()
+    if plan.extract is not None:
+        from kolm_ray.compile.extract import stage_extractor
+
+        return stage_extractor(plan, checkpoint_dir, staging, tokenizer)
     if plan.base.kind == "encoder":
         model = EncoderTagger(plan.base.load_model(), plan.labels)
         load_trainable(model, checkpoint_dir / WEIGHTS)
@@ -110,6 +115,14 @@ def evaluate_staged(plan: Plan, staging: Path, manifest: dict[str, Any]):
     from kolm_ray.inference.predictors import CALIBRATION_FILE, predictor_from_dir
 
     predictor = predictor_from_dir(staging, manifest)
+    if predictor.kind == "encoder-extractor":  # spans + classes: its own calibration, threshold and metrics
+        from kolm_ray.compile.extract import evaluate_extractor
+
+        metrics = evaluate_extractor(
+            predictor, plan.eval_rows, plan.spec, progress=True, k_floor=plan.k_floor
+        )
+        (staging / CALIBRATION_FILE).write_text(json.dumps(predictor.calibration(), indent=2))
+        return metrics, predictor
     metrics = evaluate(
         predictor,
         plan.eval_rows,
@@ -192,7 +205,7 @@ def compile_command(args) -> int:
         if problem:
             print(f"warning: {problem}", file=sys.stderr)
         print(
-            f"ok dry run: base {plan.base.name} ({plan.base.kind}), {len(plan.train_rows)} train / "
+            f"ok dry run: base {plan.base.name} ({plan.kind}), {len(plan.train_rows)} train / "
             f"{len(plan.eval_rows)} eval pairs, verifiers {', '.join(v.name for v in plan.spec.verifier) or 'none'}, "
             f"k_floor {plan.k_floor}; nothing written"
         )

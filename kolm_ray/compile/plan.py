@@ -28,6 +28,9 @@ DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 DEFAULTS: dict[str, dict[str, Any]] = {
     "encoder": {"epochs": 3, "lr": 1e-4, "head_lr": 2e-3, "batch_size": 32, "max_len": 64},
     "causal-lm": {"epochs": 3, "lr": 2e-4, "batch_size": 8, "max_len": 256, "lora_r": 16, "lora_alpha": 32},
+    # An encoder base on outputs with grounded strings: spans need every token of the input (max_len 128), and
+    # the tag head is fresh, so it learns faster than the body (head_lr).
+    "extractor": {"epochs": 4, "lr": 1e-4, "head_lr": 3e-3, "batch_size": 32, "max_len": 128},
 }
 TRAINING_KEYS = {
     "epochs", "lr", "head_lr", "batch_size", "min_steps", "max_len", "freeze_layers", "freeze_embeddings", "negative_weight",
@@ -60,6 +63,13 @@ class Plan:
     bundle_base: bool = False
     # The recipe's request shape: which proxied calls the model may answer once promoted (None: plain calls).
     request_shape: dict[str, Any] | None = None
+    # Encoder extractors: span and class fields (models.extract_layout); None for taggers and causal LMs.
+    extract: dict[str, Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        """What trains: "encoder" (tagger), "extractor" (encoder with span heads) or "causal-lm"."""
+        return "extractor" if self.extract is not None else self.base.kind
 
 
 # ---- validate ----------------------------------------------------------------------------------------------
@@ -154,6 +164,24 @@ def _labels_for_encoder(spec: Spec, rows: list[dict], base: Base) -> dict[str, l
             "close them (schema enums) or use a causal-LM base"
         )
     return vocab
+
+
+def _extraction_for_encoder(spec: Spec, rows: list[dict], base: Base) -> dict[str, Any] | None:
+    """None when every field is closed (a tagger); else the extractor's layout, or KolmError (exit 2) when
+    some field is neither closed nor grounded in the input."""
+    from kolm_ray.models.extract_layout import extraction_layout
+
+    vocab = spec.vocab()
+    props = spec.output_schema.get("properties") if spec.output_kind == "json" else None
+    keys = {k for r in rows if isinstance(r["output"], dict) for k in r["output"]}
+    if vocab and isinstance(props, dict) and keys <= set(vocab) and set(props) <= set(vocab):
+        return None
+    if spec.get("byte-grounded") is None:
+        return None  # no grounded field: the tagger's own message says what is missing
+    try:
+        return extraction_layout(spec, [r["output"] for r in rows])
+    except KolmError as e:
+        raise KolmError(f"base {base.name!r} is an encoder: {e}") from None
 
 
 def _read_deepspeed(path: str) -> dict[str, Any]:
@@ -260,7 +288,10 @@ def validate(args) -> Plan:
     train_rows = [{"input": r["input"], "output": r["output"]} for r in train]
     train_rows += [{"input": r["input"], "output": None, "negative": True} for r in negatives]
 
-    labels = _labels_for_encoder(spec, labelled, base) if base.kind == "encoder" else {}
+    labels, extract = {}, None
+    if base.kind == "encoder":
+        extract = _extraction_for_encoder(spec, labelled + eval_labelled, base)
+        labels = _labels_for_encoder(spec, labelled, base) if extract is None else {}
     for key in ("epochs", "lr"):
         if getattr(args, key, None) is not None:
             training[key] = getattr(args, key)
@@ -283,7 +314,12 @@ def validate(args) -> Plan:
         eval_rows=[{"input": r["input"], "output": r["output"]} for r in held],
         eval_negatives=[r["input"] for r in extra_eval if r["split"] == "negative"],
         labels=labels,
-        training={**DEFAULTS[base.kind], **_router_defaults(spec, base), **(base.training or {}), **training},
+        training={
+            **DEFAULTS["extractor" if extract is not None else base.kind],
+            **_router_defaults(spec, base),
+            **(base.training or {}),
+            **training,
+        },
         num_workers=num_workers,
         max_failures=int(training.pop("max_failures", 1)),
         use_gpu=use_gpu,
@@ -291,6 +327,7 @@ def validate(args) -> Plan:
         deepspeed_path=ds_path,
         bundle_base=bool(getattr(args, "bundle_base", False)),
         request_shape=recipe.get("request_shape") if isinstance(recipe.get("request_shape"), dict) else None,
+        extract=extract,
     )
 
 

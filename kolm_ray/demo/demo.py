@@ -218,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     local = demo_loop.local_phase(out, store_url, DEMO_NAMESPACE, args.local_calls)
     local["seconds"] = time.perf_counter() - t
 
+    from kolm_ray.demo import demo_extract  # the second namespace: extraction traffic (issue 27)
+
+    t = _step(6, "local answers, second namespace: orders -> recipe -> minilm-l6 extractor -> promote")
+    orders = demo_extract.extract_phase(out, store_url)
+    orders["seconds"] = time.perf_counter() - t
+
     t = _step(7, "report: spend, savings, live agreement")
     report = demo_loop.report_phase(out, store_url)
     report["seconds"] = time.perf_counter() - t
@@ -229,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "route": route,
         "loop": looped,
         "local": local,
+        "orders_extractor": orders,
         "report": report,
         "total_seconds": time.perf_counter() - t_all,
     }
@@ -249,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  loop                   {'; '.join(looped['lines'])}")
     print(f"  local answers          {local['local']} of {local['calls']} new calls, by {local['model']}")
+    print(
+        f"  extraction namespace   {orders['local']} of {orders['calls']} order messages answered locally by "
+        f"{orders['model']} ({orders['right']} right, k_score {orders['k_score']:.2f})"
+    )
     ns = next(n for n in report["namespaces"] if n["name"] == DEMO_NAMESPACE)
     print(
         f"  spend / saved          ${ns['spend_usd']:.4f} upstream, ${ns['saved_usd']:.4f} saved (gpt-4o-mini prices)"

@@ -50,6 +50,14 @@ TRAINING = {
         ("max_len", 64, "tokens per input; longer inputs are truncated"),
         ("num_workers", 1, "Ray Train workers (kolm compile --num-workers overrides)"),
     ],
+    "extractor": [
+        ("epochs", 4, "passes over the train split; span and class heads converge in a few"),
+        ("batch_size", 32, "pairs per worker per step, at most (a small split uses fewer: min_steps)"),
+        ("lr", 1.0e-4, "peak learning rate of the encoder body (linear warm-up, then decay)"),
+        ("head_lr", 3.0e-3, "learning rate of the fresh span (BIO tag) and class heads"),
+        ("max_len", 128, "tokens per input; a span past this is lost, so longer than a tagger's"),
+        ("num_workers", 1, "Ray Train workers (kolm compile --num-workers overrides)"),
+    ],
     "causal-lm": [
         ("epochs", 2, "passes over the train split; LoRA overfits quickly"),
         ("batch_size", 8, "pairs per worker per step"),
@@ -208,14 +216,29 @@ def validate_recipe_dir(recipe_dir: str | Path) -> tuple[Spec, dict[str, Any], l
             problems.append(
                 f"{RECIPE_YAML} verifiers {sorted(written)} differ from {SPEC_JSON} verifiers {sorted(in_spec)}"
             )
-    if spec is not None and isinstance(settings.get("base"), str) and settings["base"] in ENCODER_BASES:
+    pairs = _read_pairs(d / PAIRS_JSONL, spec, problems)
+    extractor = (
+        spec is not None and settings.get("base") in ENCODER_BASES and spec.get("byte-grounded") is not None
+    )
+    if extractor:  # an encoder with span heads: every field closed or grounded (models.extract_layout)
+        from kolm_ray.models.extract_layout import extraction_layout
+
+        try:
+            extraction_layout(spec, [p["output"] for p in pairs])
+        except KolmError as e:
+            problems.append(f"base {settings['base']!r}: {e}")
+    if (
+        not extractor
+        and spec is not None
+        and isinstance(settings.get("base"), str)
+        and settings["base"] in ENCODER_BASES
+    ):
         if spec.output_kind != "json" or not spec.vocab():
             problems.append(
                 f"base {settings['base']!r} is a classifier and needs closed-vocab JSON outputs; "
                 "use a qwen2.5-coder base for this spec"
             )
-    pairs = _read_pairs(d / PAIRS_JSONL, spec, problems)
-    if spec is not None and settings.get("base") in ENCODER_BASES and spec.vocab():
+    if not extractor and spec is not None and settings.get("base") in ENCODER_BASES and spec.vocab():
         open_fields = sorted(
             {k for p in pairs if isinstance(p["output"], dict) for k in p["output"]} - set(spec.vocab())
         )

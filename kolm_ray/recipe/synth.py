@@ -21,7 +21,13 @@ from kolm_ray.clustering.purity import (
     k_floor_from_purity,
     near_duplicate_groups,
 )
-from kolm_ray.clustering.shape import choose_verifiers, infer_shape, labels_for, strip_confidence
+from kolm_ray.clustering.shape import (
+    EXTRACT_SHARE,
+    choose_verifiers,
+    infer_shape,
+    labels_for,
+    strip_confidence,
+)
 from kolm_ray.errors import KolmError
 from kolm_ray.recipe.files import (
     DIAGNOSTICS_JSON,
@@ -137,7 +143,7 @@ def recipe_from_observations(
     split = split_pairs(groups, strata, set(report.flagged), seed=seed)
 
     # 6. files
-    kind = "encoder" if base in ENCODER_BASES else "causal-lm"
+    kind = ("extractor" if not shape.closed else "encoder") if base in ENCODER_BASES else "causal-lm"
     description = description or _describe(shape, namespace)
     counts = Counter(split)
     pairs_text = "".join(
@@ -281,10 +287,13 @@ def _embeddings(given: np.ndarray | None, idx: list[int], inputs: list[str], n_o
 
 def _choose_base(base: str | None, shape) -> tuple[str, str]:
     if base:
-        if base in ENCODER_BASES and not shape.closed:
+        if base in ENCODER_BASES and not (shape.closed or shape.extractable):
+            bad = shape.extraction()[2]
             raise KolmError(
-                f"base {base!r} is a classifier: it needs outputs whose fields are all categorical; "
-                f"these outputs are {shape.output_kind} ({shape.top_type}); use {DEFAULT_CAUSAL_BASE}"
+                f"base {base!r} is an encoder: it needs outputs whose fields are all categorical, boolean, null "
+                f"or grounded in the input; these outputs are {shape.output_kind} ({shape.top_type})"
+                + (f" with fields {bad} neither" if bad else "")
+                + f"; use {DEFAULT_CAUSAL_BASE}"
             )
         return base, "chosen with --base"
     if shape.closed:
@@ -293,9 +302,33 @@ def _choose_base(base: str | None, shape) -> tuple[str, str]:
             "minilm-l6",
             f"every output field is categorical ({fields}): an encoder tagger, one head per field",
         )
+    span, cls, bad = shape.extraction()
+    if shape.extractable:
+        return "minilm-l6", extractor_why(shape, span, cls)
+    why = "outputs need generation (free text, extracted spans or numbers): a causal LM with LoRA"
+    if bad and shape.output_kind == "json":
+        why = (
+            f"fields {', '.join(bad[:5])} are neither categorical nor found verbatim in the input "
+            f"(>= {EXTRACT_SHARE:.0%} of their values): a causal LM with LoRA generates them"
+        )
+    return DEFAULT_CAUSAL_BASE, why
+
+
+def extractor_why(shape, span: list[str], cls: list[str]) -> str:
+    """One line for diagnostics and recipe.yaml: why an encoder extractor, and what it predicts."""
+
+    def grounded(name: str) -> str:
+        parent, _, child = name.partition(".")
+        f = shape.fields[parent].subfields[child] if child else shape.fields[parent]
+        return f"{name} {f.grounded or 0.0:.0%}"
+
+    listed = ", ".join(grounded(n) for n in span[:6]) + (
+        f" and {len(span) - 6} more" if len(span) > 6 else ""
+    )
     return (
-        DEFAULT_CAUSAL_BASE,
-        "outputs need generation (free text, extracted spans or numbers): a causal LM with LoRA",
+        f"every output field is categorical, boolean, null or found verbatim in the input (>= {EXTRACT_SHARE:.0%} "
+        f"of its values: {listed}): an encoder extractor, a span head for {len(span)} grounded field(s)"
+        + (f" and a class head for {', '.join(cls)}" if cls else "")
     )
 
 

@@ -173,12 +173,16 @@ def check_file(row: ModelRow) -> str | None:
 
 
 def threshold_of(manifest: dict[str, Any]) -> float:
-    """The model's confidence threshold: the one its compile chose for the selective gate
-    (metrics.selective.threshold, compile/selective.py), never below its spec's low-confidence-fallback-broad
+    """The model's confidence threshold: an extractor's chosen one (compile/extract.py), else the one its
+    compile chose for the selective gate (metrics.selective.threshold, compile/selective.py), never below its
+    spec's low-confidence-fallback-broad
     one, else the default."""
     from kolm_ray.artifact.spec import validate_spec
     from kolm_ray.artifact.verifiers import DEFAULT_THRESHOLD
 
+    chosen = (manifest.get("metrics") or {}).get("local_threshold")
+    if manifest.get("kind") == "encoder-extractor" and isinstance(chosen, (int, float)):
+        return float(chosen)  # chosen on its calibration rows (compile/extract.py)
     fb = validate_spec(manifest["spec"], "artifact spec").get("low-confidence-fallback-broad")
     spec_t = float(fb.threshold) if fb is not None and fb.threshold is not None else DEFAULT_THRESHOLD
     chosen = ((manifest.get("metrics") or {}).get("selective") or {}).get("threshold")

@@ -17,11 +17,13 @@ class TrainConfig:
     base: str
     """Base name or local directory (bases.resolve_base)."""
     kind: str
-    """"encoder" (a tagger with one head per field) or "causal-lm" (LoRA SFT)."""
+    """"encoder" (a tagger with one head per field), "extractor" (span + class heads) or "causal-lm" (LoRA SFT)."""
     rows: list[dict[str, Any]]
     """Training rows {input, output, negative?}."""
     labels: dict[str, list[Any]] = field(default_factory=dict)
     """Encoder taggers: field -> its values, in head order."""
+    extract: dict[str, Any] | None = None
+    """Encoder extractors: the layout (models.extract_layout.extraction_layout): span and class fields."""
     epochs: int = 3
     batch_size: int = 32
     """Per-worker micro-batch size (at most: see min_steps)."""

@@ -72,6 +72,46 @@ def collate_tagger(
     }
 
 
+# ---- encoder extractors -------------------------------------------------------------------------------------
+
+
+def encode_extractor_rows(
+    rows: Sequence[dict], tokenizer, layout: dict[str, Any], max_len: int = 128
+) -> list[tuple[list[int], list[int], list[int]]]:
+    """(token ids, class value index per class field, BIO tag per token) for every labelled row."""
+    from kolm_ray.models.extractor import class_targets, tag_targets
+
+    rows = [r for r in rows if not r.get("negative")]
+    texts = [r["input"] for r in rows]
+    enc = tokenizer(texts, truncation=True, max_length=max_len, return_offsets_mapping=True)
+    out = []
+    for k, (ids, offsets, r) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], rows, strict=True)):
+        tags = tag_targets(r["input"], offsets, r["output"], layout, enc.word_ids(k))
+        out.append((list(ids), class_targets(r["output"], layout), tags))
+    return out
+
+
+def collate_extractor(
+    batch: Sequence[tuple[list[int], list[int], list[int]]], pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    from kolm_ray.models.extractor import IGNORE
+
+    n = max(len(b[0]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    tags = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    for i, (seq, _, tg) in enumerate(batch):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        tags[i, : len(tg)] = torch.tensor(tg)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "class_targets": torch.tensor([b[1] for b in batch], dtype=torch.long).reshape(len(batch), -1),
+        "tag_targets": tags,
+    }
+
+
 # ---- causal LMs ---------------------------------------------------------------------------------------------
 
 

@@ -43,8 +43,10 @@ from kolm_ray.compile.train.checkpoint import (
 )
 from kolm_ray.compile.train.config import TrainConfig
 from kolm_ray.compile.train.data import (
+    collate_extractor,
     collate_sft,
     collate_tagger,
+    encode_extractor_rows,
     encode_sft_rows,
     encode_tagger_rows,
     pack_sft,
@@ -66,6 +68,12 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
         model = EncoderTagger(base.load_model(), cfg.labels)
         model.freeze(embeddings=cfg.freeze_embeddings, layers=max(cfg.freeze_layers, 0))
         return model, tokenizer
+    if cfg.kind == "extractor":
+        from kolm_ray.models.extractor import EncoderExtractor
+
+        model = EncoderExtractor(base.load_model(), cfg.extract or {})
+        model.freeze(embeddings=cfg.freeze_embeddings, layers=max(cfg.freeze_layers, 0))
+        return model, tokenizer
     lm = base.load_model(dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32, attn="sdpa")
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
@@ -74,8 +82,9 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
 
 
 def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("heads.")]
-    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")]
+    fresh = ("heads.", "span_head.")  # freshly initialised heads learn at head_lr
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(fresh)]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(fresh)]
     groups = [{"params": body, "lr": cfg.lr, "base_lr": cfg.lr}]
     if heads:
         groups.append({"params": heads, "lr": cfg.head_lr, "base_lr": cfg.head_lr})
@@ -157,6 +166,12 @@ def deepspeed_config(raw: dict[str, Any], cfg: TrainConfig, world: int, on_gpu: 
 def _compute_loss(model, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
     from kolm_ray.models.modeling import encoder_loss
 
+    if cfg.kind == "extractor":
+        from kolm_ray.models.extractor import extractor_loss
+
+        tags, cls = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        sizes = getattr(model, "module", model).sizes
+        return extractor_loss(tags, cls, batch["tag_targets"], batch["class_targets"], sizes)
     if cfg.kind == "encoder":
         ids, mask = batch["input_ids"], batch["attention_mask"]
         partner = lam = None
@@ -200,6 +215,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         collate = lambda b: collate_tagger(b, pad)  # noqa: E731
         if cfg.probe_init:  # every rank fits the same probe on the same rows; a resume overwrites it below
             init_heads(model, examples, pad)
+    elif cfg.kind == "extractor":
+        examples = encode_extractor_rows(cfg.rows, tokenizer, cfg.extract or {}, cfg.max_len)
+        collate = lambda b: collate_extractor(b, pad)  # noqa: E731
     else:
         examples = encode_sft_rows(cfg.rows, tokenizer, cfg.max_len)
         if cfg.pack_len > 0:
