@@ -224,7 +224,7 @@ def recipe_and_compile(
     keep = [i for i, o in enumerate(obs) if o["id"] not in exclude]
     info = recipe_from_observations(
         [obs[i] for i in keep], out_dir=str(workdir / "recipe"), embeddings=np.asarray(emb)[keep],
-        namespace=namespace, cluster=cid, store=store.url,
+        namespace=namespace, cluster=cid, store=store,
     )  # fmt: skip
     out = workdir / f"{name}.kolm"
     plan = validate(compile_args(["--recipe", info["recipe_dir"], "--output", str(out)]))
