@@ -157,8 +157,8 @@ def threshold_of(manifest: dict[str, Any]) -> float:
 
 def check_fit(store: Store, namespace: str, manifest: dict[str, Any], shape: dict[str, Any]) -> None:
     """Refuse (KolmError, exit 2) a spec that the namespace's recent upstream answers of this shape do not fit:
-    a model trained on another task, or the task changed since it was compiled. No traffic yet: nothing to
-    contradict, so the promotion stands."""
+    a model trained on another task, or the task changed since it was compiled. No traffic of the shape
+    (promote --force; shape_seen refuses it otherwise): nothing to contradict, so the promotion stands."""
     import jsonschema
 
     from kolm_ray.artifact.spec import validate_spec
