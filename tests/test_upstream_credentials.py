@@ -74,6 +74,14 @@ def test_the_urls_credentials_are_basic_auth_unless_the_caller_sends_its_own(tmp
         store.close()
 
 
+def test_a_bad_upstream_url_is_refused_without_its_password(capsys):
+    from kolm_ray.cli import main
+
+    assert main(["capture", "--port", "0", "--openai-upstream", f"ftp://user:{SECRET}@127.0.0.1/"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: openai upstream 'ftp://user:***@127.0.0.1' must be") and SECRET not in err
+
+
 @pytest.mark.slow
 def test_the_real_kolm_capture_never_prints_or_stores_the_upstreams_password(tmp_path, free_port):
     """`kolm capture --openai-upstream http://user:s3cret@127.0.0.1:<dead port>`: banner, 502 body, /healthz,

@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from kolm_ray.errors import KolmError
+from kolm_ray.settings import redact_url
 
 DEFAULT_UPSTREAMS = {"openai": "https://api.openai.com", "anthropic": "https://api.anthropic.com"}
 UPSTREAM_PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
@@ -50,7 +51,7 @@ def upstream_endpoint(base: str, provider: str) -> str:
     """The URL the proxy posts to: base (with or without a trailing /v1) + the provider's path."""
     base = base.rstrip("/")
     if not base.startswith(("http://", "https://")):
-        raise KolmError(f"{provider} upstream {base!r} must be an http:// or https:// URL")
+        raise KolmError(f"{provider} upstream {redact_url(base)!r} must be an http:// or https:// URL")
     if base.endswith("/v1"):
         base = base[:-3]
     return base + UPSTREAM_PATHS[provider]
