@@ -8,6 +8,7 @@ base for open outputs) is reported here, before Ray starts; `kolm compile --dry-
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,8 +300,6 @@ def validate(args) -> Plan:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -318,8 +317,6 @@ def lineage_of(recipe_dir: str | None, recipe: dict[str, Any], source: str, n_pa
     recipe_sha = None
     if recipe_dir:
         listing = "".join(f"{_sha256(Path(recipe_dir) / n)}  {n}\n" for n in RECIPE_FILES)
-        import hashlib
-
         recipe_sha = hashlib.sha256(listing.encode()).hexdigest()
     own_pairs = bool(recipe_dir) and Path(source) == Path(recipe_dir) / "pairs.jsonl"
     written = recipe.get("lineage") if own_pairs and isinstance(recipe.get("lineage"), dict) else {}
