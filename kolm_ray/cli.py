@@ -172,12 +172,22 @@ def _models(p: argparse.ArgumentParser) -> None:
     pr = sub.add_parser("promote", help="verify a .kolm and make it a namespace's live model")
     pr.add_argument("artifact", help="path of the .kolm to promote")
     pr.add_argument("--namespace", required=True, help="the namespace it answers")
+    pr.add_argument(
+        "--force", action="store_true", help="promote even with no traffic of its request shape in NS"
+    )
     ls = sub.add_parser("list", help="registered versions (live marked)")
     ls.add_argument("--namespace", default=None)
     ls.add_argument("--json", action="store_true", help='print {"models": [...]}')
     rb = sub.add_parser("rollback", help="make the previously live version live again")
     rb.add_argument("--namespace", required=True)
-    for q in (pr, ls, rb):
+    hi = sub.add_parser("history", help="every promote and rollback, oldest first: who, when, why")
+    hi.add_argument("--namespace", default=None)
+    hi.add_argument("--json", action="store_true", help='print {"events": [...]}')
+    for q in (pr, rb):
+        q.add_argument(
+            "--reason", default=None, help="why, kept in `kolm models history` (actor: $KOLM_ACTOR)"
+        )
+    for q in (pr, ls, rb, hi):
         q.add_argument("--store", default=None, help="store URL (default $KOLM_STORE or $KOLM_HOME)")
 
 
@@ -253,7 +263,11 @@ COMMANDS: dict[str, tuple[str, str, Builder]] = {
     ),
     "serve": ("kolm_ray.serve.router:serve_command", "run the Ray Serve recall router", _serve),
     "bench": ("kolm_ray.serve.bench:bench_command", "load-test a running router", _bench),
-    "models": ("kolm_ray.registry:models_command", "promote, list or roll back registered models", _models),
+    "models": (
+        "kolm_ray.registry:models_command",
+        "promote, list, roll back registered models; their history",
+        _models,
+    ),
     "report": ("kolm_ray.loop.report:report_command", "spend, savings and drift per namespace", _report),
     "loop": (
         "kolm_ray.loop.loop:loop_command",

@@ -47,7 +47,7 @@ def proxy(tmp_path, taggers, monkeypatch):
     monkeypatch.setenv("KOLM_SHADOW_RATE", "0")  # no shadow checks unless drift raises the rate
     up_url, stop_up = start_upstream_in_thread(answer=lambda q: json.dumps({"namespace": WRONG[truth(q)]}))
     store = open_store(f"sqlite:///{tmp_path / 'obs.db'}")
-    row = registry.promote(store, taggers[0], NS)
+    row = registry.promote(store, taggers[0], NS, force=True)  # before any traffic
     for i in range(40):
         registry.record_shadow(store, f"seed-{i}", None, NS, row.version, i < 18, {})
     app = create_app(store, openai_upstream=up_url, anthropic_upstream=up_url)

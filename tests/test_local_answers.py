@@ -70,7 +70,7 @@ def proxy(tmp_path, upstream, taggers, monkeypatch):
     monkeypatch.setenv("KOLM_SIGNING_KEY", SIGNING_KEY)
     monkeypatch.setenv("KOLM_SHADOW_RATE", "0")
     store = open_store(f"sqlite:///{tmp_path / 'obs.db'}")
-    registry.promote(store, taggers[0], NS)
+    registry.promote(store, taggers[0], NS, force=True)  # before any traffic
     app = create_app(store, openai_upstream=upstream, anthropic_upstream=upstream)
     url, stop = serve_in_thread(app)
     try:
@@ -212,6 +212,7 @@ def test_off_header_other_shape_and_low_confidence_go_upstream(proxy, taggers):
     # is at least as confident as the model's threshold (0.999).
     from kolm_ray.inference.predictors import open_predictor
 
+    assert app.state.writer.flush(10)  # the calls above are the namespace's traffic of the model's shape
     assert main(["models", "promote", str(taggers[2]), "--namespace", NS, "--store", store.url]) == 0
     wait_for_model(url, "strict@2")
     queries = QUERIES + ["weather on mars 42", "zzz qqq xxy", "the balance of the recipe", "bake the luggage",
@@ -401,7 +402,7 @@ def test_serve_tagger_follows_the_registry_without_a_failed_call(taggers, monkey
 
         with pytest.raises(KolmError, match="no live model"):
             app_builder({"artifact": f"registry:{NS}"})
-        first = registry.promote(store, taggers[0], NS)
+        first = registry.promote(store, taggers[0], NS, force=True)  # an empty store
         app_builder({"artifact": f"registry:{NS}"})  # resolves and verifies at deploy time
         tagger = NamespaceTagger.func_or_class(first.path, follow=NS)
         results: list[dict] = []
@@ -422,7 +423,7 @@ def test_serve_tagger_follows_the_registry_without_a_failed_call(taggers, monkey
         thread = threading.Thread(target=load)
         thread.start()
         try:
-            second = registry.promote(store, taggers[1], NS)
+            second = registry.promote(store, taggers[1], NS, force=True)
             wait_for(second.path)
             registry.rollback(store, NS)
             wait_for(first.path)

@@ -106,7 +106,7 @@ def builder(artifact: Path, calls: list | None = None):
 
 
 def test_promotes_a_better_candidate(store, taggers, capsys):
-    registry.promote(store, taggers["weak"], NS)
+    registry.promote(store, taggers["weak"], NS, force=True)
     store.append_many(traffic(300))
     seen: list = []
     lines = loop.loop_once(store, min_new=100, build=builder(taggers["strong"], seen))
@@ -118,10 +118,14 @@ def test_promotes_a_better_candidate(store, taggers, capsys):
     assert seen == [set(newest)]
     err = capsys.readouterr().err
     assert "McNemar p=" in err and "on 75 held-out rows" in err
+    # the registry's history: the loop as the actor, its decision line as the reason
+    last = registry.history.history(store, NS)[-1]
+    assert (last.action, last.version, last.actor) == ("promote", 2, "kolm loop")
+    assert f"{NS}: {last.reason}" in err.splitlines() and "McNemar p=" in last.reason
 
 
 def test_keeps_the_live_model_over_a_weakened_candidate(store, taggers):
-    registry.promote(store, taggers["strong"], NS)
+    registry.promote(store, taggers["strong"], NS, force=True)
     store.append_many(traffic(300))
     (line,) = loop.loop_once(store, min_new=100, build=builder(taggers["worse"]))
     assert line.startswith(f"{NS}: kept tagger@1 (candidate ") and "candidate worse" in line
@@ -130,7 +134,7 @@ def test_keeps_the_live_model_over_a_weakened_candidate(store, taggers):
 
 
 def test_skips_too_few_new_observations(store, taggers, store_url):
-    registry.promote(store, taggers["strong"], NS)
+    registry.promote(store, taggers["strong"], NS, force=True)
     store.append_many(traffic(30))
     calls: list = []
     assert main(["loop", "--once", "--min-new", "50", "--store", store_url]) == 0
@@ -145,7 +149,7 @@ def test_skips_too_few_new_observations(store, taggers, store_url):
 
 
 def test_drift_recompiles_below_min_new_from_the_new_answers_only(store, taggers):
-    live = registry.promote(store, taggers["weak"], NS)
+    live = registry.promote(store, taggers["weak"], NS, force=True)
     old = [
         o.model_copy(update={"created_at": datetime(2020, 1, 1, tzinfo=timezone.utc)})
         for o in traffic(50, seed=9)
@@ -161,7 +165,7 @@ def test_drift_recompiles_below_min_new_from_the_new_answers_only(store, taggers
 
 
 def test_two_loops_at_once_promote_at_most_once(tmp_path, store, taggers, store_url):
-    registry.promote(store, taggers["weak"], NS)
+    registry.promote(store, taggers["weak"], NS, force=True)
     store.append_many(traffic(300))
     barrier, lines = threading.Barrier(2), []
 
@@ -246,7 +250,7 @@ def test_loop_compile_end_to_end(store, taggers, capsys, store_url):
     """`kolm loop --once` through the real clustering, recipe and Ray Train compile, on a weak live model."""
     if store_url.startswith("postgresql"):
         pytest.skip("one compile is enough: cluster and recipe on PostgreSQL are test_store_pipeline's")
-    registry.promote(store, taggers["weak"], NS)
+    registry.promote(store, taggers["weak"], NS, force=True)
     store.append_many(traffic(700, seed=5))
     assert main(["loop", "--once", "--min-new", "300", "--store", store_url]) == 0
     out = capsys.readouterr().out.strip().splitlines()

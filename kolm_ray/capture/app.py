@@ -32,7 +32,6 @@ import aiohttp
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from yarl import URL
 
 from kolm_ray.capture.bridge import install_error_handlers, read_body
 from kolm_ray.capture.bridge import router as bridge_router
@@ -49,6 +48,7 @@ from kolm_ray.capture.upstream import (
     PassthroughResponse,
     forward_headers,
     response_headers,
+    split_credentials,
     upstream_endpoint,
 )
 from kolm_ray.capture.workers import mark_ready, run_workers, worker_index, write_report
@@ -140,7 +140,7 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
         up = await session.post(
             state.upstream_urls[provider],
             data=body,
-            headers=forward_headers(request.headers.raw),
+            headers=forward_headers(request.headers.raw, state.upstream_auth[provider]),
             allow_redirects=False,  # a redirect goes back to the client, as any response does
         )
     except UPSTREAM_ERRORS as e:
@@ -294,8 +294,12 @@ def create_app(
 
     app = FastAPI(title="kolm capture", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
-    app.state.upstreams = upstreams
-    app.state.upstream_urls = {k: URL(v) for k, v in upstreams.items()}  # parsed once, not per request
+    # Shown (banner, 502/504 messages, stored errors): password redacted. Posted to: parsed once, without
+    # its credentials, which travel as Basic auth when the caller sends no Authorization of its own.
+    app.state.upstreams = {k: redact_url(v) for k, v in upstreams.items()}
+    parts = {k: split_credentials(v) for k, v in upstreams.items()}
+    app.state.upstream_urls = {k: u for k, (u, _) in parts.items()}
+    app.state.upstream_auth = {k: auth for k, (_, auth) in parts.items()}
     app.state.admin_token = token
     app.state.redact_pii = redact_pii
     app.state.capture_max_body = capture_max_body
@@ -337,8 +341,8 @@ def create_app(
 
 def _banner(upstreams: dict[str, str], token: str | None, store_shown: str, base: str) -> list[str]:
     return [
-        f"  OpenAI SDK:    base_url={base}/v1/capture/openai    -> {upstreams['openai']}",
-        f"  Anthropic SDK: base_url={base}/v1/capture/anthropic -> {upstreams['anthropic']}",
+        f"  OpenAI SDK:    base_url={base}/v1/capture/openai    -> {redact_url(upstreams['openai'])}",
+        f"  Anthropic SDK: base_url={base}/v1/capture/anthropic -> {redact_url(upstreams['anthropic'])}",
         f"  bridge API:    {base}/v1/bridges/observations{' (bearer token required)' if token else ''}",
         f"  store:         {store_shown}",
     ]

@@ -335,7 +335,8 @@ class LocalAnswers:
         state = request.app.state
         shadow = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
         shadow_body = json.dumps(shadow).encode()
-        headers = forward_headers(request.headers.raw)  # the caller's own key, in this task's memory only
+        # the caller's own key (or the upstream URL's credentials), in this task's memory only
+        headers = forward_headers(request.headers.raw, state.upstream_auth[provider])
         up_id, detail, agree = new_id(), {}, None
         t0 = time.perf_counter()
         try:

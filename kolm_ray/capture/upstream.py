@@ -12,8 +12,10 @@ import anyio
 from fastapi.responses import Response
 from multidict import CIMultiDict
 from starlette.types import Receive, Scope, Send
+from yarl import URL
 
 from kolm_ray.errors import KolmError
+from kolm_ray.settings import redact_url
 
 DEFAULT_UPSTREAMS = {"openai": "https://api.openai.com", "anthropic": "https://api.anthropic.com"}
 UPSTREAM_PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
@@ -49,18 +51,33 @@ def upstream_endpoint(base: str, provider: str) -> str:
     """The URL the proxy posts to: base (with or without a trailing /v1) + the provider's path."""
     base = base.rstrip("/")
     if not base.startswith(("http://", "https://")):
-        raise KolmError(f"{provider} upstream {base!r} must be an http:// or https:// URL")
+        raise KolmError(f"{provider} upstream {redact_url(base)!r} must be an http:// or https:// URL")
     if base.endswith("/v1"):
         base = base[:-3]
     return base + UPSTREAM_PATHS[provider]
 
 
-def forward_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+def split_credentials(endpoint: str) -> tuple[URL, str | None]:
+    """An upstream URL as aiohttp is given it, without `user:password@` (so no client error, log or message
+    can carry them), and those credentials as a Basic `Authorization` value (None when it has none). Shown
+    anywhere, the URL is settings.redact_url(endpoint)."""
+    url = URL(endpoint)
+    if url.user is None and url.password is None:
+        return url, None
+    auth = aiohttp.BasicAuth(url.user or "", url.password or "").encode()
+    return url.with_user(None), auth
+
+
+def forward_headers(raw: list[tuple[bytes, bytes]], auth: str | None = None) -> CIMultiDict[str]:
+    """The caller's headers as the upstream gets them. `auth` (the upstream URL's own credentials) is sent
+    only when the caller sends no Authorization: the caller's own provider key is forwarded as it is."""
     out: CIMultiDict[str] = CIMultiDict(
         (k.decode("latin-1"), v.decode("latin-1"))
         for k, v in raw
         if k.lower() not in _HOP and not k.lower().startswith(b"x-kolm-")
     )
+    if auth is not None and "Authorization" not in out:
+        out["Authorization"] = auth
     # identity: the answer is both passed through and parsed, so ask for it plain. An upstream that
     # compresses anyway is passed through as sent (with its Content-Encoding) and decoded for the store.
     out["Accept-Encoding"] = "identity"

@@ -175,6 +175,8 @@ def build_artifact(
         }
         if plan.request_shape is not None:
             manifest["request_shape"] = plan.request_shape
+        if plan.lineage is not None:  # under the signature: what data the model was trained on
+            manifest["lineage"] = plan.lineage
         metrics, teacher = evaluate_staged(plan, staging, manifest)
         metrics["training"] = {**training, "n_train": len(plan.train_rows), "settings": plan.training}
         gate(plan, metrics)

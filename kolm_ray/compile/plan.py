@@ -8,6 +8,7 @@ base for open outputs) is reported here, before Ray starts; `kolm compile --dry-
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ class Plan:
     bundle_base: bool = False
     # The recipe's request shape: which proxied calls the model may answer once promoted (None: plain calls).
     request_shape: dict[str, Any] | None = None
+    # What the pairs came from (the manifest's signed `lineage`): namespace, store scheme, observations,
+    # first/last seen, and the sha256 of the pairs file and of the recipe directory.
+    lineage: dict[str, Any] | None = None
     # Encoder extractors: span and class fields (models.extract_layout); None for taggers and causal LMs.
     extract: dict[str, Any] | None = None
 
@@ -328,7 +332,40 @@ def validate(args) -> Plan:
         bundle_base=bool(getattr(args, "bundle_base", False)),
         request_shape=recipe.get("request_shape") if isinstance(recipe.get("request_shape"), dict) else None,
         extract=extract,
+        lineage=lineage_of(args.recipe, recipe, source, len(pairs)),
     )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+RECIPE_FILES = ("pairs.jsonl", "recipe.yaml", "spec.json")
+
+
+def lineage_of(recipe_dir: str | None, recipe: dict[str, Any], source: str, n_pairs: int) -> dict[str, Any]:
+    """The manifest's `lineage`. pairs_sha256: the pairs file's own sha256 (`sha256sum pairs.jsonl`);
+    recipe_sha256: `sha256sum pairs.jsonl recipe.yaml spec.json | sha256sum` in the recipe directory.
+    From plain --pairs (or --pairs over a recipe's): no namespace, store or times, observations = pairs."""
+    recipe_sha = None
+    if recipe_dir:
+        listing = "".join(f"{_sha256(Path(recipe_dir) / n)}  {n}\n" for n in RECIPE_FILES)
+        recipe_sha = hashlib.sha256(listing.encode()).hexdigest()
+    own_pairs = bool(recipe_dir) and Path(source) == Path(recipe_dir) / "pairs.jsonl"
+    written = recipe.get("lineage") if own_pairs and isinstance(recipe.get("lineage"), dict) else {}
+    return {
+        "namespace": written.get("namespace", recipe.get("namespace") if own_pairs else None),
+        "store": written.get("store"),
+        "observations": written.get("observations", n_pairs),
+        "first_seen": written.get("first_seen"),
+        "last_seen": written.get("last_seen"),
+        "pairs_sha256": _sha256(Path(source)),
+        "recipe_sha256": recipe_sha,
+    }
 
 
 def _router_defaults(spec: Spec, base: Base) -> dict[str, Any]:

@@ -58,6 +58,7 @@ HOLDOUT = 200  # newest upstream calls held out per pass: a quarter of the new o
 MIN_HOLDOUT = 20  # fewer rows of the candidate's shape: no verdict, the live model stays
 ALPHA = 0.05
 LEASE_S = 6 * 3600  # longer than any compile on a small cluster; renewed before promoting
+ACTOR = "kolm loop"  # who promoted, in `kolm models history`
 USABLE = "provider IN ('openai', 'anthropic', 'import') AND verified IS NOT FALSE"
 USABLE += f" AND {TRAINABLE}"  # privacy: rows stored without their text (X-Kolm-Omit) never train
 
@@ -257,7 +258,7 @@ def recipe_and_compile(
     keep = [i for i, o in enumerate(obs) if o["id"] not in exclude]
     info = recipe_from_observations(
         [obs[i] for i in keep], out_dir=str(workdir / "recipe"), embeddings=np.asarray(emb)[keep],
-        namespace=namespace, cluster=cid,
+        namespace=namespace, cluster=cid, store=store,
     )  # fmt: skip
     out = workdir / f"{name}.kolm"
     plan = validate(compile_args(["--recipe", info["recipe_dir"], "--output", str(out)]))
@@ -328,7 +329,8 @@ def run_namespace(store: Any, namespace: str, min_new: int, owner: str, build: B
             if held is not None:
                 return f"{namespace}: skipped ({held})"
             try:
-                row = registry.promote(store, artifact, namespace)
+                # The history names the loop as the actor and its decision line as the reason.
+                row = registry.promote(store, artifact, namespace, actor=ACTOR, reason=v.reason)
             except KolmError as e:  # e.g. the spec no longer fits the newest outputs (registry.check_fit)
                 kept = f"kept {live.label}" if live is not None else "skipped"
                 return f"{namespace}: {kept} (promotion refused: {e})"

@@ -55,6 +55,7 @@ def recipe_command(args: Any) -> int:
         embeddings=embeddings,
         namespace=args.namespace,
         cluster=cluster,
+        store=url,
     )
     for warning in json.loads(Path(info["diagnostics"]).read_text()).get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)

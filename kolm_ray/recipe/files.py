@@ -33,7 +33,9 @@ K_FLOOR_RANGE = (0.5, 0.95)
 ENCODER_BASES = ("minilm-l6", "tiny-encoder")  # classifiers: need closed-vocab outputs
 SETTINGS_KEYS = {
     "description", "base", "k_floor", "verifiers", "training", "files", "namespace", "cluster", "request_shape",
+    "lineage",
 }  # fmt: skip
+LINEAGE_KEYS = ("namespace", "store", "observations", "first_seen", "last_seen")  # compile copies them
 
 # Training settings that may be 0 (off); every other one must be positive.
 ZERO_OK = frozenset(
@@ -87,6 +89,7 @@ def render_recipe_yaml(
     namespace: str | None,
     cluster: int | None,
     request_shape: dict[str, Any] | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> str:
     """recipe.yaml with a comment on every knob (YAML emitters drop comments, so it is written by hand)."""
     where = (
@@ -115,6 +118,11 @@ def render_recipe_yaml(
         lines.append(
             f"request_shape: {json.dumps(request_shape, ensure_ascii=False)}"
             "  # the calls the capture proxy may answer with this model once promoted (kolm models promote)"
+        )
+    if lineage is not None:
+        lines.append(
+            f"lineage: {json.dumps(lineage, ensure_ascii=False)}"
+            "  # the observations the pairs came from; compile signs it into the manifest"
         )
     lines += [
         "files:",
@@ -264,6 +272,15 @@ def _check_settings(s: dict[str, Any]) -> list[str]:
         problems.append(f"{RECIPE_YAML}: base must be a base name")
     elif (why := _known_base(base)) is not None:
         problems.append(f"{RECIPE_YAML}: {why}")
+    lineage = s.get("lineage")
+    if lineage is not None and (not isinstance(lineage, dict) or set(lineage) - set(LINEAGE_KEYS)):
+        problems.append(f"{RECIPE_YAML}: lineage must be a mapping of {', '.join(LINEAGE_KEYS)}")
+    elif lineage is not None and not (
+        isinstance(lineage.get("observations"), int) and lineage["observations"] >= 0
+    ):
+        problems.append(
+            f"{RECIPE_YAML}: lineage.observations must be a count, got {lineage.get('observations')!r}"
+        )
     k = s.get("k_floor")
     lo, hi = K_FLOOR_RANGE
     if not isinstance(k, (int, float)) or isinstance(k, bool) or not lo <= k <= hi:

@@ -68,11 +68,14 @@ def recipe_from_observations(
     namespace: str | None = None,
     cluster: int | None = None,
     seed: int = 0,
+    store: Any = None,
 ) -> dict[str, Any]:
     """Write a recipe directory from one cluster's observations (Observation objects or dicts).
 
     Rejected observations (verified=false) are never used; unverified ones only without `verified_only`.
     `embeddings` (MiniLM, aligned with `observations`) skips re-embedding when the clustering already did.
+    `store` (the Store or URL they were read from) goes into recipe.yaml's `lineage` as its scheme only, and is asked
+    for the pairs' first/last created_at when the observations do not carry it (cluster members do not).
     Returns {"recipe_dir", "pairs_jsonl", "spec_json", "k_floor", "diagnostics"}; raises KolmError with
     nothing written when the observations cannot make a recipe.
     """
@@ -198,9 +201,10 @@ def recipe_from_observations(
         (v.name + (f"={v.threshold}" if v.name == "calibrated-brier" else ""), why.get(v.name, ""))
         for v in spec.verifier
     ]
+    lineage = recipe_lineage([observations[i] for i in idx], namespace, store)
     yaml_text = render_recipe_yaml(
         str(out_dir), description, base, base_why, k_floor, floor_why, verifier_lines,
-        TRAINING[kind], dict(counts), namespace, cluster, request_shape,
+        TRAINING[kind], dict(counts), namespace, cluster, request_shape, lineage,
     )  # fmt: skip
     files = {
         SPEC_JSON: json.dumps(spec.to_json(), indent=2, ensure_ascii=False) + "\n",
@@ -216,6 +220,57 @@ def recipe_from_observations(
         "k_floor": k_floor,
         "diagnostics": str(out / DIAGNOSTICS_JSON),
     }
+
+
+def _utc_iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    if when.tzinfo is None:  # the store writes UTC
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat()
+
+
+def recipe_lineage(used: list[Any], namespace: str | None, store: Any) -> dict[str, Any]:
+    """What the pairs came from, for the artifact's manifest: namespace, the store's scheme (never its path,
+    host or password), how many observations became pairs, and the first and last of their created_at."""
+    from kolm_ray.observations.store.base import store_scheme
+
+    times = [_utc_iso(_field(o, "created_at")) for o in used]
+    if (None in times or not times) and store is not None:
+        times = _created_at_in_store(store, [str(_field(o, "id")) for o in used])
+    known = sorted(t for t in times if t is not None)
+    scheme = store_scheme(store) if store is not None else None
+    return {
+        "namespace": namespace,
+        "store": "postgresql" if scheme == "postgres" else scheme,
+        "observations": len(used),
+        "first_seen": known[0] if known else None,
+        "last_seen": known[-1] if known else None,
+    }
+
+
+def _created_at_in_store(store: Any, ids: list[str]) -> list[str | None]:
+    from kolm_ray.observations.store import open_store
+    from kolm_ray.observations.store.base import portable_sql
+
+    opened = open_store(store) if isinstance(store, str) else None
+    s = opened or store
+    out: list[str | None] = []
+    try:
+        for start in range(0, len(ids), 500):  # bounded IN lists
+            chunk = ids[start : start + 500]
+            q = portable_sql(
+                s, f"SELECT created_at FROM observations WHERE id IN ({','.join('?' * len(chunk))})"
+            )
+            out += [_utc_iso(t) for (t,) in s._read().execute(q, tuple(chunk)).fetchall()]
+    finally:
+        if opened is not None:
+            opened.close()
+    return out
 
 
 # On the recipe benchmark's 7 clusters the compiled K beat this probe by 0.01-0.11; the one recipe whose

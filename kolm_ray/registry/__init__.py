@@ -3,14 +3,16 @@
     kolm models promote tagger.kolm --namespace support     # verify, copy under $KOLM_HOME/models, make live
     kolm models list [--namespace support] [--json]
     kolm models rollback --namespace support                # the previously live version is live again
+    kolm models history [--namespace support] [--json]      # every promote and rollback, who and why
 
     from kolm_ray import registry
     row = registry.promote(store, "tagger.kolm", "support")  # ModelRow(namespace, version, name, ...)
     registry.live_models(store)                               # {namespace: ModelRow} (what the proxy polls)
 
-Rows live in the store's `models` table (migration 2 in observations/store.py) and shadow checks in
-`shadow_pairs`; the SQL here is standard (`?` placeholders, rewritten to `%s` for psycopg), run over the
-store's own connections (`_write(fn)`: fn(conn) inside one transaction; `_read()`: a connection), so the
+Rows live in the store's `models` table (migration 2 in observations/store/migrations.py), each promote
+and rollback also as an append-only event in `model_events` (history.py, same transaction), and shadow
+checks in `shadow_pairs`; the SQL here is standard (`?` placeholders, rewritten to `%s` for psycopg), run over
+the store's own connections (`_write(fn)`: fn(conn) inside one transaction; `_read()`: a connection), so the
 registry follows whichever backend the store URL names. The artifact file is copied (atomically) to
 $KOLM_HOME/models/NS/NAME-vN-SHA12.kolm: the row never points at a file the user may move or rebuild.
 """
@@ -33,10 +35,12 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import check_namespace
 from kolm_ray.observations.store import Store, open_store
 from kolm_ray.observations.store.base import TRAINABLE, portable_sql
+from kolm_ray.registry import history
 from kolm_ray.settings import kolm_home
 
 FIT_SAMPLE = 200  # recent upstream outputs a spec is checked against at promotion
 FIT_MIN_SHARE = 0.9  # below this share of them passing the spec, promotion is refused (exit 2)
+SHAPE_PAGE = 1000  # observations read per query while looking for one of the model's request shape
 _COLS = (
     "namespace, version, name, sha256, path, k_score, k_floor, threshold, shape, live, created_at,"
     " promoted_at, rolled_back_at"
@@ -193,8 +197,8 @@ def threshold_of(manifest: dict[str, Any]) -> float:
 
 def check_fit(store: Store, namespace: str, manifest: dict[str, Any], shape: dict[str, Any]) -> None:
     """Refuse (KolmError, exit 2) a spec that the namespace's recent upstream answers of this shape do not fit:
-    a model trained on another task, or the task changed since it was compiled. No traffic yet: nothing to
-    contradict, so the promotion stands."""
+    a model trained on another task, or the task changed since it was compiled. No traffic of the shape
+    (promote --force; shape_seen refuses it otherwise): nothing to contradict, so the promotion stands."""
     import jsonschema
 
     from kolm_ray.artifact.spec import validate_spec
@@ -253,10 +257,50 @@ def _without_model_fields(value: Any, spec: Any) -> Any:
     return value
 
 
-def promote(store: Store, artifact: str | Path, namespace: str) -> ModelRow:
-    """Verify `artifact` (ArtifactError, exit 4), check its spec fits the namespace (KolmError, exit 2),
+def shape_seen(store: Store, namespace: str, shape: dict[str, Any]) -> bool:
+    """Whether NS holds at least one observation of `shape` (newest first, a page at a time: a namespace
+    that has such traffic usually answers on the first page; one that has none is read to the end once)."""
+    from kolm_ray.observations.request_shape import matches, shape_of_request
+
+    before: int | None = None
+    while True:
+        q = "SELECT seq, request FROM observations WHERE namespace = ?"
+        params: tuple = (namespace,)
+        if before is not None:
+            q, params = q + " AND seq < ?", (namespace, before)
+        rows = store._read().execute(_sql(store, q + " ORDER BY seq DESC LIMIT ?"), (*params, SHAPE_PAGE))
+        rows = rows.fetchall()
+        for _, req in rows:
+            req = json.loads(req) if isinstance(req, str) else req  # SQLite: text; psycopg: parsed json
+            if matches(shape, shape_of_request(req if isinstance(req, dict) else None)):
+                return True
+        if len(rows) < SHAPE_PAGE:
+            return False
+        before = int(rows[-1][0])
+
+
+def _describe_shape(shape: dict[str, Any]) -> str:
+    prompt = str(shape.get("system_prompt") or "")
+    parts = [f"key {shape.get('key')}", f"system prompt {prompt[:60]!r}" if prompt else "no system prompt"]
+    if shape.get("response_format"):
+        parts.append(f"response format {str(shape['response_format'])[:60]!r}")
+    return ", ".join(parts)
+
+
+def promote(
+    store: Store,
+    artifact: str | Path,
+    namespace: str,
+    *,
+    actor: str | None = None,
+    reason: str | None = None,
+    force: bool = False,
+) -> ModelRow:
+    """Verify `artifact` (ArtifactError, exit 4); check NS has traffic of its request shape (KolmError,
+    exit 2, unless `force`: then the reason says "forced: ...") and that its spec fits that traffic (exit 2);
     copy it under $KOLM_HOME/models and make it NS's live version. The same file promoted again makes its
-    existing version live; otherwise a new version. The row and the copy appear together or not at all."""
+    existing version live; otherwise a new version. The row, its history event (actor: default_actor()
+    unless given) and the copy appear together or not at all."""
     from kolm_ray.artifact import verify
     from kolm_ray.observations.request_shape import EMPTY_SHAPE, shape_key
 
@@ -271,6 +315,14 @@ def promote(store: Store, artifact: str | Path, namespace: str) -> ModelRow:
     digest = _sha256(src)
     shape = dict(manifest.get("request_shape") or EMPTY_SHAPE)
     shape["key"] = shape_key(shape)
+    if not shape_seen(store, namespace, shape):
+        shown = _describe_shape(shape)
+        why = f"namespace {namespace!r} has no observations of the model's request shape ({shown})"
+        if not force:
+            raise KolmError(
+                f"{why}; it would never answer a call there. Capture that traffic first, or pass --force"
+            )
+        reason = f"forced: {why}" + (f"; {reason}" if reason else "")
     check_fit(store, namespace, manifest, shape)
     metrics = manifest.get("metrics") or {}
     name = str(manifest.get("name") or src.stem)
@@ -308,10 +360,12 @@ def promote(store: Store, artifact: str | Path, namespace: str) -> ModelRow:
                  manifest.get("k_floor"), threshold_of(manifest), json.dumps(shape), 1,
                  str(manifest.get("created_at") or now), now, None),
             )  # fmt: skip
+        q = _sql(store, f"SELECT {_COLS} FROM models WHERE namespace = ? AND version = ?")
+        row = _row(c.execute(q, (namespace, version)).fetchone())
+        history.record(c, store, "promote", row, actor, reason, now)
         if copied is not None:
             os.replace(copied, final(version))  # inside the transaction: a failed rename rolls the row back
-        q = _sql(store, f"SELECT {_COLS} FROM models WHERE namespace = ? AND version = ?")
-        return _row(c.execute(q, (namespace, version)).fetchone())
+        return row
 
     def final(version: int) -> Path:
         return dest_dir / f"{_safe(name)}-v{version}-{digest[:12]}.kolm"
@@ -327,8 +381,11 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:80] or "model"
 
 
-def rollback(store: Store, namespace: str) -> ModelRow:
-    """Make the previously live version of NS live again (KolmError, exit 2, when there is none)."""
+def rollback(
+    store: Store, namespace: str, *, actor: str | None = None, reason: str | None = None
+) -> ModelRow:
+    """Make the previously live version of NS live again (KolmError, exit 2, when there is none); its history
+    event names the version made live, `actor` (default_actor() unless given) and `reason`."""
 
     def write(c: Any) -> ModelRow:
         q = _sql(store, f"SELECT {_COLS} FROM models WHERE namespace = ? ORDER BY promoted_at DESC")
@@ -350,7 +407,9 @@ def rollback(store: Store, namespace: str) -> ModelRow:
             _sql(store, "UPDATE models SET live = 1 WHERE namespace = ? AND version = ?"),
             (namespace, earlier.version),
         )
-        return ModelRow(**{**asdict(earlier), "live": True})
+        row = ModelRow(**{**asdict(earlier), "live": True})
+        history.record(c, store, "rollback", row, actor, reason, now)
+        return row
 
     return store._write(write)
 
@@ -385,15 +444,21 @@ def shadow_pairs(store: Store, namespace: str) -> list[dict[str, Any]]:
 
 
 def models_command(args: argparse.Namespace) -> int:
-    """kolm models promote|list|rollback."""
+    """kolm models promote|list|rollback|history."""
     store = open_store(args.store)
     try:
         if args.action == "promote":
-            row = promote(store, args.artifact, args.namespace)
+            row = promote(store, args.artifact, args.namespace, reason=args.reason, force=args.force)
             print(f"ok {row.namespace} -> {row.label}")
         elif args.action == "rollback":
-            row = rollback(store, args.namespace)
+            row = rollback(store, args.namespace, reason=args.reason)
             print(f"ok {row.namespace} -> {row.label}")
+        elif args.action == "history":
+            events = history.history(store, args.namespace)
+            if args.json:
+                print(json.dumps({"events": [e.public() for e in events]}, indent=2))
+            else:
+                history.print_history(events)
         else:
             rows = list_models(store, args.namespace)
             if args.json:

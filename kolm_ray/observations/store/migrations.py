@@ -79,6 +79,22 @@ _SHARED: list[Migration] = [
 ]
 
 
+# Migration 5 (issue 25, part B; 4 is part A's keys table): the registry's history, one row per promote or
+# rollback, written in the same transaction as the `models` change it records (kolm_ray/registry/history.py).
+_EVENTS = """CREATE TABLE model_events (
+                seq {seq},                  -- insertion order: the history's order
+                namespace TEXT NOT NULL,
+                version INTEGER NOT NULL,   -- the version that became live
+                name TEXT NOT NULL,
+                action TEXT NOT NULL CHECK (action IN ('promote', 'rollback')),
+                actor TEXT NOT NULL,        -- $KOLM_ACTOR, user@host, or "kolm loop"
+                reason TEXT,
+                at TEXT NOT NULL,           -- UTC ISO time
+                k_score {real},
+                sha256 TEXT NOT NULL        -- of the .kolm made live
+            )"""
+
+
 def _dialect(migrations: list[Migration], real: str) -> list[Migration]:
     return [
         (version, [sql.replace("{real}", real) for sql in statements]) for version, statements in migrations
@@ -112,6 +128,17 @@ SQLITE: list[Migration] = [
         ],
     ),
     *_dialect(_SHARED, real="REAL"),
+    (
+        5,
+        [
+            _EVENTS.format(seq="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL"),
+            # Append-only: no code path updates or deletes an event, and the database refuses it too.
+            "CREATE TRIGGER model_events_no_update BEFORE UPDATE ON model_events"
+            " BEGIN SELECT RAISE(ABORT, 'model_events is append-only'); END",
+            "CREATE TRIGGER model_events_no_delete BEFORE DELETE ON model_events"
+            " BEGIN SELECT RAISE(ABORT, 'model_events is append-only'); END",
+        ],
+    ),
 ]
 
 POSTGRESQL: list[Migration] = [
@@ -142,6 +169,18 @@ POSTGRESQL: list[Migration] = [
         ],
     ),
     *_dialect(_SHARED, real="DOUBLE PRECISION"),
+    (
+        5,
+        [
+            _EVENTS.format(seq="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", real="DOUBLE PRECISION"),
+            """CREATE FUNCTION kolm_model_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'model_events is append-only'; END $$""",
+            "CREATE TRIGGER model_events_no_change BEFORE UPDATE OR DELETE ON model_events"
+            " FOR EACH ROW EXECUTE FUNCTION kolm_model_events_append_only()",
+            "CREATE TRIGGER model_events_no_truncate BEFORE TRUNCATE ON model_events"
+            " FOR EACH STATEMENT EXECUTE FUNCTION kolm_model_events_append_only()",
+        ],
+    ),
 ]
 
 MIGRATIONS: dict[str, list[Migration]] = {"sqlite": SQLITE, "postgresql": POSTGRESQL}
