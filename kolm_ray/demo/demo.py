@@ -26,6 +26,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -45,8 +46,24 @@ def _step(n: int, title: str) -> float:
     return time.perf_counter()
 
 
-def capture(out: Path, calls: int, store_url: str) -> dict:
-    """Phase 1: the stand-in upstream, the capture proxy as a subprocess, the openai SDK as the client."""
+DEMO_TEAM = "demo-team"  # the simulated team's tenant: its capture key says so, not a header
+
+
+def issue_key(store_url: str) -> str:
+    """What a platform team does first: `kolm keys create --tenant demo-team --namespace support-router`.
+    The key (shown once) is what the team's SDK sends as X-Kolm-Key; the store keeps only its hash."""
+    from kolm_ray.observations.keys import create_key
+    from kolm_ray.observations.store import open_store
+
+    with open_store(store_url) as store:
+        row, key = create_key(store, DEMO_TEAM, [DEMO_NAMESPACE], name="make demo")
+    print(f"$ kolm keys create --tenant {DEMO_TEAM} --namespace {DEMO_NAMESPACE}  ->  {row.id} (kolm-sk-...)")
+    return key
+
+
+def capture(out: Path, calls: int, store_url: str, key: str | None = None) -> dict:
+    """Phase 1: the stand-in upstream, the capture proxy as a subprocess, the openai SDK as the client
+    (with the team's capture key, `key`, as X-Kolm-Key beside its own provider key)."""
     import openai
 
     from kolm_ray.demo.simulate import SYSTEM_PROMPT, generate_workload, start_upstream_in_thread
@@ -77,7 +94,7 @@ def capture(out: Path, calls: int, store_url: str) -> dict:
         client = openai.OpenAI(
             base_url=f"{base}/v1/capture/openai",
             api_key="sk-demo-not-a-real-key",
-            default_headers={"X-Kolm-Namespace": DEMO_NAMESPACE},
+            default_headers={"X-Kolm-Namespace": DEMO_NAMESPACE, **({"X-Kolm-Key": key} if key else {})},
             max_retries=0,
         )
         items = generate_workload(calls, seed=0)
@@ -207,8 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     store_url = f"sqlite:///{out / 'observations.db'}"
     t_all = time.perf_counter()
 
+    # The proxy, the loop and the report below run with an admin token, as in production (a capture key
+    # exists, so /healthz's model list and the whole bridge need it).
+    os.environ.setdefault("KOLM_ADMIN_TOKEN", secrets.token_urlsafe(24))
     t = _step(1, "capture: openai SDK -> kolm capture -> stand-in frontier API")
-    cap = capture(out, args.calls, store_url)
+    key = issue_key(store_url)
+    cap = capture(out, args.calls, store_url, key)
     cap["seconds"] = time.perf_counter() - t
 
     t = _step(2, "recipe: observations -> pairs, schema, verifiers, K-floor")
@@ -230,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     looped["seconds"] = time.perf_counter() - t
 
     t = _step(6, "local answers: kolm capture answers new calls with the promoted model")
-    local = demo_loop.local_phase(out, store_url, DEMO_NAMESPACE, args.local_calls)
+    local = demo_loop.local_phase(out, store_url, DEMO_NAMESPACE, args.local_calls, key=key)
     local["seconds"] = time.perf_counter() - t
 
     t = _step(7, "report: spend, savings, live agreement")

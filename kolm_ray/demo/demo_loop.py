@@ -61,8 +61,10 @@ def loop_phase(store_url: str) -> dict[str, Any]:
     return {"lines": lines}
 
 
-def local_phase(out: Path, store_url: str, namespace: str, calls: int) -> dict[str, Any]:
-    """The proxy on the same store answers new queries with the promoted model."""
+def local_phase(
+    out: Path, store_url: str, namespace: str, calls: int, key: str | None = None
+) -> dict[str, Any]:
+    """The proxy on the same store answers new queries with the promoted model (`key`: the team's capture key)."""
     import httpx
     import openai
 
@@ -82,12 +84,21 @@ def local_phase(out: Path, store_url: str, namespace: str, calls: int) -> dict[s
         deadline = time.monotonic() + 120
         label = None
         while label is None and time.monotonic() < deadline:  # the poller loads the promoted model
-            label = httpx.get(f"{base}/healthz").json().get("local", {}).get("models", {}).get(namespace)
+            token = os.environ.get("KOLM_ADMIN_TOKEN")  # live models are shown to the admin only
+            admin = {"Authorization": f"Bearer {token}"} if token else {}
+            label = (
+                httpx.get(f"{base}/healthz", headers=admin)
+                .json()
+                .get("local", {})
+                .get("models", {})
+                .get(namespace)
+            )
             time.sleep(0.2)
         if label is None:
             raise SystemExit(f"the proxy never loaded {namespace}'s promoted model (see capture-local.log)")
         client = openai.OpenAI(base_url=f"{base}/v1/capture/openai", api_key="sk-demo-not-a-real-key",
-                               default_headers={"X-Kolm-Namespace": namespace}, max_retries=0)  # fmt: skip
+                               default_headers={"X-Kolm-Namespace": namespace, **({"X-Kolm-Key": key} if key else {})},
+                               max_retries=0)  # fmt: skip
 
         def ask(item) -> str:
             raw = client.chat.completions.with_raw_response.create(

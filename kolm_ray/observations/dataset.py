@@ -17,8 +17,11 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import check_namespace
 
 
-def read_observations(store_url: str, namespaces: str | list[str], parallelism: int) -> Any:
-    """A ray.data.Dataset of the namespaces' observations, read in `parallelism` shards.
+def read_observations(
+    store_url: str, namespaces: str | list[str], parallelism: int, include_untrusted: bool = False
+) -> Any:
+    """A ray.data.Dataset of the namespaces' trusted observations (all of them with `include_untrusted`;
+    keys.py says which rows are trusted), read in `parallelism` shards.
 
     Opens the store first (applying migrations, and failing as one KolmError line on a bad URL).
     A SQLite file that does not exist is an error here, not a new empty store.
@@ -38,7 +41,7 @@ def read_observations(store_url: str, namespaces: str | list[str], parallelism: 
             raise KolmError(str(e)) from None
     store = open_store(store_url)
     try:
-        sql, params, connect = store.dataset_source(names)
+        sql, params, connect = store.dataset_source(names, include_untrusted=include_untrusted)
     finally:
         store.close()
     try:

@@ -1,7 +1,7 @@
 """The Observation: one frontier-API call (or one imported example) as the rest of kolm sees it.
 
     {"id", "namespace", "tenant", "provider": "openai"|"anthropic"|"import"|"local", "model", "input", "output",
-     "verified": true|false|null, "status", "latency_ms", "usage", "created_at", "request"}
+     "verified": true|false|null, "status", "latency_ms", "usage", "created_at", "request", "key_id"}
 
 `status` is the HTTP status the client got (499 when the client went away mid-stream, the nginx
 convention; null for imports); `latency_ms` is the upstream's time to the last byte.
@@ -77,6 +77,8 @@ class Observation(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
     request: dict[str, Any] | None = None
     """The full request body (system prompt, params) minus credentials."""
+    key_id: str | None = Field(default=None, max_length=64)
+    """The capture key the call (or bridge import) came with (`kolm keys`); null: an open proxy or an admin import."""
 
     @field_validator("namespace")
     @classmethod
@@ -108,6 +110,9 @@ class ImportRow(BaseModel):
     usage: dict[str, Any] | None = None
     created_at: datetime | None = None
     request: dict[str, Any] | None = None
+    key_id: str | None = Field(
+        default=None, max_length=64
+    )  # an export imports back; a key's import sets its own
 
     @field_validator("request")
     @classmethod

@@ -68,6 +68,25 @@ _SHARED: list[Migration] = [
             )""",
         ],
     ),
+    (
+        4,
+        [
+            # Capture keys (kolm_ray/observations/keys.py): who may write which tenant's namespaces.
+            """CREATE TABLE keys (
+                id TEXT PRIMARY KEY,        -- key_<16 hex>: shown in lists and errors, never secret
+                key_sha256 TEXT NOT NULL UNIQUE,  -- sha256 hex of the key; the key itself is never stored
+                name TEXT,                  -- a label (--name)
+                tenant TEXT NOT NULL,
+                namespaces TEXT NOT NULL,   -- JSON list of the namespaces it may write and read
+                train INTEGER NOT NULL,     -- 1: its rows may train models; 0: --no-train (spend/report only)
+                redact TEXT,                -- "pii": its rows are redacted before they are stored
+                created_at TEXT NOT NULL,
+                revoked_at TEXT             -- set by revoke: the key is refused from then on
+            )""",
+            # The key an observation came with (null: an open proxy, or an import with the admin token).
+            "ALTER TABLE observations ADD COLUMN key_id TEXT",
+        ],
+    ),
 ]
 
 

@@ -34,6 +34,8 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import Observation
 from kolm_ray.observations.store.base import (
     COLUMN_LIST,
+    COLUMNS,
+    TRUSTED_SQL,
     check_limit,
     decode_cursor,
     encode_cursor,
@@ -50,9 +52,9 @@ CONNECT_TIMEOUT_S = 4
 POOL_MAX = 8  # the writer thread + the bridge's threadpool readers of one process
 _SELECT = (
     "seq, id, namespace, tenant, provider, model, input, output::text, verified, status, latency_ms, "
-    "usage::text, created_at, request::text"
+    "usage::text, created_at, request::text, key_id"
 )
-_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join(['%s'] * 13)})"
+_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join(['%s'] * len(COLUMNS))})"
 _TEXT_FIELDS = (0, 1, 2, 3, 4, 5)  # id .. input: where a NUL must become U+FFFD
 
 
@@ -303,10 +305,13 @@ class PostgresStore:
             return self._fetchall("SELECT COUNT(*) FROM observations")[0][0]
         return self._fetchall("SELECT COUNT(*) FROM observations WHERE namespace = %s", (namespace,))[0][0]
 
-    def dataset_source(self, namespaces: list[str]) -> tuple[str, list[Any], Callable[[], Any]]:
+    def dataset_source(
+        self, namespaces: list[str], include_untrusted: bool = False
+    ) -> tuple[str, list[Any], Callable[[], Any]]:
+        trusted = "" if include_untrusted else f" AND {TRUSTED_SQL}"
         sql = (
             "SELECT seq, id, namespace, input, output::text AS output, verified::int AS verified, "
-            "request::text AS request FROM observations WHERE namespace = ANY(%s) AND provider <> 'local' ORDER BY seq"
+            f"request::text AS request FROM observations WHERE namespace = ANY(%s) AND provider <> 'local'{trusted} ORDER BY seq"
         )
         return sql, [list(namespaces)], functools.partial(_read_only, self._dsn)
 

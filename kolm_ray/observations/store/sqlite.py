@@ -15,6 +15,8 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import Observation
 from kolm_ray.observations.store.base import (
     COLUMN_LIST,
+    COLUMNS,
+    TRUSTED_SQL,
     check_limit,
     decode_cursor,
     encode_cursor,
@@ -26,7 +28,7 @@ from kolm_ray.observations.store.migrations import migrate
 from kolm_ray.settings import private_file
 
 BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another process's write lock
-_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join('?' * 13)})"
+_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join('?' * len(COLUMNS))})"
 
 
 def _read_only(path: str) -> sqlite3.Connection:
@@ -239,9 +241,12 @@ class SQLiteStore:
             .fetchone()[0]
         )
 
-    def dataset_source(self, namespaces: list[str]) -> tuple[str, list[Any], Callable[[], Any]]:
+    def dataset_source(
+        self, namespaces: list[str], include_untrusted: bool = False
+    ) -> tuple[str, list[Any], Callable[[], Any]]:
         marks = ",".join("?" * len(namespaces))
-        sql = f"SELECT seq, id, namespace, input, output, verified, request FROM observations WHERE namespace IN ({marks}) AND provider <> 'local' ORDER BY seq"
+        trusted = "" if include_untrusted else f" AND {TRUSTED_SQL}"
+        sql = f"SELECT seq, id, namespace, input, output, verified, request FROM observations WHERE namespace IN ({marks}) AND provider <> 'local'{trusted} ORDER BY seq"
         return sql, list(namespaces), functools.partial(_read_only, str(self.path))
 
     def close(self) -> None:
