@@ -308,7 +308,7 @@ def test_300_poison_calls_from_a_no_train_key_change_nothing_recipe_writes(store
     proxy = Proxy(store_url, up_url, tmp_path / "home")
     try:
         client = proxy.oai(team["key"])
-        for item in generate_workload(160, seed=0):
+        for item in generate_workload(240, seed=0):  # a recipe needs >= 200 pairs
             client.chat.completions.create(model="gpt-4o-mini", messages=msgs(item.query))
         proxy_rows = len(rows(store_url, "support"))
         before = _recipe_files(store_url, tmp_path / "before", capsys)
