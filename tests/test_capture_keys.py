@@ -224,3 +224,20 @@ def test_healthz_shows_models_and_problems_only_to_the_admin(keyed, monkeypatch)
     assert set(c.get("/healthz").json()) == {"ok", "store", "pending"}
     ok = c.get("/healthz", headers={"Authorization": "Bearer admin-token-for-the-test"})
     assert ok.status_code == 200 and ok.json()["ok"] is True
+
+
+def test_open_proxy_only_on_loopback_and_kolm_keys_never_go_upstream(tmp_path, upstream, monkeypatch):
+    monkeypatch.delenv("KOLM_OPENAI_API_KEY", raising=False)
+    with open_store(f"sqlite:///{tmp_path / 'obs.db'}") as store:
+        app = create_app(store, openai_upstream=upstream, anthropic_upstream=upstream)
+        with TestClient(app) as far:  # the server as "testserver": not a loopback bind
+            r = _post(far)
+            assert r.status_code == 401 and "loopback" in r.json()["error"]
+        with TestClient(app, base_url="http://127.0.0.1:80") as c:
+            assert _post(c).status_code == 200  # no key in the store: open on loopback
+            # a kolm key as the provider key with no managed key set: refused, never forwarded
+            r = c.post(CHAT, json=BODY, headers={"Authorization": "Bearer kolm-sk-" + "x" * 43})
+            assert r.status_code == 401 and "KOLM_OPENAI_API_KEY" in r.json()["error"]
+            assert c.app.state.writer.flush(5)
+        rows = [o for b in store.iter_observations("default") for o in b]
+        assert [(o.tenant, o.key_id) for o in rows] == [(None, None)]
