@@ -310,7 +310,11 @@ def test_300_poison_calls_from_a_no_train_key_change_nothing_recipe_writes(store
         client = proxy.oai(team["key"])
         for item in generate_workload(240, seed=0):  # a recipe needs >= 200 pairs
             client.chat.completions.create(model="gpt-4o-mini", messages=msgs(item.query))
-        proxy_rows = len(rows(store_url, "support"))
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{proxy.url}/healthz").json()["pending"]:  # every answered call is in the store
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert len(rows(store_url, "support")) == 240
         before = _recipe_files(store_url, tmp_path / "before", capsys)
         bad = proxy.oai(poison["key"])
         for item in generate_workload(300, seed=1):
@@ -318,7 +322,7 @@ def test_300_poison_calls_from_a_no_train_key_change_nothing_recipe_writes(store
     finally:
         proxy.stop()
         stop_up()
-    assert len(rows(store_url, "support")) == proxy_rows + 300  # kept for spend and reports
+    assert len(rows(store_url, "support")) == 240 + 300  # kept for spend and reports
     after = _recipe_files(store_url, tmp_path / "after", capsys)
     for name in ("pairs.jsonl", "spec.json", "recipe.yaml"):
         assert after[name].replace("/after/", "/x/") == before[name].replace("/before/", "/x/"), name
