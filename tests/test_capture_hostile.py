@@ -325,7 +325,11 @@ def test_300_poison_calls_from_a_no_train_key_change_nothing_recipe_writes(store
     assert len(rows(store_url, "support")) == 240 + 300  # kept for spend and reports
     after = _recipe_files(store_url, tmp_path / "after", capsys)
     for name in ("pairs.jsonl", "spec.json", "recipe.yaml"):
-        assert after[name].replace("/after/", "/x/") == before[name].replace("/before/", "/x/"), name
+        # recipe.yaml's comments name its own directory: the rest must be byte-identical
+        same = after[name].replace(str(tmp_path / "after"), "DIR") == before[name].replace(
+            str(tmp_path / "before"), "DIR"
+        )
+        assert same, name
     assert "POISON" not in after["pairs.jsonl"]
     assert after["diagnostics"]["untrusted"] == {
         "left_out": True, "rows": 300, "by_reason": {"key created with --no-train": 300}
