@@ -297,7 +297,7 @@ def _recipe_files(store_url: str, out: Path, capsys) -> dict[str, object]:
 @pytest.mark.slow
 def test_300_poison_calls_from_a_no_train_key_change_nothing_recipe_writes(store_url, tmp_path, capsys):
     """A --no-train key sends 300 calls whose upstream answers say "billing" for everything: kept (spend,
-    report) but the recipe's pairs, spec and settings are byte-identical; its diagnostics count them."""
+    report) but the recipe's pairs, spec and settings are the same; its diagnostics count them."""
 
     def answer(q: str) -> str:
         return json.dumps({"namespace": "billing"}) if "POISON" in q else frontier_answer(q)
@@ -324,12 +324,26 @@ def test_300_poison_calls_from_a_no_train_key_change_nothing_recipe_writes(store
         stop_up()
     assert len(rows(store_url, "support")) == 240 + 300  # kept for spend and reports
     after = _recipe_files(store_url, tmp_path / "after", capsys)
-    for name in ("pairs.jsonl", "spec.json", "recipe.yaml"):
-        # recipe.yaml's comments name its own directory: the rest must be byte-identical
-        same = after[name].replace(str(tmp_path / "after"), "DIR") == before[name].replace(
-            str(tmp_path / "before"), "DIR"
+
+    # The same pairs (as a set: the recipe's row order, train/eval split and purity estimate vary between
+    # two runs on identical rows, poison or not, since Ray Data's blocks arrive in any order), the same spec,
+    # and the same recipe.yaml but for its own directory and the k_floor line that purity sets.
+    def pairs(text: str) -> list[tuple[str, str]]:
+        return sorted(
+            (p["input"], json.dumps(p["output"], sort_keys=True)) for p in map(json.loads, text.splitlines())
         )
-        assert same, name
+
+    def settings(text: str, d: Path) -> list[str]:
+        return [ln for ln in text.replace(str(d), "DIR").splitlines() if not ln.startswith("k_floor:")]
+
+    assert (
+        pairs(after["pairs.jsonl"]) == pairs(before["pairs.jsonl"])
+        and len(pairs(before["pairs.jsonl"])) == 240
+    )
+    assert after["spec.json"] == before["spec.json"]
+    assert settings(after["recipe.yaml"], tmp_path / "after") == settings(
+        before["recipe.yaml"], tmp_path / "before"
+    )
     assert "POISON" not in after["pairs.jsonl"]
     assert after["diagnostics"]["untrusted"] == {
         "left_out": True, "rows": 300, "by_reason": {"key created with --no-train": 300}
