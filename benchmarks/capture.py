@@ -90,6 +90,20 @@ def start(tmp: Path, latency_ms: float) -> tuple[subprocess.Popen, subprocess.Po
     )
     up_url = f"http://127.0.0.1:{up_port}"
     db = tmp / "observations.db"
+    try:
+        proxy, proxy_url = start_proxy(tmp, up_url, db)
+    except BaseException:
+        upstream.kill()
+        raise
+    wait_healthy(up_url)
+    wait_healthy(proxy_url)
+    return upstream, proxy, up_url, proxy_url, db
+
+
+def start_proxy(tmp: Path, up_url: str, db: Path) -> tuple[subprocess.Popen, str]:
+    """`kolm capture` (one worker) on the SQLite store `db`, in front of `up_url`; (process, base URL)."""
+    env = {**os.environ, "KOLM_HOME": str(tmp), "PYTHONUNBUFFERED": "1"}
+    env.pop("KOLM_ADMIN_TOKEN", None)
     proxy = subprocess.Popen(
         [sys.executable, "-m", "kolm_ray.cli", "capture", "--port", "0", "--store", f"sqlite:///{db}"]
         + ["--openai-upstream", up_url, "--anthropic-upstream", up_url],
@@ -101,11 +115,114 @@ def start(tmp: Path, latency_ms: float) -> tuple[subprocess.Popen, subprocess.Po
     )
     m = re.search(r"http://127\.0\.0\.1:(\d+)", proxy.stdout.readline())
     if not m:
+        proxy.kill()
         raise RuntimeError("proxy did not start")
-    proxy_url = f"http://127.0.0.1:{m.group(1)}"
-    wait_healthy(up_url)
-    wait_healthy(proxy_url)
-    return upstream, proxy, up_url, proxy_url, db
+    return proxy, f"http://127.0.0.1:{m.group(1)}"
+
+
+def identify_cost_us(n: int = 20000) -> dict:
+    """The key check's own cost, in-process and without a network: auth.identify on one request, with a
+    store of 100 keys (a valid one presented) against an empty one (open loopback). Microseconds of this
+    thread's CPU per call (thread_time: time the thread waited for a core is not counted, so the shared
+    machine's load inflates it far less than wall time), the least of 20 interleaved batches of n / 20."""
+    import timeit
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from kolm_ray.capture.auth import Identity, identify
+    from kolm_ray.observations.keys import KeyTable, create_key
+    from kolm_ray.observations.store import open_store
+
+    out: dict[str, float] = {}
+    timers = {}
+    with tempfile.TemporaryDirectory(prefix="kolm-bench-keys-") as d:
+        store = open_store(f"sqlite:///{d}/keys.db")
+        try:
+            key = [create_key(store, f"t{i}", ["bench"])[1] for i in range(100)][-1]
+            for mode, headers in (("off", []), ("on", [(b"x-kolm-key", key.encode())])):
+                table = KeyTable(store)
+                if mode == "on":
+                    table.refresh()
+                state = SimpleNamespace(keys=table, managed_keys={}, admin_token=None)
+                raw = [(b"content-type", b"application/json"), (b"authorization", b"Bearer sk-bench"),
+                       (b"x-kolm-namespace", b"bench"), *headers]  # fmt: skip
+                scope = {"type": "http", "method": "POST", "path": "/", "headers": raw,
+                         "server": ("127.0.0.1", 8700), "app": SimpleNamespace(state=state)}  # fmt: skip
+                assert isinstance(identify(Request(scope), "openai"), Identity)
+                timers[mode] = timeit.Timer(
+                    lambda s=scope: identify(Request(s), "openai"), timer=time.thread_time
+                )
+            batch = max(1, n // 20)
+            best = {mode: float("inf") for mode in timers}
+            for _ in range(20):  # interleaved: a burst of load elsewhere hits both modes alike
+                for mode, t in timers.items():
+                    best[mode] = min(best[mode], t.timeit(number=batch) / batch)
+            out = {mode: round(v * 1e6, 2) for mode, v in best.items()}
+        finally:
+            store.close()
+    return {"identify_us_per_call": out, "added_us": round(out["on"] - out["off"], 2)}
+
+
+def key_checks(tmp: Path, up_url: str, body: Path, rate: int, seconds: float, rounds: int) -> dict:
+    """Key checks on against off, in one run, on one upstream: proxy "off" on a store with no key (an open
+    loopback proxy), proxy "on" on a store holding 100 keys, called with one as X-Kolm-Key. hey runs
+    alternate (off, on, off, on, ...) so the shared machine's load falls on both alike; added latency is
+    on - off per percentile, the median over the rounds. hey reports times to 0.1 ms, and this machine's
+    load moves p50 by more than the check costs, so identify_cost_us measures the check itself too."""
+    from kolm_ray.observations.keys import create_key
+    from kolm_ray.observations.store import open_store
+
+    db_on = tmp / "keys-on.db"
+    with open_store(f"sqlite:///{db_on}") as store:
+        key = [create_key(store, f"tenant{i}", ["bench-keys"])[1] for i in range(100)][-1]
+    proxies = {"off": start_proxy(tmp, up_url, tmp / "keys-off.db"), "on": start_proxy(tmp, up_url, db_on)}
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    try:
+        for _, url in proxies.values():
+            wait_healthy(url)
+        extra = {"off": [], "on": [f"X-Kolm-Key: {key}"]}
+        for mode in ("off", "on"):  # warm-up, discarded
+            hey(
+                f"{proxies[mode][1]}/v1/capture/openai/chat/completions",
+                body,
+                50,
+                8,
+                2,
+                "bench-keys",
+                extra[mode],
+            )
+        for _ in range(rounds):
+            for mode in ("off", "on"):
+                url = f"{proxies[mode][1]}/v1/capture/openai/chat/completions"
+                cpu0 = cpu_seconds(proxies[mode][0].pid)
+                r = hey(url, body, rate, 16, seconds, "bench-keys", extra[mode])
+                cpu = cpu_seconds(proxies[mode][0].pid) - cpu0
+                r["proxy_cpu_ms_per_request"] = round(1000 * cpu / max(r["sent"], 1), 3)
+                r["loadavg_1m"] = round(os.getloadavg()[0], 2)
+                runs[mode].append(r)
+                print(json.dumps({"key_checks": mode, **r}), flush=True)
+    finally:
+        for proc, _ in proxies.values():
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    added = {
+        q: round(float(np.median([b[q] - a[q] for a, b in zip(runs["off"], runs["on"], strict=True)])), 3)
+        for q in ("p50_ms", "p90_ms", "p99_ms", "proxy_cpu_ms_per_request")
+    }
+    return {
+        "rate": rate,
+        "seconds_per_run": seconds,
+        "rounds": rounds,
+        "runs": runs,
+        "added_ms_median_of_rounds": added,
+        "all_200": all(r["ok"] == r["sent"] for rs in runs.values() for r in rs),
+        "identify_cost_us": identify_cost_us(),
+        "bound_p50_ms": 0.2,
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -120,10 +237,14 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def hey(url: str, body: Path, rate: int, conns: int, seconds: float, namespace: str) -> dict:
+def hey(
+    url: str, body: Path, rate: int, conns: int, seconds: float, namespace: str, headers: list[str] = ()
+) -> dict:
     """One fixed-rate hey run; latency percentiles (ms), achieved rps and status counts."""
     cmd = ["hey", "-z", f"{seconds}s", "-c", str(conns), "-q", f"{rate / conns:.3f}", "-m", "POST"]
     cmd += ["-T", "application/json", "-D", str(body), "-H", "Authorization: Bearer sk-bench"]
+    for h in headers:
+        cmd += ["-H", h]
     cmd += ["-H", f"X-Kolm-Namespace: {namespace}", "-t", "20", "-o", "csv", url]
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
@@ -229,6 +350,13 @@ def main() -> int:
     p.add_argument("--upstream-latency-ms", type=float, default=20.0)
     p.add_argument("--profile-s", type=float, default=10.0, help="py-spy run at the target rate (0: none)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--key-rate", type=int, default=100, help="rate of the key checks on/off comparison")
+    p.add_argument("--key-rounds", type=int, default=3, help="alternating off/on hey runs of --duration each")
+    p.add_argument(
+        "--key-checks-only",
+        action="store_true",
+        help="only the key checks on/off comparison, into capture_keys.json (+ .png)",
+    )
     args = p.parse_args()
     if shutil.which("hey") is None:
         print(
@@ -239,6 +367,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
+    if args.key_checks_only:
+        return key_checks_main(args, out, load_before)
     with tempfile.TemporaryDirectory(prefix="kolm-bench-") as d:
         tmp = Path(d)
         body = tmp / "body.json"
@@ -330,6 +460,7 @@ def main() -> int:
                 rss_end_mib=rss[-1],
                 rss_second_half_growth_mib=round(rss[-1] - rss[half], 1),
             )
+            keys = key_checks(tmp, up_url, body, args.key_rate, args.duration, args.key_rounds)
             t_stop = time.monotonic()
             proxy.send_signal(signal.SIGTERM)
             proxy.wait(timeout=120)
@@ -377,10 +508,67 @@ def main() -> int:
             "all_stored_met": bool(all_stored and max(all_stored) >= TARGET["all_stored_rps"]),
         },
         "where_the_time_goes": profile,
+        "key_checks": keys,
     }
     (out / "capture.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "capture.png")
     print(json.dumps({k: results[k] for k in ("highest_rate_all_stored", "target")}, indent=2))
+    return 0
+
+
+def key_checks_main(args: argparse.Namespace, out: Path, load_before: tuple) -> int:
+    """--key-checks-only: the upstream, then key_checks; capture_keys.json and capture_keys.png."""
+    with tempfile.TemporaryDirectory(prefix="kolm-bench-") as d:
+        tmp = Path(d)
+        body = tmp / "body.json"
+        body.write_text(json.dumps(BODY))
+        upstream, proxy, up_url, _, _ = start(tmp, args.upstream_latency_ms)
+        proxy.send_signal(signal.SIGTERM)  # key_checks starts its own two proxies
+        proxy.wait(timeout=60)
+        try:
+            keys = key_checks(tmp, up_url, body, args.key_rate, args.duration, args.key_rounds)
+        finally:
+            upstream.send_signal(signal.SIGTERM)
+            upstream.wait(timeout=30)
+    results = {
+        "benchmark": "capture key checks on vs off (hey, same run, alternating)",
+        "command": "python " + " ".join(sys.argv),
+        "config": {
+            "upstream_latency_ms": args.upstream_latency_ms,
+            "connections": 16,
+            "proxy": "kolm capture: 1 uvicorn worker, SQLite store; on: 100 keys in the store",
+        },  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            "note": "shared machine under other jobs' load (loadavg_1m per run): end-to-end deltas are noisy",
+        },
+        "key_checks": keys,
+    }
+    (out / "capture_keys.json").write_text(json.dumps(results, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, mode in enumerate(("off", "on")):
+        runs = keys["runs"][mode]
+        a.scatter([i] * len(runs), [r["p50_ms"] for r in runs], label=f"p50, keys {mode}")
+        a.scatter([i] * len(runs), [r["p99_ms"] for r in runs], marker="_", s=300, label=f"p99, keys {mode}")
+    a.set_xticks([0, 1], ["keys off", "keys on"])
+    a.set(ylabel="latency (ms)", title=f"hey {keys['rate']} rps, upstream {args.upstream_latency_ms:g} ms")
+    a.legend(fontsize=7)
+    cost = keys["identify_cost_us"]["identify_us_per_call"]
+    b.bar(["off (open)", "on (100 keys)"], [cost["off"], cost["on"]])
+    b.axhline(200, color="red", linestyle=":", label="bound 0.2 ms")
+    b.set(ylabel="us per call", title="auth.identify, in-process")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "capture_keys.png", dpi=110)
+    print(json.dumps({"added_ms": keys["added_ms_median_of_rounds"], **keys["identify_cost_us"]}, indent=2))
     return 0
 
 

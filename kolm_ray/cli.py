@@ -109,6 +109,22 @@ def _observations(p: argparse.ArgumentParser) -> None:
         q.add_argument("--store", default=None, help="observation store URL")
 
 
+def _keys(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="{create,list,revoke}")
+    cr = sub.add_parser("create", help="issue a capture key (printed once, as JSON)")
+    cr.add_argument("--tenant", required=True, help="the tenant every observation of this key records")
+    cr.add_argument("--namespace", required=True, action="append", help="a namespace it may use (repeatable)")
+    cr.add_argument("--name", default=None, help="a label shown by `kolm keys list`")
+    cr.add_argument("--no-train", action="store_true", help="its rows count for spend/report, never train")
+    cr.add_argument("--redact", choices=["pii"], default=None, help="redact PII from its rows before storing")
+    ls = sub.add_parser("list", help="every key (never the key itself)")
+    ls.add_argument("--json", action="store_true", help='print {"keys": [...]}')
+    rv = sub.add_parser("revoke", help="refuse a key from now on (a running proxy within ~1 s)")
+    rv.add_argument("id", help="the key's id (key_...), as `kolm keys list` shows it")
+    for q in (cr, ls, rv):
+        q.add_argument("--store", default=None, help="store URL (default $KOLM_STORE or $KOLM_HOME)")
+
+
 def _cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--namespace",
@@ -119,6 +135,11 @@ def _cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None)
     p.add_argument("--num-workers", type=int, default=None, help="featurize actors (default: 1)")
     p.add_argument("--json", action="store_true", help="print the clusters as JSON")
+    p.add_argument(
+        "--include-untrusted",
+        action="store_true",
+        help="also learn from rows of --no-train keys and of an open (keyless) proxy",
+    )
 
 
 def _recipe(p: argparse.ArgumentParser) -> None:
@@ -139,6 +160,11 @@ def _recipe(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="featurize actors for the clustering (default: 1)",
+    )
+    p.add_argument(
+        "--include-untrusted",
+        action="store_true",
+        help="also learn from rows of --no-train keys and of an open (keyless) proxy",
     )
 
 
@@ -214,6 +240,11 @@ def _loop(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, default=3600.0, help="seconds between passes without --once")
     p.add_argument("--namespace", action="append", default=None, help="only these namespaces (repeatable)")
     p.add_argument("--store", default=None, help="store URL (default $KOLM_STORE or $KOLM_HOME)")
+    p.add_argument(
+        "--include-untrusted",
+        action="store_true",
+        help="also learn from rows of --no-train keys and of an open (keyless) proxy",
+    )
 
 
 def _signing(p: argparse.ArgumentParser) -> None:
@@ -233,6 +264,7 @@ COMMANDS: dict[str, tuple[str, str, Builder]] = {
         "list, import or export observations",
         _observations,
     ),
+    "keys": ("kolm_ray.observations.keys:keys_command", "create, list or revoke capture keys", _keys),
     "cluster": (
         "kolm_ray.clustering:cluster_command",
         "cluster a namespace's observations by intent (Ray Data)",

@@ -41,6 +41,7 @@ def test_import_list_verify_namespaces(client):
         "usage",
         "created_at",
         "request",
+        "key_id",
     }
     assert o["provider"] == "import" and o["verified"] is None and o["output"] == {"namespace": "billing"}
     ids, cursor = [x["id"] for x in page["observations"]], page["next_cursor"]

@@ -65,9 +65,8 @@ def test_oversized_body_is_413(upstream, tmp_path):
             for _ in range(10):
                 yield b"x" * 500
 
-        r = httpx.post(
-            f"{url}/v1/capture/openai/chat/completions", content=gen(), headers={"Authorization": "Bearer k"}
-        )
+        json_type = {"Authorization": "Bearer k", "Content-Type": "application/json"}  # else a 415 first
+        r = httpx.post(f"{url}/v1/capture/openai/chat/completions", content=gen(), headers=json_type)
         assert r.status_code == 413
         assert store.count() == 0
     finally:

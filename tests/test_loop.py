@@ -22,10 +22,12 @@ from recall_artifact import pairs
 from kolm_ray import registry
 from kolm_ray.cli import main
 from kolm_ray.loop import loop
+from kolm_ray.observations.keys import create_key
 from kolm_ray.observations.model import Observation
 from kolm_ray.observations.store import open_store
 
 NS = "support"
+TRAIN_KEY: dict[str, str] = {}  # the capture key this test's traffic came with (one whose rows may train)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,7 @@ def traffic(n: int, seed: int = 3) -> list[Observation]:
             output={"namespace": truth(q)}, status=200, created_at=datetime.now(timezone.utc),
             usage={"prompt_tokens": 40, "completion_tokens": 6},
             request={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": q}]},
+            key_id=TRAIN_KEY.get("id"),
         ))  # fmt: skip
     return out
 
@@ -88,6 +91,7 @@ def store(store_url, monkeypatch):
     """Each loop test on each backend (SQLite; PostgreSQL, slow-marked): the lease, the queries, promote."""
     monkeypatch.setenv("KOLM_SIGNING_KEY", SIGNING_KEY)
     s = open_store(store_url)
+    TRAIN_KEY["id"] = create_key(s, "acme", [NS])[0].id
     yield s
     s.close()
 
@@ -146,6 +150,12 @@ def test_skips_too_few_new_observations(store, taggers, store_url):
     bad = traffic(1)[0].model_copy(update={"verified": False})
     store.append_many([bad])
     assert loop.new_usable(store, NS, registry.live_models(store)[NS].created_at) == 30
+    # an open proxy's and a --no-train key's calls are not usable either, unless --include-untrusted
+    no_train = create_key(store, "acme", [NS], train=False)[0].id
+    store.append_many([o.model_copy(update={"key_id": k}) for k in (None, no_train) for o in traffic(40)])
+    after = registry.live_models(store)[NS].created_at
+    assert loop.new_usable(store, NS, after) == 30 and loop.new_usable(store, NS, after, True) == 110
+    assert len(loop.holdout_rows(store, NS, after, 500)) == 30
 
 
 def test_drift_recompiles_below_min_new_from_the_new_answers_only(store, taggers):

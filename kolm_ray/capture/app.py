@@ -33,6 +33,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from kolm_ray.capture.auth import Identity, apply_managed, identify, is_admin, managed_keys
 from kolm_ray.capture.bridge import install_error_handlers, read_body
 from kolm_ray.capture.bridge import router as bridge_router
 from kolm_ray.capture.exchange import Exchange, check_request, parse_omit
@@ -54,7 +55,7 @@ from kolm_ray.capture.upstream import (
 from kolm_ray.capture.workers import mark_ready, run_workers, worker_index, write_report
 from kolm_ray.capture.writer import BackgroundWriter
 from kolm_ray.errors import KolmError
-from kolm_ray.observations.model import check_namespace
+from kolm_ray.observations.keys import REFRESH_S, KeyTable
 from kolm_ray.observations.store import Store, open_store
 from kolm_ray.settings import admin_token, kolm_home, redact_url, store_url
 
@@ -75,7 +76,7 @@ def _busy(message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "1"})
 
 
-async def _proxy(request: Request, provider: str) -> Response:
+async def _proxy(request: Request, provider: str, ident: Identity) -> Response:
     state = request.app.state
     if state.in_flight >= state.max_in_flight:
         return _busy(f"capture proxy is at its bound of {state.max_in_flight} requests in flight")
@@ -89,13 +90,13 @@ async def _proxy(request: Request, provider: str) -> Response:
         body = await read_body(request, state.capture_max_body)
         held = len(body)
         state.held_bytes += held
-        return await _proxy_body(request, provider, body)
+        return await _proxy_body(request, provider, body, ident)
     finally:
         state.in_flight -= 1
         state.held_bytes -= held
 
 
-async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
+async def _proxy_body(request: Request, provider: str, body: bytes, ident: Identity) -> Response:
     t0 = time.perf_counter()
     state = request.app.state
     if len(body) <= PARSE_INLINE_BYTES:
@@ -105,12 +106,7 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
             problem = await anyio.to_thread.run_sync(check_request, body)
     if problem is not None:
         return _error(400, problem)
-    namespace = request.headers.get("x-kolm-namespace") or "default"
-    try:
-        check_namespace(namespace)
-    except ValueError as e:
-        return _error(400, f"X-Kolm-Namespace: {e}")
-    tenant = request.headers.get("x-kolm-tenant") or None
+    namespace, tenant = ident.namespace, ident.tenant  # checked against the capture key (auth.identify)
     url = state.upstreams[provider]
     writer: BackgroundWriter = state.writer
     session: aiohttp.ClientSession = state.http
@@ -131,6 +127,7 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
                 content_encoding=encoding,
                 **privacy,
                 local_cpu_ms=getattr(request.state, "kolm_local_cpu_ms", None),  # a local try before it
+                key_id=ident.key_id,
                 **kw,
             )
         )
@@ -140,7 +137,9 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
         up = await session.post(
             state.upstream_urls[provider],
             data=body,
-            headers=forward_headers(request.headers.raw, state.upstream_auth[provider]),
+            headers=apply_managed(
+                forward_headers(request.headers.raw, state.upstream_auth[provider]), ident, provider
+            ),
             allow_redirects=False,  # a redirect goes back to the client, as any response does
         )
     except UPSTREAM_ERRORS as e:
@@ -190,18 +189,26 @@ async def _proxy_body(request: Request, provider: str, body: bytes) -> Response:
 
 
 async def _answer(request: Request, provider: str) -> Response:
+    # Who is calling first (capture key, JSON only, header bounds): a refusal forwards and stores nothing.
+    ident = identify(request, provider)
+    if not isinstance(ident, Identity):
+        return ident
+    request.state.kolm_identity = ident
     # What this call's observations may keep (docs/privacy.md): settled before anything is forwarded.
     try:
         omit = parse_omit(request.headers.get("x-kolm-omit"))
     except ValueError as e:
         return _error(400, str(e))
-    # Per request: the proxy's --redact pii (a capture key's own choice joins it here: `or key.redact`).
-    request.state.kolm_privacy = {"redact_pii": request.app.state.redact_pii, "omit": omit}
+    # Per request: the proxy's --redact pii, or the capture key's own `kolm keys create --redact pii`.
+    request.state.kolm_privacy = {
+        "redact_pii": request.app.state.redact_pii or ident.redact_pii,
+        "omit": omit,
+    }
     # A promoted model answers its namespace's calls itself (observations/local.py); the rest go upstream.
     local = request.app.state.local
-    response = await local.answer(request, provider) if local is not None else None
+    response = await local.answer(request, provider, ident) if local is not None else None
     if response is None:
-        response = await _proxy(request, provider)
+        response = await _proxy(request, provider, ident)
         response.raw_headers.append((b"x-kolm-served-by", b"upstream"))
         reason = getattr(request.state, "kolm_upstream_reason", None)
         if reason:
@@ -236,6 +243,7 @@ def create_app(
     spool_max_bytes: int = 1 << 30,
     local_answers: bool = True,
     redact_pii: bool = False,
+    keys_refresh_s: float = REFRESH_S,
 ) -> FastAPI:
     """The capture proxy + bridge API as one ASGI app over `store`.
 
@@ -247,6 +255,7 @@ def create_app(
     spool_max_bytes: the spool's size bound (past it observations are counted lost, loudly).
     local_answers: let promoted models answer their namespaces (kolm models promote; observations/local.py).
     redact_pii: store every call's e-mails, phones, cards, IBANs, SSNs as [EMAIL] ... (`--redact pii`).
+    keys_refresh_s: how often the capture keys are re-read (a revoke is refused within about this).
     The writer and the shared aiohttp session live for the app's lifespan; shutdown drains the writer.
     """
     upstreams = {
@@ -279,11 +288,13 @@ def create_app(
             max_queued_bytes=max_queued_bytes,
         )
         app.state.parse_lock = anyio.Lock()
+        await anyio.to_thread.run_sync(app.state.keys.start)  # the first read before any call is served
         if app.state.local is not None:
             app.state.local.start()
         try:
             yield
         finally:
+            app.state.keys.stop()
             if app.state.local is not None:
                 await app.state.local.aclose()  # in-flight shadow calls finish and are stored
             await app.state.http.close()
@@ -302,6 +313,8 @@ def create_app(
     app.state.upstream_auth = {k: auth for k, (_, auth) in parts.items()}
     app.state.admin_token = token
     app.state.redact_pii = redact_pii
+    app.state.keys = KeyTable(store, refresh_s=keys_refresh_s)  # capture keys (observations/keys.py)
+    app.state.managed_keys = managed_keys()  # KOLM_OPENAI_API_KEY / KOLM_ANTHROPIC_API_KEY (auth.py)
     app.state.capture_max_body = capture_max_body
     app.state.max_in_flight = max_in_flight
     app.state.in_flight = 0
@@ -318,17 +331,28 @@ def create_app(
     scheme = store.url.split(":", 1)[0]  # never the path or a password
 
     async def healthz(request: Request) -> JSONResponse:
-        """200 {"ok": true, "store": scheme, "pending": n} while every answer is being stored; else 503."""
+        """200 {"ok": true, "store": scheme, "pending": n} while every answer is being stored; else 503.
+
+        Live models, problems and this worker's own details only with the admin token (auth.is_admin)."""
         w: BackgroundWriter | None = getattr(app.state, "writer", None)
         if w is None:
             return JSONResponse({"ok": False, "reason": "starting"}, status_code=503)
         ok, reason = w.health()
+        if not is_admin(request):
+            return JSONResponse(
+                {"ok": ok, "store": scheme, "pending": w.pending}, status_code=200 if ok else 503
+            )
+        if app.state.keys.problem:
+            extra_problem = {"keys": app.state.keys.problem}
+        else:
+            extra_problem = {}
         # Rows no store would take even sanitised (in $KOLM_HOME/dead-letter.jsonl): shown once there are any.
         extra = {"dead_lettered": w.dead_lettered} if w.dead_lettered else {}
         # This process's own state: with --workers N each worker answers for itself (pid, "i/N").
         me = {"pid": os.getpid(), "worker": worker_index()} if worker_index() is not None else {}
         # Promoted models: which namespaces answer locally, and why one does not (a missing file, say).
         me.update({} if app.state.local is None else app.state.local.status())
+        me.update(extra_problem)
         if not ok:
             body = {"ok": False, "reason": reason, "pending": w.pending, **extra, **me}
             return JSONResponse(body, status_code=503)

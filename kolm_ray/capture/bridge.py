@@ -9,7 +9,13 @@
     DELETE /v1/bridges/observations?namespace=&tenant=&before=&matching=   (admin token only)
          -> {"deleted": n}: the rows, their shadow pairs, their spool and dead-letter copies
 
-`Authorization: Bearer $KOLM_ADMIN_TOKEN` when that variable is set. Every bad input is a 4xx with
+Who may do what (CONTRACT.md "Training data you can trust"): `Authorization: Bearer $KOLM_ADMIN_TOKEN`
+reads and writes everything; a capture key (`Authorization: Bearer kolm-sk-...`) reads only its tenant's
+rows in its namespaces and imports only into them, each row stored with its tenant, its key_id and
+`provider: "import"` (it may not import `verified: true` rows, verify rows or list every namespace's
+counts). With no admin token set and no capture key in the store, the bridge is open on loopback as before;
+once a key exists, a call with neither credential is a 401. No import claims `provider: openai|anthropic`:
+every row the bridge inserts is stored as `provider: "import"`. Every bad input is a 4xx with
 `{"error": "..."}` naming the problem, and an import is all-or-nothing (one transaction).
 
 A browser must not be able to write here: the write routes take only JSON bodies (415 otherwise; a page
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -33,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kolm_ray.observations.erase import Erasure
+from kolm_ray.observations.keys import KEY_PREFIX, CaptureKey
 from kolm_ray.observations.model import MalformedInput, loads_strict, parse_import
 from kolm_ray.observations.store import MAX_PAGE, Store
 from kolm_ray.settings import is_loopback
@@ -95,17 +103,50 @@ def require_json_body(request: Request) -> None:
         )
 
 
-def _require_admin(request: Request) -> None:
-    token = request.app.state.admin_token
-    if token is None:
-        return
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling the bridge: the admin (token, or an open loopback bridge), or one capture key."""
+
+    key: CaptureKey | None = None
+
+    @property
+    def admin(self) -> bool:
+        return self.key is None
+
+
+def _caller(request: Request) -> Caller:
+    state = request.app.state
+    keys = getattr(state, "keys", None)
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+    value = value.strip()
+    bearer = scheme.lower() == "bearer"
+    if bearer and value.startswith(KEY_PREFIX) and keys is not None:
+        key = keys.lookup(value)
+        if key is None:
+            raise HTTPException(401, "capture key is unknown or revoked", {"WWW-Authenticate": "Bearer"})
+        return Caller(key)
+    token = state.admin_token
+    if token is None:
+        if keys is not None and keys.any_active:
+            raise HTTPException(
+                401,
+                "capture keys exist: send Authorization: Bearer <capture key>, or set KOLM_ADMIN_TOKEN and "
+                "send it",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return Caller()
+    if not bearer or not hmac.compare_digest(value.encode(), token.encode()):
         raise HTTPException(
             401,
-            "missing or wrong bearer token (Authorization: Bearer $KOLM_ADMIN_TOKEN)",
+            "missing or wrong bearer token (Authorization: Bearer $KOLM_ADMIN_TOKEN or a capture key)",
             {"WWW-Authenticate": "Bearer"},
         )
+    return Caller()
+
+
+def _admin_only(caller: Caller, what: str) -> None:
+    if not caller.admin:
+        raise HTTPException(403, f"key {caller.key.id} may not {what}: that needs the admin token")
 
 
 def _store(request: Request) -> Store:
@@ -116,8 +157,9 @@ def _store(request: Request) -> Store:
 
 
 # Dependencies run in this order: Host first (a rebound page learns nothing), then the token.
-router = APIRouter(prefix="/v1/bridges", dependencies=[Depends(check_host), Depends(_require_admin)])
+router = APIRouter(prefix="/v1/bridges", dependencies=[Depends(check_host)])
 StoreDep = Annotated[Store, Depends(_store)]
+CallerDep = Annotated[Caller, Depends(_caller)]
 
 
 class VerifyBody(BaseModel):
@@ -139,6 +181,7 @@ def _load_json(body: bytes) -> Any:
 
 @router.get("/observations")
 def list_observations(
+    caller: CallerDep,
     store: StoreDep,
     namespace: str | None = None,
     tenant: str | None = None,
@@ -148,6 +191,17 @@ def list_observations(
 ) -> dict:
     """A page of observations in insertion order; pass next_cursor back for the next page."""
     flag = {"true": True, "false": False, "null": "null", None: None}[verified]
+    if caller.key is not None:  # a capture key reads its tenant's rows in its namespaces, nothing else
+        key = caller.key
+        if tenant is not None and tenant != key.tenant:
+            raise HTTPException(403, f"key {key.id} may not read another tenant's observations")
+        tenant = key.tenant
+        if namespace is None:
+            if len(key.namespaces) > 1:
+                raise HTTPException(400, f"key {key.id} has several namespaces: pass namespace=")
+            namespace = key.namespaces[0]
+        if namespace not in key.namespaces:
+            raise HTTPException(403, f"key {key.id} may not use namespace {namespace}")
     try:
         page, next_cursor = store.list(
             namespace=namespace, tenant=tenant, verified=flag, limit=limit, cursor=cursor
@@ -158,8 +212,8 @@ def list_observations(
 
 
 @router.post("/observations", dependencies=[Depends(require_json_body)])
-async def import_observations(request: Request, store: StoreDep) -> dict:
-    """Insert a JSON list or JSON lines of observations, all or nothing."""
+async def import_observations(request: Request, caller: CallerDep, store: StoreDep) -> dict:
+    """Insert a JSON list or JSON lines of observations, all or nothing, each as provider "import"."""
     body = await read_body(request, getattr(request.app.state, "bridge_max_body", BRIDGE_MAX_BODY))
     try:
         observations = parse_import(body)
@@ -169,6 +223,7 @@ async def import_observations(request: Request, store: StoreDep) -> dict:
         raise HTTPException(400, str(e)) from None
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
+    observations = [_as_import(o, caller) for o in observations]
     try:
         inserted = await run_in_threadpool(store.append_many, observations)
     except KeyError as e:
@@ -176,9 +231,25 @@ async def import_observations(request: Request, store: StoreDep) -> dict:
     return {"inserted": inserted}
 
 
+def _as_import(obs: Any, caller: Caller) -> Any:
+    """The row as the bridge stores it: provider "import"; for a capture key, its tenant, namespaces, key_id."""
+    update: dict[str, Any] = {"provider": "import"}
+    key = caller.key
+    if key is not None:
+        if obs.namespace not in key.namespaces:
+            raise HTTPException(403, f"key {key.id} may not use namespace {obs.namespace}")
+        if obs.tenant is not None and obs.tenant != key.tenant:
+            raise HTTPException(403, f"key {key.id} may not import rows of another tenant")
+        if obs.verified is True:
+            raise HTTPException(403, f"key {key.id} may not import verified rows: that needs the admin token")
+        update.update(tenant=key.tenant, key_id=key.id)
+    return obs.model_copy(update=update)
+
+
 @router.post("/observations/{obs_id}/verify", dependencies=[Depends(require_json_body)])
-async def verify_observation(obs_id: str, request: Request, store: StoreDep) -> dict:
-    """Mark an observation verified true/false, optionally replacing its output."""
+async def verify_observation(obs_id: str, request: Request, caller: CallerDep, store: StoreDep) -> dict:
+    """Mark an observation verified true/false, optionally replacing its output (admin only)."""
+    _admin_only(caller, "verify observations")
     body = await read_body(request, getattr(request.app.state, "bridge_max_body", BRIDGE_MAX_BODY))
     try:
         verdict = VerifyBody.model_validate(_load_json(body))
@@ -194,11 +265,12 @@ ERASE_PARAMS = ("namespace", "tenant", "before", "matching")
 
 
 @router.delete("/observations")
-async def delete_observations(request: Request) -> dict:
+async def delete_observations(request: Request, caller: CallerDep) -> dict:
     """Delete what the query matches (observations/erase.py), with the admin token only: {"deleted": n}.
 
     Filters come only from the query string: an unknown or repeated parameter, or any body, is a 400
     (a typo such as `tenat=` must not widen a delete to the whole namespace)."""
+    _admin_only(caller, "delete observations")  # a wrong or missing token: 401 (_caller); a capture key: 403
     if request.app.state.admin_token is None:
         raise HTTPException(
             403, "deleting observations needs the admin token: start kolm capture with KOLM_ADMIN_TOKEN set"
@@ -225,8 +297,9 @@ async def delete_observations(request: Request) -> dict:
 
 
 @router.get("/namespaces")
-def list_namespaces(store: StoreDep) -> dict:
-    """Every namespace with its observation count and how many are verified true."""
+def list_namespaces(caller: CallerDep, store: StoreDep) -> dict:
+    """Every namespace with its observation count and how many are verified true (admin only)."""
+    _admin_only(caller, "list every namespace")
     return {"namespaces": store.namespaces()}
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kolm_ray.observations.model import CLIENT_CLOSED, Observation, Omitted, utcnow
+from kolm_ray.observations.model import CLIENT_CLOSED, NAMESPACE_RE, Observation, Omitted, utcnow
 from kolm_ray.providers import Extracted, scrub_credentials, scrub_text
 from kolm_ray.providers import anthropic as anthropic_fmt
 from kolm_ray.providers import openai as openai_fmt
@@ -63,6 +63,8 @@ class Exchange:
     local_cpu_ms: float | None = None
     """CPU milliseconds the namespace's local model spent on this call (answered locally, or tried and sent
     upstream below its threshold): stored as usage.kolm_local_cpu_ms, priced by `kolm report`'s net savings."""
+    key_id: str | None = None
+    """The capture key the call came with (auth.Identity.key_id): stored as the observation's key_id."""
 
     @property
     def nbytes(self) -> int:
@@ -285,7 +287,12 @@ def _build(ex: Exchange) -> Observation:
         created_at=ex.created_at,
         request=request,
         omitted=ex.omit,
+        key_id=ex.key_id,
     )
+
+
+def _clip(value: Any, limit: int) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
 
 
 def _private(ex: Exchange, input_text: str, output: Any, request: Any) -> tuple[str, Any, Any]:
@@ -312,24 +319,31 @@ def _with_local_cpu(usage: Any, cpu_ms: float | None) -> Any:
 
 
 def to_observation(ex: Exchange) -> Observation:
-    """The one Observation for an exchange. Never raises: what cannot be parsed is stored as a failure."""
+    """The one Observation for an exchange. Never raises: what cannot be parsed (or validated: a field
+    over its bound from a direct caller) is stored as a failure, with every field clipped to its bound."""
     try:
         return _build(ex)
     except Exception as e:  # a provider parser's surprise must not cost the exchange its observation
-        text = scrub_text(ex.request_body[:10000].decode("utf-8", "replace"))
+        namespace = (
+            ex.namespace
+            if isinstance(ex.namespace, str) and NAMESPACE_RE.fullmatch(ex.namespace)
+            else "default"
+        )
+        text = scrub_text(bytes(ex.request_body[:10000]).decode("utf-8", "replace"))
         text = _private(ex, text, None, None)[0]
         return Observation(
-            **({"id": ex.observation_id} if ex.observation_id else {}),
-            namespace=ex.namespace,
-            tenant=ex.tenant,
-            provider="local" if ex.local else ex.provider,
+            **({"id": ex.observation_id[:128]} if ex.observation_id else {}),
+            namespace=namespace,
+            tenant=_clip(ex.tenant, 256),
+            provider="local" if ex.local else ex.provider if ex.provider in FORMATS else "import",
             input=text,
-            omitted=ex.omit,
+            omitted=ex.omit if ex.omit in ("request", "response", "all") else None,
             output={"error": f"kolm could not parse this exchange: {type(e).__name__}: {e}"[:2000]},
             verified=False,
-            status=CLIENT_CLOSED if ex.client_closed else ex.status,
-            latency_ms=round(ex.latency_ms, 3),
+            status=CLIENT_CLOSED if ex.client_closed else ex.status if isinstance(ex.status, int) else None,
+            latency_ms=round(float(ex.latency_ms), 3),
             created_at=ex.created_at,
+            key_id=_clip(ex.key_id, 64),
         )
 
 

@@ -212,12 +212,13 @@ class LocalAnswers:
         }
 
     # ---- the hot path ------------------------------------------------------------------------------------
-    async def answer(self, request: Request, provider: str) -> Response | None:
+    async def answer(self, request: Request, provider: str, ident: Any) -> Response | None:
         """A local answer for this request, or None (then it goes upstream; the reason is kept for a header).
-        Reads (and re-offers) the body only when the namespace has a live model."""
+        Reads (and re-offers) the body only when the namespace has a live model. `ident` (auth.Identity) is
+        the caller as its capture key allows: only a key that may use the namespace reaches its model."""
         if not self.live:
             return None
-        namespace = request.headers.get("x-kolm-namespace") or "default"
+        namespace = ident.namespace
         loaded = self.live.get(namespace)
         if loaded is None:
             return None
@@ -309,12 +310,13 @@ class LocalAnswers:
                 cpu_ms: float | None = None) -> None:  # fmt: skip
         from kolm_ray.capture.exchange import Exchange
 
+        ident = request.state.kolm_identity
         request.app.state.writer.submit(
             # ASCII JSON of the parsed request: a lone surrogate stays an escape, as the client sent it.
-            Exchange(provider, namespace, request.headers.get("x-kolm-tenant") or None, json.dumps(payload).encode(),
+            Exchange(provider, namespace, ident.tenant, json.dumps(payload).encode(),
                      status, latency_ms,
                      body=content, streamed=stream, local=local, observation_id=obs_id, local_cpu_ms=cpu_ms,
-                     **getattr(request.state, "kolm_privacy", {}))
+                     key_id=ident.key_id, **getattr(request.state, "kolm_privacy", {}))
         )  # fmt: skip
 
     def _rate(self, namespace: str) -> float:
@@ -329,14 +331,18 @@ class LocalAnswers:
     async def _shadow(self, request: Request, provider: str, namespace: str, payload: dict, local_output: Any,
                       loaded: Loaded, local_id: str) -> None:  # fmt: skip
         """Ask the upstream the same question (non-streamed), store its answer and the pair's agreement."""
+        from kolm_ray.capture.auth import apply_managed
         from kolm_ray.capture.exchange import FORMATS
         from kolm_ray.capture.upstream import UPSTREAM_ERRORS, forward_headers
 
         state = request.app.state
+        ident = request.state.kolm_identity
         shadow = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
         shadow_body = json.dumps(shadow).encode()
-        # the caller's own key (or the upstream URL's credentials), in this task's memory only
-        headers = forward_headers(request.headers.raw, state.upstream_auth[provider])
+        # the caller's own key (or the managed one, or the upstream URL's credentials), in this task's memory only
+        headers = apply_managed(
+            forward_headers(request.headers.raw, state.upstream_auth[provider]), ident, provider
+        )
         up_id, detail, agree = new_id(), {}, None
         t0 = time.perf_counter()
         try:
@@ -351,9 +357,9 @@ class LocalAnswers:
             from kolm_ray.capture.exchange import Exchange
 
             state.writer.submit(
-                Exchange(provider, namespace, request.headers.get("x-kolm-tenant") or None, shadow_body, status,
+                Exchange(provider, namespace, ident.tenant, shadow_body, status,
                          (time.perf_counter() - t0) * 1000, body=content, content_encoding=encoding,
-                         observation_id=up_id, **getattr(request.state, "kolm_privacy", {}))
+                         observation_id=up_id, key_id=ident.key_id, **getattr(request.state, "kolm_privacy", {}))
             )  # fmt: skip
             agree, detail = _agreement(FORMATS[provider], content, encoding, status, local_output, loaded)
         self.served["shadowed"] += 1

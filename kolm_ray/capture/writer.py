@@ -117,7 +117,10 @@ class BackgroundWriter:
         self._handle([to_observation(ex)], spill=self.spool is not None and self.spool_rows > 0)
 
     def health(self) -> tuple[bool, str | None]:
-        """(ok, reason): not ok while the store fails, the spool holds rows or the backlog is too big."""
+        """(ok, reason): not ok while the writer thread is gone, the store fails, the spool holds rows or
+        the backlog is too big."""
+        if not self._thread.is_alive() and not self._closed:
+            return False, "the capture writer thread is not running: answered calls are not being stored"
         if self.failing:
             return False, f"store is failing; observations go to the local spool: {self.failing}"
         if self.spool_rows > 0:
@@ -141,45 +144,73 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         while True:
-            wait = self.replay_interval_s if self.spool_rows or self.failing else None
             try:
-                item = self._q.get(timeout=wait)
+                if self._step():
+                    return
+            except Exception:  # never let the writer thread die of anything: log it and take the next batch
+                log.exception("capture writer: unexpected failure")
+                if self._closed and self._q.empty():  # the stop marker may have gone with the failed batch
+                    return
+                time.sleep(0.05)
+
+    def _observation(self, ex: Exchange) -> Observation | None:
+        """to_observation, protected: an exchange that cannot even become a failure row is dead-lettered."""
+        try:
+            return to_observation(ex)
+        except Exception as e:
+            log.exception("capture writer: an exchange could not be turned into an observation")
+            self.dead_lettered += 1
+            self._dead_letter_raw(ex, e)
+            return None
+
+    def _step(self) -> bool:
+        """One batch (or one idle wake-up); True once the stop marker has been handled."""
+        wait = self.replay_interval_s if self.spool_rows or self.failing else None
+        try:
+            item = self._q.get(timeout=wait)
+        except queue.Empty:
+            item = None
+        stop = item is _STOP
+        batch = [] if item is None or stop else [item]
+        while not stop and len(batch) < self.max_batch:
+            try:
+                nxt = self._q.get_nowait()
             except queue.Empty:
-                item = None
-            stop = item is _STOP
-            batch = [] if item is None or stop else [item]
-            while not stop and len(batch) < self.max_batch:
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stop = True
+                break
+            if nxt is _STOP:
+                stop = True
+            else:
+                batch.append(nxt)
+        if batch:
+            observations, unbuildable = [], 0
+            for ex in batch:
+                time.sleep(0)  # give the event loop the GIL between items (5 ms switch interval)
+                obs = self._observation(ex)
+                if obs is None:
+                    unbuildable += 1
                 else:
-                    batch.append(nxt)
-            if batch:
-                observations = []
-                for ex in batch:
-                    time.sleep(0)  # give the event loop the GIL between items (5 ms switch interval)
-                    observations.append(to_observation(ex))
-                with self._cond:
-                    self.queued_bytes -= sum(ex.nbytes for ex in batch)
-                spill = self.queued_bytes > self.spill_bytes or bool(self.spool_rows) or self._past_deadline()
-                try:
-                    self._handle(observations, spill=spill)
-                except Exception as e:  # never let the writer thread die: what is left is dead-lettered
-                    log.exception("capture writer: unexpected failure on a batch")
-                    for o in observations:
-                        self._dead_letter(o, e)
-                    self._count(0, False, dead=len(observations))
-            if self.spool_rows and time.monotonic() - self._last_replay >= self.replay_interval_s:
+                    observations.append(obs)
+            with self._cond:
+                self.queued_bytes -= sum(ex.nbytes for ex in batch)
+            if unbuildable:
+                self._count(0, False, dead=unbuildable)
+            spill = self.queued_bytes > self.spill_bytes or bool(self.spool_rows) or self._past_deadline()
+            try:
+                self._handle(observations, spill=spill)
+            except Exception as e:  # never let the writer thread die: what is left is dead-lettered
+                log.exception("capture writer: unexpected failure on a batch")
+                for o in observations:
+                    self._dead_letter(o, e)
+                self._count(0, False, dead=len(observations))
+        if self.spool_rows and time.monotonic() - self._last_replay >= self.replay_interval_s:
+            self._replay()
+        if stop:
+            if self.spool_rows and not self._past_deadline():
                 self._replay()
-            if stop:
-                if self.spool_rows and not self._past_deadline():
-                    self._replay()
-                if self.spool is not None:
-                    self.spool.seal()
-                return
+            if self.spool is not None:
+                self.spool.seal()
+            return True
+        return False
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
@@ -285,6 +316,35 @@ class BackgroundWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def _dead_letter_raw(self, ex: Exchange, error: BaseException) -> None:
+        """The dead letter for an exchange that is not even an observation: what identifies it, ASCII JSON."""
+        if self.dead_letter is None:
+            with self._cond:
+                self.lost += 1
+            return
+        try:
+            line = json.dumps(
+                {
+                    "at": datetime.now(timezone.utc).isoformat(),
+                    "error": f"{type(error).__name__}: {error}"[:500],
+                    "exchange": {
+                        "provider": str(ex.provider)[:32], "namespace": str(ex.namespace)[:128],
+                        "tenant": str(ex.tenant)[:256], "status": str(ex.status)[:16],
+                        "key_id": str(ex.key_id)[:64],
+                        "request_body": bytes(ex.request_body[:10000]).decode("utf-8", "replace"),
+                    },
+                }
+            )  # fmt: skip
+            self.dead_letter.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dead_letter, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, (line + "\n").encode("ascii"))
+            finally:
+                os.close(fd)
+        except Exception:
+            with self._cond:
+                self.lost += 1
 
     def _to_spool(self, observations: list[Observation]) -> None:
         if not observations:

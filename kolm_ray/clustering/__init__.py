@@ -99,15 +99,19 @@ def cluster_namespace(
     summarize: bool = True,
     seed: int = 0,
     embedder: str = "static",
+    include_untrusted: bool = False,
 ) -> ClusterResult:
     """Run the pipeline on a store URL + namespace, or on an in-memory list of observations.
 
-    Needs Ray initialized (see `ray_session`). Returns no clusters for an empty namespace.
+    Needs Ray initialized (see `ray_session`). Returns no clusters for an empty namespace. From a store,
+    only rows a model may learn from (observations/keys.py), unless `include_untrusted`.
     """
     if isinstance(source, str):
         if not namespace:
             raise KolmError("--namespace is required")
-        return cluster_namespaces(source, [namespace], num_workers, summarize, seed, embedder)[namespace]
+        return cluster_namespaces(
+            source, [namespace], num_workers, summarize, seed, embedder, include_untrusted
+        )[namespace]
     return _pipeline(source, [""], num_workers, summarize, seed, embedder)[""]
 
 
@@ -118,6 +122,7 @@ def cluster_namespaces(
     summarize: bool = True,
     seed: int = 0,
     embedder: str = "static",
+    include_untrusted: bool = False,
 ) -> dict[str, ClusterResult]:
     """Cluster several namespaces in one pass: one read, one featurize actor pool, then a fit per namespace
     (clusters never span namespaces). Cheaper than one pipeline per namespace: each pipeline pays for its
@@ -125,7 +130,9 @@ def cluster_namespaces(
     "minilm" (MiniLM for every row: the baseline)."""
     if not namespaces:
         raise KolmError("--namespace is required")
-    return _pipeline(store_url, list(dict.fromkeys(namespaces)), num_workers, summarize, seed, embedder)
+    return _pipeline(
+        store_url, list(dict.fromkeys(namespaces)), num_workers, summarize, seed, embedder, include_untrusted
+    )
 
 
 def _pipeline(
@@ -135,10 +142,11 @@ def _pipeline(
     summarize: bool,
     seed: int,
     embedder: str = "static",
+    include_untrusted: bool = False,
 ) -> dict[str, ClusterResult]:
     workers = _workers(num_workers, embedder)
     t0 = time.perf_counter()
-    ds = read(source, namespaces, num_blocks=2 * workers)
+    ds = read(source, namespaces, num_blocks=2 * workers, include_untrusted=include_untrusted)
     ds = featurize(ds, workers, embedder)
     t_embed = time.perf_counter()
     models, counts, fit_s = fit(ds, namespaces, seed, embedder, workers)
@@ -172,9 +180,10 @@ def cluster_command(args: Any) -> int:
 
     url = store_url(args.store)
     namespaces = list(dict.fromkeys(args.namespace))
-    check_readable(url, namespaces)  # an empty or unknown namespace: exit 2 before Ray starts
+    include = getattr(args, "include_untrusted", False)
+    check_readable(url, namespaces, include)  # an empty or unknown namespace: exit 2 before Ray starts
     with ray_session(worker_logs=False):
-        results = cluster_namespaces(url, namespaces, num_workers=args.num_workers)
+        results = cluster_namespaces(url, namespaces, num_workers=args.num_workers, include_untrusted=include)
     empty = [ns for ns in namespaces if not results[ns].clusters]
     if empty:
         raise KolmError(f"namespace {empty[0]!r} has no observations in {redact_url(url)}")

@@ -28,13 +28,15 @@ def _loads(x: Any) -> Any:
 # ---- reading ------------------------------------------------------------------------------------------------
 
 
-def read_observations(store_url: str, namespaces: str | list[str], num_blocks: int):
+def read_observations(
+    store_url: str, namespaces: str | list[str], num_blocks: int, include_untrusted: bool = False
+):
     """A Ray Dataset of the namespaces' rows (seq, id, namespace, input, output JSON, verified, request JSON),
     read through the store (SQLite or PostgreSQL) in `num_blocks` shards: see observations/dataset.py.
     Local answers (provider "local") are left out there: they never shape the next model."""
     from kolm_ray.observations.dataset import read_observations as read
 
-    return read(store_url, namespaces, parallelism=num_blocks)
+    return read(store_url, namespaces, parallelism=num_blocks, include_untrusted=include_untrusted)
 
 
 def rows_from_observations(observations: list[Any]) -> list[dict[str, Any]]:
@@ -56,10 +58,13 @@ def rows_from_observations(observations: list[Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def read(source: str | list[Any], namespaces: list[str], num_blocks: int):
-    """The read phase: a store URL's namespaces, or an in-memory list of observations (one group "")."""
+def read(source: str | list[Any], namespaces: list[str], num_blocks: int, include_untrusted: bool = False):
+    """The read phase: a store URL's namespaces (trusted rows only, unless `include_untrusted`), or an
+    in-memory list of observations (one group "", taken as given)."""
     import ray.data
 
     if isinstance(source, str):
-        return read_observations(source, namespaces, num_blocks=num_blocks)
+        return read_observations(
+            source, namespaces, num_blocks=num_blocks, include_untrusted=include_untrusted
+        )
     return ray.data.from_items(rows_from_observations(source), override_num_blocks=max(1, num_blocks))

@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -48,8 +49,24 @@ def _step(n: int, title: str) -> float:
     return time.perf_counter()
 
 
-def capture(out: Path, calls: int, store_url: str) -> dict:
-    """Phase 1: the stand-in upstream, the capture proxy as a subprocess, the openai SDK as the client."""
+DEMO_TEAM = "demo-team"  # the simulated team's tenant: its capture key says so, not a header
+
+
+def issue_key(store_url: str) -> str:
+    """What a platform team does first: `kolm keys create --tenant demo-team --namespace support-router`.
+    The key (shown once) is what the team's SDK sends as X-Kolm-Key; the store keeps only its hash."""
+    from kolm_ray.observations.keys import create_key
+    from kolm_ray.observations.store import open_store
+
+    with open_store(store_url) as store:
+        row, key = create_key(store, DEMO_TEAM, [DEMO_NAMESPACE], name="make demo")
+    print(f"$ kolm keys create --tenant {DEMO_TEAM} --namespace {DEMO_NAMESPACE}  ->  {row.id} (kolm-sk-...)")
+    return key
+
+
+def capture(out: Path, calls: int, store_url: str, key: str | None = None) -> dict:
+    """Phase 1: the stand-in upstream, the capture proxy as a subprocess, the openai SDK as the client
+    (with the team's capture key, `key`, as X-Kolm-Key beside its own provider key)."""
     from kolm_ray.demo.simulate import generate_workload, send_traffic, start_upstream_in_thread
 
     upstream_url, stop_upstream = start_upstream_in_thread(latency_ms=5)
@@ -75,7 +92,9 @@ def capture(out: Path, calls: int, store_url: str) -> dict:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/v1/bridges/namespaces", proxy)
-        served = send_traffic(base, generate_workload(calls, seed=0), DEMO_NAMESPACE, 16, progress_bars())
+        served = send_traffic(
+            base, generate_workload(calls, seed=0), DEMO_NAMESPACE, 16, progress_bars(), key=key
+        )
         answered = len(served)
     finally:
         proxy.send_signal(signal.SIGTERM)  # the proxy drains its write queue before it exits
@@ -192,8 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     store_url = f"sqlite:///{out / 'observations.db'}"
     t_all = time.perf_counter()
 
+    # The proxy, the loop and the report below run with an admin token, as in production (a capture key
+    # exists, so /healthz's model list and the whole bridge need it).
+    os.environ.setdefault("KOLM_ADMIN_TOKEN", secrets.token_urlsafe(24))
     t = _step(1, "capture: openai SDK -> kolm capture -> stand-in frontier API")
-    cap = capture(out, args.calls, store_url)
+    key = issue_key(store_url)
+    cap = capture(out, args.calls, store_url, key)
     cap["seconds"] = time.perf_counter() - t
 
     t = _step(2, "recipe: observations -> pairs, schema, verifiers, K-floor")
@@ -215,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     looped["seconds"] = time.perf_counter() - t
 
     t = _step(6, "local answers: kolm capture answers new calls with the promoted model")
-    local = demo_loop.local_phase(out, store_url, DEMO_NAMESPACE, args.local_calls)
+    local = demo_loop.local_phase(out, store_url, DEMO_NAMESPACE, args.local_calls, key=key)
     local["seconds"] = time.perf_counter() - t
 
     from kolm_ray.demo import demo_extract  # the second namespace: extraction traffic (issue 27)

@@ -64,8 +64,14 @@ def extract_phase(out: Path, store_url: str, calls: int = 60) -> dict[str, Any]:
     import openai
 
     from kolm_ray.demo.simulate import start_upstream_in_thread
+    from kolm_ray.observations.keys import create_key
+    from kolm_ray.observations.store import open_store
 
     inputs = [json.loads(line)["input"] for line in (EXAMPLE / "pairs.jsonl").read_text().splitlines()]
+    with open_store(store_url) as store:  # the orders team's own capture key: its tenant, its namespace
+        _, key = create_key(store, "demo-team", [NAMESPACE], name="make demo: orders")
+    token = os.environ.get("KOLM_ADMIN_TOKEN")  # live models are shown to the admin only
+    admin = {"Authorization": f"Bearer {token}"} if token else {}
     upstream_url, stop_upstream = start_upstream_in_thread(
         latency_ms=5, answer=lambda q: json.dumps(truth(q))
     )
@@ -80,7 +86,8 @@ def extract_phase(out: Path, store_url: str, calls: int = 60) -> dict[str, Any]:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/healthz", proxy)
         client = openai.OpenAI(base_url=f"{base}/v1/capture/openai", api_key="sk-demo-not-a-real-key",
-                               default_headers={"X-Kolm-Namespace": NAMESPACE}, max_retries=0)  # fmt: skip
+                               default_headers={"X-Kolm-Namespace": NAMESPACE, "X-Kolm-Key": key},
+                               max_retries=0)  # fmt: skip
         for text in inputs:  # the team's traffic: plain user messages, answered upstream and captured
             client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": text}])
         while httpx.get(f"{base}/healthz").json().get("pending"):
@@ -109,7 +116,8 @@ def extract_phase(out: Path, store_url: str, calls: int = 60) -> dict[str, Any]:
                         out / "promote-orders.log").strip()  # fmt: skip
         deadline, label = time.monotonic() + 120, None
         while label is None and time.monotonic() < deadline:
-            label = httpx.get(f"{base}/healthz").json().get("local", {}).get("models", {}).get(NAMESPACE)
+            health = httpx.get(f"{base}/healthz", headers=admin).json()
+            label = health.get("local", {}).get("models", {}).get(NAMESPACE)
             time.sleep(0.2)
         local = right = exact = 0
         for text in new_messages(calls):

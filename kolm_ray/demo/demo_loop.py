@@ -91,8 +91,10 @@ def loop_phase(store_url: str) -> dict[str, Any]:
     return {"lines": lines}
 
 
-def local_phase(out: Path, store_url: str, namespace: str, calls: int) -> dict[str, Any]:
-    """The proxy on the same store answers new queries with the promoted model."""
+def local_phase(
+    out: Path, store_url: str, namespace: str, calls: int, key: str | None = None
+) -> dict[str, Any]:
+    """The proxy on the same store answers new queries with the promoted model (`key`: the team's capture key)."""
     import httpx
 
     from kolm_ray.demo.simulate import generate_workload, send_traffic, start_upstream_in_thread
@@ -111,11 +113,19 @@ def local_phase(out: Path, store_url: str, namespace: str, calls: int) -> dict[s
         deadline = time.monotonic() + 120
         label = None
         while label is None and time.monotonic() < deadline:  # the poller loads the promoted model
-            label = httpx.get(f"{base}/healthz").json().get("local", {}).get("models", {}).get(namespace)
+            token = os.environ.get("KOLM_ADMIN_TOKEN")  # live models are shown to the admin only
+            admin = {"Authorization": f"Bearer {token}"} if token else {}
+            label = (
+                httpx.get(f"{base}/healthz", headers=admin)
+                .json()
+                .get("local", {})
+                .get("models", {})
+                .get(namespace)
+            )
             time.sleep(0.2)
         if label is None:
             raise SystemExit(f"the proxy never loaded {namespace}'s promoted model (see capture-local.log)")
-        served = send_traffic(base, generate_workload(calls, seed=777), namespace, threads=4)
+        served = send_traffic(base, generate_workload(calls, seed=777), namespace, threads=4, key=key)
     finally:
         proxy.send_signal(signal.SIGTERM)  # drains its writes and in-flight shadow checks
         proxy.wait(timeout=90)

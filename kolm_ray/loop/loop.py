@@ -35,6 +35,7 @@ Per namespace, in one pass:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from kolm_ray.errors import KolmError
-from kolm_ray.observations.store.base import TRAINABLE, portable_sql
+from kolm_ray.observations.store.base import TRAINABLE, TRUSTED_SQL, portable_sql
 
 DEFAULT_MIN_NEW = 500
 HOLDOUT = 200  # newest upstream calls held out per pass: a quarter of the new ones, 20 to 200
@@ -61,6 +62,14 @@ LEASE_S = 6 * 3600  # longer than any compile on a small cluster; renewed before
 ACTOR = "kolm loop"  # who promoted, in `kolm models history`
 USABLE = "provider IN ('openai', 'anthropic', 'import') AND verified IS NOT FALSE"
 USABLE += f" AND {TRAINABLE}"  # privacy: rows stored without their text (X-Kolm-Omit) never train
+# ... and trusted (observations/keys.py): --no-train keys' and open-proxy rows neither start nor judge a
+# recompile, unless --include-untrusted.
+USABLE_TRUSTED = f"{USABLE} AND {TRUSTED_SQL}"
+
+
+def _usable(include_untrusted: bool) -> str:
+    return USABLE if include_untrusted else USABLE_TRUSTED
+
 
 # (store, namespace, exclude ids, workdir, name) -> candidate .kolm path; raises KolmError/GateError
 Builder = Callable[[Any, str, set[str], Path, str, Any], Path]
@@ -107,17 +116,19 @@ def release(store: Any, namespace: str, owner: str) -> None:
 
 
 # ---- what is due, what is held out -------------------------------------------------------------------------
-def new_usable(store: Any, namespace: str, after: str | None) -> int:
-    q = f"SELECT COUNT(*) FROM observations WHERE namespace = ? AND {USABLE}"
+def new_usable(store: Any, namespace: str, after: str | None, include_untrusted: bool = False) -> int:
+    q = f"SELECT COUNT(*) FROM observations WHERE namespace = ? AND {_usable(include_untrusted)}"
     params: tuple = (namespace,)
     if after is not None:
         q, params = q + " AND created_at > ?", (namespace, _iso(after))
     return int(store._read().execute(_sql(store, q), params).fetchone()[0])
 
 
-def holdout_rows(store: Any, namespace: str, after: str | None, n: int = HOLDOUT) -> list[dict[str, Any]]:
-    """The newest `n` usable upstream calls after `after` (the live model's compile), newest first."""
-    q = f"SELECT id, input, output, request FROM observations WHERE namespace = ? AND {USABLE} AND provider <> 'import'"
+def holdout_rows(
+    store: Any, namespace: str, after: str | None, n: int = HOLDOUT, include_untrusted: bool = False
+) -> list[dict[str, Any]]:
+    """The newest `n` usable (trusted) upstream calls after `after` (the live model's compile), newest first."""
+    q = f"SELECT id, input, output, request FROM observations WHERE namespace = ? AND {_usable(include_untrusted)} AND provider <> 'import'"
     params: list[Any] = [namespace]
     if after is not None:
         q += " AND created_at > ?"
@@ -226,7 +237,13 @@ def correctness(artifact: str | Path, rows: list[dict[str, Any]]) -> list[bool]:
 
 # ---- the candidate: recipe -> compile ----------------------------------------------------------------------
 def recipe_and_compile(
-    store: Any, namespace: str, exclude: set[str], workdir: Path, name: str, live: Any
+    store: Any,
+    namespace: str,
+    exclude: set[str],
+    workdir: Path,
+    name: str,
+    live: Any,
+    include_untrusted: bool = False,
 ) -> Path:
     """Cluster, recipe (the live model's cluster, minus `exclude`), compile on Ray Train; the .kolm path.
     KolmError when no recipe can be made, GateError when the candidate misses its K-floor at compile."""
@@ -243,7 +260,7 @@ def recipe_and_compile(
 
     meter = Meter()  # the clustering, recipe and compile's CPU/GPU seconds: metrics.compute
     with ray_session(worker_logs=False):  # RAY_ADDRESS (a Ray job) or a fresh local Ray
-        result = cluster_namespace(store.url, namespace, summarize=False)
+        result = cluster_namespace(store.url, namespace, summarize=False, include_untrusted=include_untrusted)
         if not result.clusters:
             raise KolmError("no observations to cluster")
         chosen = None
@@ -270,8 +287,10 @@ def recipe_and_compile(
 
 
 # ---- one pass ----------------------------------------------------------------------------------------------
-def run_namespace(store: Any, namespace: str, min_new: int, owner: str, build: Builder) -> str:
-    """One namespace's line: promoted / kept / skipped."""
+def run_namespace(
+    store: Any, namespace: str, min_new: int, owner: str, build: Builder, include_untrusted: bool = False
+) -> str:
+    """One namespace's line: promoted / kept / skipped (trusted rows only, unless `include_untrusted`)."""
     from kolm_ray import registry
     from kolm_ray.errors import GateError
     from kolm_ray.observations.request_shape import matches, shape_of_request
@@ -283,11 +302,13 @@ def run_namespace(store: Any, namespace: str, min_new: int, owner: str, build: B
     try:
         live = registry.live_models(store).get(namespace)
         after = live.created_at if live is not None else None
-        new = new_usable(store, namespace, after)
+        new = new_usable(store, namespace, after, include_untrusted)
         state = drift.namespace_state(store, live)[0] if live is not None else "ok"
         if new < min_new and state == "ok":
             return f"{namespace}: skipped ({new} new usable observations, fewer than {min_new})"
-        rows = holdout_rows(store, namespace, after, min(HOLDOUT, max(MIN_HOLDOUT, new // 4)))
+        rows = holdout_rows(
+            store, namespace, after, min(HOLDOUT, max(MIN_HOLDOUT, new // 4)), include_untrusted
+        )
         if len(rows) < MIN_HOLDOUT:
             return f"{namespace}: skipped ({len(rows)} held-out calls, fewer than {MIN_HOLDOUT})"
         name = live.name if live is not None else namespace
@@ -347,7 +368,8 @@ def run_namespace(store: Any, namespace: str, min_new: int, owner: str, build: B
 
 
 def loop_once(store: Any, min_new: int = DEFAULT_MIN_NEW, namespaces: list[str] | None = None,
-              build: Builder | None = None, owner: str | None = None) -> list[str]:  # fmt: skip
+              build: Builder | None = None, owner: str | None = None,
+              include_untrusted: bool = False) -> list[str]:  # fmt: skip
     """One pass: a line per namespace (every namespace with observations or a live model, or `namespaces`)."""
     from kolm_ray import registry
 
@@ -356,7 +378,8 @@ def loop_once(store: Any, min_new: int = DEFAULT_MIN_NEW, namespaces: list[str] 
     lines = []
     for ns in names:
         try:
-            line = run_namespace(store, ns, min_new, owner, build or recipe_and_compile)
+            default = functools.partial(recipe_and_compile, include_untrusted=include_untrusted)
+            line = run_namespace(store, ns, min_new, owner, build or default, include_untrusted)
         except Exception as e:  # one namespace's failure (Ray, disk) must not end the others' pass
             import traceback
 
@@ -387,7 +410,10 @@ def loop_command(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     try:
         while True:
-            loop_once(store, min_new, args.namespace)  # Ray starts only for a namespace that is due
+            # Ray starts only for a namespace that is due
+            loop_once(
+                store, min_new, args.namespace, include_untrusted=getattr(args, "include_untrusted", False)
+            )
             if args.once:
                 return 0
             time.sleep(args.interval)

@@ -17,7 +17,7 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import check_namespace
 
 
-def check_readable(store_url: str, namespaces: list[str]) -> None:
+def check_readable(store_url: str, namespaces: list[str], include_untrusted: bool = False) -> None:
     """Fail as one KolmError line, before Ray starts, when `kolm cluster`/`kolm recipe` would read nothing:
     a SQLite file that does not exist, a malformed namespace, or a namespace with no rows to read.
 
@@ -36,7 +36,7 @@ def check_readable(store_url: str, namespaces: list[str]) -> None:
             raise KolmError(str(e)) from None
     store = open_store(store_url)
     try:
-        sql, params, connect = store.dataset_source(list(namespaces))
+        sql, params, connect = store.dataset_source(list(namespaces), include_untrusted)
     finally:
         store.close()
     conn = connect()
@@ -48,11 +48,15 @@ def check_readable(store_url: str, namespaces: list[str]) -> None:
         conn.close()
     empty = [n for n in namespaces if not counts.get(n)]
     if empty:
-        raise KolmError(f"namespace {empty[0]!r} has no observations in {redact_url(store_url)}")
+        what = "observations" if include_untrusted else "trusted observations (--include-untrusted reads all)"
+        raise KolmError(f"namespace {empty[0]!r} has no {what} in {redact_url(store_url)}")
 
 
-def read_observations(store_url: str, namespaces: str | list[str], parallelism: int) -> Any:
-    """A ray.data.Dataset of the namespaces' observations, read in `parallelism` shards.
+def read_observations(
+    store_url: str, namespaces: str | list[str], parallelism: int, include_untrusted: bool = False
+) -> Any:
+    """A ray.data.Dataset of the namespaces' trusted observations (all of them with `include_untrusted`;
+    keys.py says which rows are trusted), read in `parallelism` shards.
 
     Opens the store first (applying migrations, and failing as one KolmError line on a bad URL).
     A SQLite file that does not exist is an error here, not a new empty store.
@@ -72,7 +76,7 @@ def read_observations(store_url: str, namespaces: str | list[str], parallelism: 
             raise KolmError(str(e)) from None
     store = open_store(store_url)
     try:
-        sql, params, connect = store.dataset_source(names)
+        sql, params, connect = store.dataset_source(names, include_untrusted=include_untrusted)
     finally:
         store.close()
     try:

@@ -1,7 +1,7 @@
 """The Observation: one frontier-API call (or one imported example) as the rest of kolm sees it.
 
     {"id", "namespace", "tenant", "provider": "openai"|"anthropic"|"import"|"local", "model", "input", "output",
-     "verified": true|false|null, "status", "latency_ms", "usage", "created_at", "request"}
+     "verified": true|false|null, "status", "latency_ms", "usage", "created_at", "request", "key_id"}
 
 `status` is the HTTP status the client got (499 when the client went away mid-stream, the nginx
 convention; null for imports); `latency_ms` is the upstream's time to the last byte.
@@ -88,6 +88,8 @@ class Observation(BaseModel):
     """The full request body (system prompt, params) minus credentials."""
     omitted: Omitted | None = None
     """Which side's text was not stored (`X-Kolm-Omit`): such a row counts for spend, never for training."""
+    key_id: str | None = Field(default=None, max_length=64)
+    """The capture key the call (or bridge import) came with (`kolm keys`); null: an open proxy or an admin import."""
 
     @field_validator("namespace")
     @classmethod
@@ -129,6 +131,9 @@ class ImportRow(BaseModel):
     created_at: datetime | None = None
     request: dict[str, Any] | None = None
     omitted: Omitted | None = None
+    key_id: str | None = Field(
+        default=None, max_length=64
+    )  # an export imports back; a key's import sets its own
 
     @field_validator("request")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from kolm_ray.demo.simulate.traffic import DEMO_NAMESPACE, traffic_command
 from kolm_ray.demo.simulate.upstream import run_upstream
@@ -32,9 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--namespace", default=DEMO_NAMESPACE, help="X-Kolm-Namespace of every call")
     tr.add_argument("--seed", type=int, default=1, help="workload seed (make demo's capture uses 0)")
     tr.add_argument("--threads", type=int, default=16, help="calls in flight")
+    tr.add_argument(
+        "--key", default=None, help="the team's capture key, sent as X-Kolm-Key (default $KOLM_KEY)"
+    )
     args = p.parse_args(argv)
     if args.cmd == "traffic":
-        return traffic_command(args.proxy, args.calls, args.namespace, args.seed, args.threads)
+        return traffic_command(
+            args.proxy,
+            args.calls,
+            args.namespace,
+            args.seed,
+            args.threads,
+            args.key or os.environ.get("KOLM_KEY"),
+        )
     if args.cmd == "upstream":
         run_upstream(args.host, args.port, args.latency_ms, args.chunk_delay_ms, args.noise)
     else:

@@ -24,15 +24,17 @@ def send_traffic(
     namespace: str = DEMO_NAMESPACE,
     threads: int = 16,
     progress: bool = False,
+    key: str | None = None,
 ) -> list[str]:
     """Send each item through the proxy at `proxy_url` (its root, e.g. http://127.0.0.1:8700), `threads`
-    calls at a time; returns each call's `x-kolm-served-by` ("local", "upstream"), in order."""
+    calls at a time, with the team's capture key `key` as X-Kolm-Key; returns each call's `x-kolm-served-by`
+    ("local", "upstream"), in order."""
     import openai
 
     client = openai.OpenAI(
         base_url=f"{proxy_url.rstrip('/')}/v1/capture/openai",
         api_key="sk-demo-not-a-real-key",  # forwarded to the stand-in upstream, which ignores it
-        default_headers={"X-Kolm-Namespace": namespace},
+        default_headers={"X-Kolm-Namespace": namespace, **({"X-Kolm-Key": key} if key else {})},
         max_retries=0,
     )
 
@@ -54,7 +56,9 @@ def send_traffic(
         return list(answers)
 
 
-def traffic_command(proxy: str, calls: int, namespace: str, seed: int, threads: int) -> int:
+def traffic_command(
+    proxy: str, calls: int, namespace: str, seed: int, threads: int, key: str | None = None
+) -> int:
     """`python -m kolm_ray.demo.simulate traffic`: one line, exit 0 when every call was answered."""
     import sys
     import time
@@ -75,7 +79,9 @@ def traffic_command(proxy: str, calls: int, namespace: str, seed: int, threads: 
                 return 2
             time.sleep(0.3)
     try:
-        served = send_traffic(proxy, generate_workload(calls, seed=seed), namespace, threads, progress_bars())
+        served = send_traffic(
+            proxy, generate_workload(calls, seed=seed), namespace, threads, progress_bars(), key=key
+        )
     except (openai.APIError, httpx.HTTPError) as e:
         print(f"error: {proxy} did not answer a call: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

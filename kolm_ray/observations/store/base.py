@@ -32,8 +32,16 @@ COLUMNS = (
     "created_at",
     "request",
     "omitted",
+    "key_id",
 )
 COLUMN_LIST = ", ".join(COLUMNS)
+# Rows a model may learn from (CONTRACT.md "Training data you can trust"; SQL over `observations`, both
+# dialects, never NULL so NOT(...) is exact): verified true, or imported without a capture key (the admin
+# token, or the CLI, which holds the store itself), or captured/imported with a key whose train is true.
+TRUSTED_SQL = (
+    "(verified IS TRUE OR (key_id IS NULL AND provider = 'import') OR EXISTS "
+    "(SELECT 1 FROM keys WHERE keys.id = observations.key_id AND keys.train = 1))"
+)
 
 
 @runtime_checkable
@@ -97,8 +105,11 @@ class Store(Protocol):
     def schema_version(self) -> int:
         """The highest migration applied."""
 
-    def dataset_source(self, namespaces: list[str]) -> tuple[str, list[Any], Callable[[], Any]]:
-        """(sql, params, connection_factory) for Ray Data's read_sql over these namespaces' rows.
+    def dataset_source(
+        self, namespaces: list[str], include_untrusted: bool = False
+    ) -> tuple[str, list[Any], Callable[[], Any]]:
+        """(sql, params, connection_factory) for Ray Data's read_sql over these namespaces' rows: only the
+        trusted ones (TRUSTED_SQL) unless `include_untrusted`; never local answers.
 
         Columns: seq, id, namespace, input, output (JSON text), verified (0/1/NULL), request (JSON text).
         The factory is picklable and opens a read-only DB-API connection inside each read task.
@@ -131,6 +142,7 @@ def to_row(obs: Observation, iso_time: bool = False) -> tuple:
         created.isoformat() if iso_time else created,
         dumps(obs.request),
         obs.omitted,
+        obs.key_id,
     )
 
 
@@ -153,6 +165,7 @@ def from_row(r: tuple | list) -> Observation:
         created_at=created.astimezone(timezone.utc),
         request=None if r[12] is None else json.loads(r[12]),
         omitted=r[13],
+        key_id=r[14],
     )
 
 

@@ -79,7 +79,7 @@ _SHARED: list[Migration] = [
 ]
 
 
-# Migration 5 (issue 25, part B; 4 is part A's keys table): the registry's history, one row per promote or
+# Migration 5 (issue 25, part B; 6 is part A's keys table): the registry's history, one row per promote or
 # rollback, written in the same transaction as the `models` change it records (kolm_ray/registry/history.py).
 _EVENTS = """CREATE TABLE model_events (
                 seq {seq},                  -- insertion order: the history's order
@@ -93,6 +93,30 @@ _EVENTS = """CREATE TABLE model_events (
                 k_score {real},
                 sha256 TEXT NOT NULL        -- of the .kolm made live
             )"""
+
+
+# Migration 6 (issue 25, part A): capture keys, and the key each observation came with.
+_KEYS: list[Migration] = [
+    (
+        6,
+        [
+            # Capture keys (kolm_ray/observations/keys.py): who may write which tenant's namespaces.
+            """CREATE TABLE keys (
+                id TEXT PRIMARY KEY,        -- key_<16 hex>: shown in lists and errors, never secret
+                key_sha256 TEXT NOT NULL UNIQUE,  -- sha256 hex of the key; the key itself is never stored
+                name TEXT,                  -- a label (--name)
+                tenant TEXT NOT NULL,
+                namespaces TEXT NOT NULL,   -- JSON list of the namespaces it may write and read
+                train INTEGER NOT NULL,     -- 1: its rows may train models; 0: --no-train (spend/report only)
+                redact TEXT,                -- "pii": its rows are redacted before they are stored
+                created_at TEXT NOT NULL,
+                revoked_at TEXT             -- set by revoke: the key is refused from then on
+            )""",
+            # The key an observation came with (null: an open proxy, or an import with the admin token).
+            "ALTER TABLE observations ADD COLUMN key_id TEXT",
+        ],
+    ),
+]
 
 
 def _dialect(migrations: list[Migration], real: str) -> list[Migration]:
@@ -139,6 +163,7 @@ SQLITE: list[Migration] = [
             " BEGIN SELECT RAISE(ABORT, 'model_events is append-only'); END",
         ],
     ),
+    *_dialect(_KEYS, real="REAL"),
 ]
 
 POSTGRESQL: list[Migration] = [
@@ -181,6 +206,7 @@ POSTGRESQL: list[Migration] = [
             " FOR EACH STATEMENT EXECUTE FUNCTION kolm_model_events_append_only()",
         ],
     ),
+    *_dialect(_KEYS, real="DOUBLE PRECISION"),
 ]
 
 MIGRATIONS: dict[str, list[Migration]] = {"sqlite": SQLITE, "postgresql": POSTGRESQL}

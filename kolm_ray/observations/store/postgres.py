@@ -34,7 +34,9 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import Observation
 from kolm_ray.observations.store.base import (
     COLUMN_LIST,
+    COLUMNS,
     TRAINABLE,
+    TRUSTED_SQL,
     check_limit,
     decode_cursor,
     encode_cursor,
@@ -51,9 +53,9 @@ CONNECT_TIMEOUT_S = 4
 POOL_MAX = 8  # the writer thread + the bridge's threadpool readers of one process
 _SELECT = (
     "seq, id, namespace, tenant, provider, model, input, output::text, verified, status, latency_ms, "
-    "usage::text, created_at, request::text, omitted"
+    "usage::text, created_at, request::text, omitted, key_id"
 )
-_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join(['%s'] * 14)})"
+_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join(['%s'] * len(COLUMNS))})"
 _TEXT_FIELDS = (0, 1, 2, 3, 4, 5)  # id .. input: where a NUL must become U+FFFD
 
 
@@ -316,11 +318,14 @@ class PostgresStore:
 
         return self._write(run)
 
-    def dataset_source(self, namespaces: list[str]) -> tuple[str, list[Any], Callable[[], Any]]:
+    def dataset_source(
+        self, namespaces: list[str], include_untrusted: bool = False
+    ) -> tuple[str, list[Any], Callable[[], Any]]:
+        trusted = "" if include_untrusted else f" AND {TRUSTED_SQL}"  # omitted text is never trained on
         sql = (
             "SELECT seq, id, namespace, input, output::text AS output, verified::int AS verified, "
             "request::text AS request FROM observations WHERE namespace = ANY(%s) AND provider <> 'local' AND "
-            f"{TRAINABLE} ORDER BY seq"
+            f"{TRAINABLE}{trusted} ORDER BY seq"
         )
         return sql, [list(namespaces)], functools.partial(_read_only, self._dsn)
 

@@ -15,7 +15,9 @@ from kolm_ray.errors import KolmError
 from kolm_ray.observations.model import Observation
 from kolm_ray.observations.store.base import (
     COLUMN_LIST,
+    COLUMNS,
     TRAINABLE,
+    TRUSTED_SQL,
     check_limit,
     decode_cursor,
     encode_cursor,
@@ -27,7 +29,7 @@ from kolm_ray.observations.store.migrations import migrate
 from kolm_ray.settings import private_file
 
 BUSY_TIMEOUT_MS = 10_000  # how long a writer waits for another process's write lock
-_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join('?' * 14)})"
+_INSERT = f"INSERT INTO observations ({COLUMN_LIST}) VALUES ({','.join('?' * len(COLUMNS))})"
 
 
 def _read_only(path: str) -> sqlite3.Connection:
@@ -252,9 +254,12 @@ class SQLiteStore:
 
         return self._write(run)
 
-    def dataset_source(self, namespaces: list[str]) -> tuple[str, list[Any], Callable[[], Any]]:
+    def dataset_source(
+        self, namespaces: list[str], include_untrusted: bool = False
+    ) -> tuple[str, list[Any], Callable[[], Any]]:
         marks = ",".join("?" * len(namespaces))
-        sql = f"SELECT seq, id, namespace, input, output, verified, request FROM observations WHERE namespace IN ({marks}) AND provider <> 'local' AND {TRAINABLE} ORDER BY seq"
+        trusted = "" if include_untrusted else f" AND {TRUSTED_SQL}"  # omitted text is never trained on
+        sql = f"SELECT seq, id, namespace, input, output, verified, request FROM observations WHERE namespace IN ({marks}) AND provider <> 'local' AND {TRAINABLE}{trusted} ORDER BY seq"
         return sql, list(namespaces), functools.partial(_read_only, str(self.path))
 
     def close(self) -> None:
