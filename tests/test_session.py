@@ -83,7 +83,7 @@ def test_the_session_block_is_what_the_readme_promises():
     text = "\n".join(lines)
     assert lines[0] == "source .venv/bin/activate"
     assert "KOLM_STORE=sqlite:///$PWD/demo-out/observations.db" in text  # the store make demo filled
-    order = ["simulate upstream", "kolm capture", "simulate traffic", "kolm observations list", "kolm cluster",
+    order = ["kolm keys create", "simulate upstream", "kolm capture", "simulate traffic", "kolm observations list", "kolm cluster",
              "kolm recipe", "kolm compile", "kolm run", "kolm models promote", "kolm loop", "kolm report"]  # fmt: skip
     at = [next(i for i, ln in enumerate(lines) if step in ln) for step in order]
     assert at == sorted(at), at
@@ -100,7 +100,7 @@ def _free_port() -> int:
 def test_readme_session_runs_as_written_after_the_demo(tmp_path):
     """After `make demo` (here: its capture phase, which fills demo-out/observations.db), the README's
     session typed line by line: every command exits 0 and says what the README says it does."""
-    from kolm_ray.demo.demo import capture
+    from kolm_ray.demo.demo import capture, issue_key
 
     out = tmp_path / "demo-out"
     out.mkdir()
@@ -110,7 +110,8 @@ def test_readme_session_runs_as_written_after_the_demo(tmp_path):
     env.pop("RAY_ADDRESS", None)
     os.environ["KOLM_HOME"] = str(home)  # the demo signs with the same key the session verifies with
     try:
-        cap = capture(out, 600, f"sqlite:///{out / 'observations.db'}")
+        url = f"sqlite:///{out / 'observations.db'}"
+        cap = capture(out, 600, url, key=issue_key(url))  # as make demo: the team's key, so rows train
     finally:
         os.environ.pop("KOLM_HOME", None)
     assert cap["stored"] == 600
