@@ -2,6 +2,6 @@
 
 import sys
 
-from kolm_ray.demo.demo.demo import main
+from kolm_ray.demo.demo import main
 
 sys.exit(main())
