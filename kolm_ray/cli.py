@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from kolm_ray.compile.args import add_compile_arguments
-from kolm_ray.errors import KolmError
+from kolm_ray.errors import ArgumentParser, KolmError
 
 Builder = Callable[[argparse.ArgumentParser], None]
 
@@ -235,7 +235,7 @@ COMMANDS: dict[str, tuple[str, str, Builder]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # its subparsers are ArgumentParsers too: argparse errors are one line, exit 2
         prog="kolm", description="Turn frontier-API traffic into small models you own."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -256,8 +256,8 @@ def _printable(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if precheck := getattr(args, "precheck", None):
             precheck(args)
         return int(_handler(args.command)(args) or 0)
