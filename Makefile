@@ -31,7 +31,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m kolm_ray.demo.demo
 
+# tests/test_wrk_load.py drives a real wrk (as make bench does): installed here when missing.
 test: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y wrk >/dev/null 2>&1) \
+		|| { echo "make test: tests/test_wrk_load.py drives load with wrk; install it: sudo apt-get install -y wrk"; exit 1; }
 	$(VENV)/bin/pytest -q --timeout=900 --durations=20
 
 test-fast: $(STAMP)
