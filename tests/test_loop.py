@@ -188,9 +188,17 @@ def test_cli_bad_flags(capsys):
 
 
 @pytest.mark.slow
-def test_loop_compile_end_to_end(store, taggers, capsys, store_url):
+def test_loop_compile_end_to_end(store, taggers, capsys, store_url, request):
     """`kolm loop --once` through the real clustering, recipe and Ray Train compile, on a weak live model: on
     SQLite and on PostgreSQL (the store the contract names for a team; its Ray Data read is its own path)."""
+    if store_url.startswith("postgresql"):  # no longer skipped: it fails, and says why (issue 28)
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="loop.recipe_and_compile clusters store.url, which PostgresStore redacts (password ***): "
+                "the candidate's Ray Data read fails 'password authentication failed'",
+            )
+        )
     registry.promote(store, taggers["weak"], NS)
     store.append_many(traffic(700, seed=5))
     assert main(["loop", "--once", "--min-new", "300", "--store", store_url]) == 0
