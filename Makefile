@@ -31,7 +31,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m kolm_ray.demo.demo $(if $(VERBOSE),--verbose)
 
+# tests/test_wrk_load.py drives a real wrk (as make bench does): installed here when missing.
 test: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y wrk >/dev/null 2>&1) \
+		|| { echo "make test: tests/test_wrk_load.py drives load with wrk; install it: sudo apt-get install -y wrk"; exit 1; }
 	$(VENV)/bin/pytest -q --timeout=900 --durations=20
 
 test-fast: $(STAMP)
@@ -50,17 +53,19 @@ bench: $(STAMP)
 		|| { echo "make bench: benchmarks/capture.py drives load with hey; install it: sudo apt-get install -y hey"; exit 1; }
 	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y wrk >/dev/null 2>&1) \
 		|| { echo "make bench: benchmarks/recall.py drives load with wrk; install it: sudo apt-get install -y wrk"; exit 1; }
-	$(PY) benchmarks/capture.py
+	$(PY) benchmarks/capture.py --duration 10 --soak-s 120 --ramp 600,800,1000,1200
 	$(PY) benchmarks/store.py
-	$(PY) benchmarks/recipe.py --compile
+	$(PY) benchmarks/recipe.py
 	$(PY) benchmarks/compile_tagger.py
-	$(PY) benchmarks/calibration_weight.py
-	$(PY) benchmarks/student_variants.py
+	$(PY) benchmarks/compile_tagger.py --skip-baseline --name cascade --artifact-out bench-out/clinc-domains-v2.kolm
+	$(PY) benchmarks/calibration_weight.py --artifact bench-out/clinc-domains.kolm
+	$(PY) benchmarks/student_variants.py --artifact bench-out/clinc-domains-v2.kolm
 	$(PY) benchmarks/recall.py
-	$(PY) benchmarks/recall.py --skip-forms --rates 50,100,150,200,300,400 --duration 8 --out benchmarks/results/hotpath
+	$(PY) benchmarks/recall.py --artifact bench-out/clinc-domains-v2.kolm --skip-forms --rates 50,100,150,200,300,400 --duration 8 --out benchmarks/results/hotpath
 	$(PY) benchmarks/causal_scorer.py
+	$(PY) benchmarks/failure_timings.py
 	$(PY) benchmarks/local.py
-	$(PY) benchmarks/loop.py
+	$(PY) benchmarks/loop.py --days 8 --per-day 250 --shift-day 3 --min-new 200
 
 # The GPU run (README "GPU run"): on a machine with a CUDA GPU, writes benchmarks/results/gpu.json. No
 # install step: a lent GPU machine has PyTorch/Transformers/PEFT and takes the rest as wheels in .whl/.

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from kolm_ray.compile.args import add_compile_arguments
-from kolm_ray.errors import KolmError
+from kolm_ray.errors import ArgumentParser, KolmError
 
 Builder = Callable[[argparse.ArgumentParser], None]
 
@@ -310,7 +310,7 @@ COMMANDS: dict[str, tuple[str, str, Builder]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # its subparsers are ArgumentParsers too: argparse errors are one line, exit 2
         prog="kolm", description="Turn frontier-API traffic into small models you own."
     )
     parser.add_argument(  # SUPPRESS: absent unless given, so each command's namespace is its own flags
@@ -337,13 +337,13 @@ def _printable(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from kolm_ray.placement import quiet_output
-
-    if getattr(args, "verbose", False):
-        os.environ["KOLM_VERBOSE"] = "1"
-    quiet_output()  # progress bars only on a terminal; Ray's chatter off unless verbose (children follow)
     try:
+        args = build_parser().parse_args(argv)
+        from kolm_ray.placement import quiet_output
+
+        if getattr(args, "verbose", False):
+            os.environ["KOLM_VERBOSE"] = "1"
+        quiet_output()  # progress bars only on a terminal; Ray's chatter off unless verbose (children follow)
         if precheck := getattr(args, "precheck", None):
             precheck(args)
         return int(_handler(args.command)(args) or 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 class KolmError(Exception):
     """A user mistake (bad flag, bad file, bad input): exit 2, nothing written."""
@@ -19,6 +21,18 @@ class ArtifactError(KolmError):
     """A .kolm file is tampered, truncated, wrongly keyed or not an artifact: exit 4."""
 
     exit_code = 4
+
+
+class UsageError(KolmError):
+    """argparse's complaint about the command line (an unknown flag, `--epochs abc`): exit 2, one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse without the usage block: a bad command line raises UsageError, which the CLI prints as one
+    line `error: kolm compile: argument --epochs: invalid int value: 'abc'` (exit 2). --help is unchanged."""
+
+    def error(self, message: str):  # argparse's own: print usage + message to stderr, then exit(2)
+        raise UsageError(f"{self.prog}: {message}")
 
 
 def read_json_file(path, label: str | None = None):

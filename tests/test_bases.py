@@ -108,7 +108,6 @@ def test_compile_with_an_uncached_hub_base_fails_fast_before_ray(tmp_path: Path)
     import os
     import subprocess
     import sys
-    import time
 
     from compile_helpers import compile_argv
 
@@ -120,17 +119,14 @@ def test_compile_with_an_uncached_hub_base_fails_fast_before_ray(tmp_path: Path)
     }
     env.pop("RAY_ADDRESS", None)
     argv = compile_argv(tmp_path, base="qwen2.5-coder-3b")
-    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "kolm_ray.cli", *argv], capture_output=True, text=True,
                           timeout=120, env=env)  # fmt: skip
-    seconds = time.monotonic() - t0
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: base 'qwen2.5-coder-3b'"), proc.stderr
     assert "Qwen/Qwen2.5-Coder-3B-Instruct" in lines[0] and "hf download" in lines[0]
     assert "ray" not in (proc.stdout + proc.stderr).lower().replace("--base dir", "")  # Ray never started
     assert not (tmp_path / "tagger.kolm").exists()
-    assert seconds < 30, seconds  # imports and validation only (a started Ray alone takes longer)
     # a dry run still validates the rest, and warns
     dry = subprocess.run([sys.executable, "-m", "kolm_ray.cli", *argv, "--dry-run"], capture_output=True,
                          text=True, timeout=120, env=env)  # fmt: skip

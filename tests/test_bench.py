@@ -28,7 +28,8 @@ def test_open_loop_offers_the_rate_without_waiting_for_answers():
     row = asyncio.run(bench.open_loop(slow, ["a", "b"], rps=100, duration=2.0, warmup=0.5, seed=1))
     assert 150 <= row["sent"] <= 250  # ~100/s for 2 s measured (Poisson)
     assert peak >= 10  # ~100/s x 0.2 s in flight at once: requests did not wait for each other
-    assert row["errors"] == 0 and 190 <= row["p50"] <= 300
+    # latency counts the 200 ms answer (a lower bound, whatever the load; timing: benchmarks/recall.py)
+    assert row["errors"] == 0 and row["p50"] >= 199
     assert 0.3 < row["fallback_share"] < 0.7 and row["fallback_reasons"] == {
         "test": row["fallback_reasons"]["test"]
     }

@@ -84,3 +84,38 @@ def test_compile_args_parse_as_the_cli_does():
     assert parsed.pop("command") == "compile"
     assert vars(compile_args(argv)) == parsed
     assert vars(compile_args(argv[:4]))["epochs"] is None
+
+
+# Every command line argparse rejects, at every level: `error: <prog>: <what>` on one line, exit 2, no usage.
+BAD_ARGV = [
+    ([], "kolm: the following arguments are required: COMMAND"),
+    (["nosuch"], "invalid choice: 'nosuch'"),
+    (["compile", "x", "--epochs", "abc"], "kolm compile: argument --epochs: invalid int value: 'abc'"),
+    (["observations"], "kolm observations: the following arguments are required"),
+    (["observations", "list", "--limit", "x"], "kolm observations list: argument --limit: invalid int"),
+    (["models", "nope"], "kolm models: argument ACTION: invalid choice: 'nope'"),
+    (["capture", "--port", "99999"], "'99999' is not a port (0-65535)"),
+    # each command: a missing required argument or the unknown flag, whichever argparse meets first
+    *[([name, "--no-such-flag"], "error: kolm") for name in sorted(COMMANDS)],
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"), BAD_ARGV, ids=lambda a: " ".join(a) if isinstance(a, list) else ""
+)
+def test_argparse_errors_are_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err  # no usage block before it
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_argparse_error_in_a_subprocess_is_one_line_exit_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "kolm_ray.cli", "compile", "--epochs", "abc"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: kolm compile: argument --epochs: invalid int value: 'abc'\n"

@@ -182,7 +182,11 @@ def test_compile_writes_signed_artifact_that_runs(ray_local, tmp_path: Path, cap
     assert out[1].startswith("   k_score=") and out[1].endswith("  signature=hmac-sha256")
     assert main(["verify", str(tmp_path / "tagger.kolm")]) == 0
     m = json.loads(zip_read(tmp_path / "tagger.kolm", "manifest.json"))
-    assert m["kind"] == "encoder-tagger" and m["metrics"]["k_score"] >= 0.5
+    assert m["kind"] == "encoder-tagger"
+    # the words decide the namespace: the compile learns it, and its K is what its answers on eval give
+    metrics = m["metrics"]
+    assert metrics["k_score"] >= 0.9 and metrics["accuracy"] >= 0.9, metrics
+    assert metrics["field_accuracy"]["namespace"] == metrics["accuracy"]
     assert {"brier", "ece", "field_accuracy", "temperature"} <= set(m["metrics"])
     losses = m["metrics"]["training"]["losses"]
     assert len(losses) == 6 and losses[-1] < losses[0]
@@ -207,6 +211,16 @@ def test_compile_writes_signed_artifact_that_runs(ray_local, tmp_path: Path, cap
         assert zip_read(tmp_path / "tagger.kolm", "student/student.json")
     else:
         assert student["reason"]
+    # phrases it never saw (another seed), each namespace's: the shipped artifact answers them right
+    from kolm_ray.inference.predictors import open_predictor
+
+    fresh = [
+        json.loads(x) for x in write_pairs(tmp_path / "fresh.jsonl", 30, seed=11).read_text().splitlines()
+    ]
+    with open_predictor(tmp_path / "tagger.kolm") as p:
+        answers = p.predict([r["input"] for r in fresh])
+    right = [a["namespace"] == r["output"]["namespace"] for a, r in zip(answers, fresh, strict=True)]
+    assert sum(right) >= 27, [(r["input"], a) for r, a in zip(fresh, answers, strict=True)]
     capsys.readouterr()
     assert main(["run", str(tmp_path / "tagger.kolm"), "how do i refund invoice charge"]) == 0
     assert json.loads(capsys.readouterr().out)["namespace"] == "billing"
@@ -235,9 +249,18 @@ def test_lora_compile_of_local_qwen2_dir(ray_local, tmp_path: Path, capsys) -> N
     m = json.loads(zip_read(tmp_path / "tagger.kolm", "manifest.json"))
     assert m["kind"] == "causal-lm-lora" and m["base"]["source"] == str(local)
     assert "adapter_model.safetensors" in m["files"] and "model.safetensors" not in m["files"]
+    # closed-vocab scoring always answers a word of the vocabulary, so that says nothing: the adapter must
+    # have trained (LoRA's B starts at zero) and moved the answers toward the training labels
+    import numpy as np
+    from safetensors.numpy import load as load_safetensors
+
+    adapter = load_safetensors(zip_read(tmp_path / "tagger.kolm", "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(np.abs(v).max() > 0 for v in lora_b)
+    assert m["metrics"]["accuracy"] >= 0.8, m["metrics"]  # eval pairs scored through the adapter (1.0 here)
     assert main(["run", str(tmp_path / "tagger.kolm"), "how do i restart deploy worker"]) == 0
     answer = json.loads(capsys.readouterr().out)
-    assert answer["namespace"] in WORDS and 0 < answer["confidence"] <= 1  # scored, so always in vocabulary
+    assert answer["namespace"] == "runbooks" and 0 < answer["confidence"] <= 1
 
 
 def zip_read(path: Path, name: str) -> bytes:
@@ -260,7 +283,7 @@ def test_namespaces_file_must_be_names(tmp_path: Path, capsys) -> None:
 
 def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_path: Path) -> None:
     from kolm_ray.cli import build_parser
-    from kolm_ray.compile.evaluate import evaluate
+    from kolm_ray.compile.evaluate import evaluate, split_for_calibration
     from kolm_ray.compile.plan import validate
     from kolm_ray.inference.predictors import open_predictor
 
@@ -281,11 +304,21 @@ def test_router_trains_on_mixed_outliers_and_calibrates_with_eval_negatives(tmp_
         # the model ran once per eval pair and once per negative; the answers are what predict() gives
         assert sorted(scored) == sorted([r["input"] for r in plan.eval_rows] + plan.eval_negatives)
         again = p.predict([r["input"] for r in plan.eval_rows])
+        _, neg_idx, _ = split_for_calibration(len(plan.eval_negatives), seed=1)
+        neg_answers = p.predict([plan.eval_negatives[i] for i in neg_idx])
+        threshold = p.fallback_threshold
     right = [a["namespace"] == r["output"]["namespace"] for a, r in zip(again, plan.eval_rows, strict=True)]
     assert metrics["accuracy"] == sum(right) / len(right)
     cal = metrics["calibration"]
     assert cal["n_negatives_fit"] == 20 and cal["objective"].startswith("brier-with-negatives")
-    assert 0.0 <= metrics["negatives_broad"] <= 1.0
+    # the share of held-out negatives answered under the fallback threshold, as predict() answers them, and
+    # most of them: "weather on mars" shares no word with any namespace (a broken outlier fit routes none)
+    broad = [a["confidence"] < threshold for a in neg_answers]
+    assert metrics["negatives_broad"] == sum(broad) / len(broad) >= 0.75, (
+        metrics["negatives_broad"],
+        threshold,
+    )
+    assert sum(a["confidence"] < threshold for a in again) / len(again) <= 0.25  # in-scope stays narrow
 
 
 def test_calibration_weight_is_a_compile_setting_not_a_train_one(tmp_path: Path) -> None:

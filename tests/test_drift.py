@@ -83,7 +83,7 @@ def wait(pred, timeout: float = 30.0):
     raise AssertionError("condition not met in time")
 
 
-def test_disagreeing_shadow_pairs_raise_the_rate_then_stop_local_answers(proxy, taggers):
+def test_disagreeing_shadow_pairs_raise_the_rate_then_stop_local_answers(proxy, taggers, capsys):
     url, store, app = proxy
     d = wait(lambda: health(url)["drift"].get(NS))
     assert d == {
@@ -111,8 +111,13 @@ def test_disagreeing_shadow_pairs_raise_the_rate_then_stop_local_answers(proxy, 
     r = ask(url, QUERIES[0])
     assert r.headers["x-kolm-served-by"] == "upstream"
 
-    # the report says so too
+    # the report says so too: the namespace drifts, at the agreement the store holds
+    capsys.readouterr()
     assert main(["report", "--json", "--namespace", NS, "--store", store.url]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["namespaces"]
+    assert row["name"] == NS and row["drift"] is True and row["k_floor"] == 0.5
+    assert 18 / (40 + local) <= row["live_agreement"] <= 18 / (40 + len(pairs)) < 0.35, (row, local)
+    assert row["upstream_calls"] >= len(pairs) + 2  # the shadow re-asks (billed) and the two upstream answers
 
     # a new version is promoted: a fresh window, local answers again
     registry.promote(store, taggers[1], NS)

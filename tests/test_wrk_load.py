@@ -39,7 +39,10 @@ async def app(scope, receive, send):
     else:
         q = json.loads(body)["query"]
         seen.append(q)
-        if "slow" in q:
+        if "sleepy" in q:
+            await asyncio.sleep(0.2)
+            out = b'{"mode": "narrow", "namespace": "a", "confidence": 0.9}'
+        elif "slow" in q:
             await asyncio.sleep(0.03)
             out = b'{"mode": "broad", "reason": "tagger exceeded the 100 ms budget"}'
         else:
@@ -81,9 +84,9 @@ def route_server(tmp_path, free_port):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (make bench installs it)")
 def test_load_step_offers_each_phase_and_reports_every_answer(route_server):
     queries = ["book a flight", "slow query", "pay my bill", "what time is it"]
+    assert shutil.which("wrk"), "wrk is not installed: `make test` installs it (sudo apt-get install -y wrk)"
     start, requests = wrk_load.run_schedule(route_server, "k", queries, [(2.0, 20.0), (2.0, 120.0)], 12)
     assert abs(start - time.time()) < 30
     served = httpx.get(route_server + "/count").json()
@@ -106,6 +109,26 @@ def test_load_step_offers_each_phase_and_reports_every_answer(route_server):
         high,
     )  # ~40 then ~240 (Poisson arrivals)
     assert all(0.0 <= r["over_budget_share"] <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_latency_counts_from_the_scheduled_arrival_and_the_schedule_never_resets(route_server):
+    """One connection offered 20 rps of 200 ms answers (at most 5 rps served): it falls further behind every
+    second. Measured from the send, every request takes ~200 ms; from its scheduled arrival the wait behind
+    the earlier ones is in, and grows past 2 s by the end (a schedule that restarted from now when behind,
+    as wrk_load once did, would hold every latency near 1.2 s)."""
+    assert shutil.which("wrk"), "wrk is not installed: `make test` installs it (sudo apt-get install -y wrk)"
+    row = wrk_load.run_rate(route_server, "k", ["sleepy query"], rate=5.0 * 4, duration=4.0)
+    assert row["connections"] == 4  # rate / PER_CONNECTION_RPS: 4 connections, each offered 5 rps
+    assert row["service_ms"]["50"] >= 199.0 and row["latency_ms"]["50"] >= row["service_ms"]["50"]
+    _, rows, _ = wrk_load._wrk_schedule(route_server, "k", ["sleepy query"], [(4.0, 20.0)], 1)
+    assert rows and all(kind == "narrow" for *_, kind in rows)
+    assert all(lat >= svc - 0.01 and svc >= 199.0 for _, lat, svc, _ in rows)  # service: the 200 ms sleep
+    assert max(lat for _, lat, _, _ in rows) > 2000.0, rows[-3:]
+    # the schedule runs ahead of the answers: arrivals at 20 rps, so the k-th answered was scheduled early
+    assert rows[-1][0] < 0.5 * 4.0
+    waits = [lat - svc for _, lat, svc, _ in rows]  # time spent behind the schedule, growing
+    assert waits[-1] > waits[0] + 1000.0
 
 
 def _row(rps: float, p50: float, p99: float, over: float = 0.0, achieved: float | None = None) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from kolm_ray.errors import ArgumentParser
+
 
 def add_compile_arguments(p: argparse.ArgumentParser) -> None:
     """`kolm compile`'s flags (the CLI's table names this builder)."""
@@ -37,6 +39,6 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> None:
 
 def compile_args(argv: Sequence[str]) -> argparse.Namespace:
     """`kolm compile ARGV` parsed as the CLI parses it (every flag not in argv at its default)."""
-    parser = argparse.ArgumentParser(prog="kolm compile")
+    parser = ArgumentParser(prog="kolm compile")
     add_compile_arguments(parser)
     return parser.parse_args(list(argv))

@@ -4,12 +4,18 @@ closed-vocab field (fit_student):
 2. train, end to end: the distilled table (torch EmbeddingBag, mean) -> L2 normalisation -> ReLU layer ->
    logits, on the train pairs' labels and the teacher's calibrated soft labels (half each), the teacher's
    "none of these" mass spread over the labels (teacher_targets), negatives weighted up;
-3. calibration: a temperature on the eval split's calibration slice (with the negatives, when given, the
-   same Brier-with-negatives objective as the teacher's);
-4. threshold: the lowest student confidence at which the cascade's K-score on the eval split is within
+3. calibration: a temperature on the eval split's calibration slice, the "fit" half (with the negatives,
+   when given, the same Brier-with-negatives objective as the teacher's);
+4. threshold, on the same fit half: the lowest student confidence at which the cascade's K-score is within
    0.5 points of the teacher's (and at or above the floor, and, with negatives, its out-of-scope share
-   routed broad within 0.5 points too). No such threshold: the artifact ships without a student, and the
-   manifest's metrics["student"] says why.
+   routed broad within 0.5 points too);
+5. the gate, on the other half (held out from 3 and 4, with the held-out negatives): the shipped cascade,
+   scored through Predictor.predict, against the teacher alone on the same rows. The student ships only
+   where it costs nothing measurable there: its K-score at or above the floor and within 0.5 points of the
+   teacher's, out-of-scope -> broad within 0.5 points too. Its ms per query is measured, the cascade and
+   the teacher alone interleaved on the same held-out queries. No threshold, too few eval pairs to hold
+   half out (evaluate.MIN_CALIBRATION), or a held-out miss: the artifact ships without a student, and the
+   manifest's metrics["student"] says why (the teacher alone still passed compile's gate).
 
 On CLINC150 (benchmarks/student_variants.py, test): the first student (softmax regression on the distilled
 vectors) answered 24.9% of queries at the bar, this one 55.9% (0.968 accurate alone); what bounds it is the
@@ -215,6 +221,20 @@ def _ms_per_query(fn, inputs: list[str], repeat: int = 64) -> float:
     return round(float(np.median(times)) * 1000, 3)
 
 
+def _ms_per_query_paired(predictor, inputs: list[str], repeat: int = 64) -> dict[str, float]:
+    """Median single-query latency of predictor.predict([q]) as the cascade and as the teacher alone, the two
+    interleaved query by query on the same inputs (so load on the machine falls on both alike)."""
+    sample = inputs[:repeat] or ["?"]
+    times: dict[str, list[float]] = {"cascade": [], "teacher": []}
+    for q in sample:
+        for mode in ("cascade", "teacher"):
+            predictor.cascade = mode
+            t0 = time.perf_counter()
+            predictor.predict([q])
+            times[mode].append(time.perf_counter() - t0)
+    return {k: round(float(np.median(v)) * 1000, 3) for k, v in times.items()}
+
+
 def soft_labels(logits: torch.Tensor, distances, temperature: float, outlier) -> torch.Tensor:
     """A teacher's calibrated answers as soft labels (n, n_labels): models.outlier_probs, with the mass it
     leaves for "none of these" (class distances) spread evenly over the labels, so the student learns to be
@@ -239,6 +259,7 @@ def fit_student(teacher, plan, staging: Path) -> dict[str, Any]:
     the staged files); writes staging/student/ and attaches the student to `teacher` when the cascade
     holds the bar. Returns metrics["student"] for the manifest."""
     from kolm_ray.compile.evaluate import (
+        MIN_CALIBRATION,
         NEGATIVE_CALIBRATION_WEIGHT,
         evaluate,
         fit_temperature,
@@ -267,75 +288,113 @@ def fit_student(teacher, plan, staging: Path) -> dict[str, Any]:
 
     eval_inputs = [r["input"] for r in plan.eval_rows]
     golds = [r["output"] for r in plan.eval_rows]
-    eval_logits = torch.from_numpy(student.logits(eval_inputs)).float()
-    targets = teacher.calibration_targets(golds)[field]
-    cal_idx, _, _ = split_for_calibration(len(eval_inputs))
-    negatives = list(plan.eval_negatives)
-    neg_cal, _, _ = split_for_calibration(len(negatives), seed=1)
-    neg_weight = float(plan.training.get("calibration_negative_weight", NEGATIVE_CALIBRATION_WEIGHT))
-    pick = torch.tensor(cal_idx, dtype=torch.long)
-    if neg_cal:
-        neg_logits = torch.from_numpy(student.logits([negatives[i] for i in neg_cal])).float()
-        student.temperature = fit_temperature_with_negatives(
-            eval_logits[pick], targets[pick], neg_logits, neg_weight
-        )
-    else:
-        student.temperature = fit_temperature(eval_logits[pick], targets[pick])
-
-    # Per-pair outcomes of each stage alone, then the threshold.
-    teacher.cascade = "teacher"
-    teacher_answers = teacher.predict(eval_inputs)
-    teacher.student, teacher.cascade = student, "student"
-    student_answers = teacher.predict(eval_inputs)
-    s_conf = np.array([a["confidence"] for a in student_answers])
-    s_passed = np.array(passed_flags(plan.spec, eval_inputs, golds, student_answers))
-    t_passed = np.array(passed_flags(plan.spec, eval_inputs, golds, teacher_answers))
-    broad_below = teacher.fallback_threshold if teacher.fallback_threshold is not None else 0.7
-    neg_s = neg_t = None
-    if negatives:
-        neg_s = np.array([a["confidence"] for a in teacher.predict(negatives)])
-        teacher.cascade = "teacher"
-        neg_t = np.array([a["confidence"] < broad_below for a in teacher.predict(negatives)])
-    threshold, bar = choose_threshold(s_conf, s_passed, t_passed, plan.k_floor, neg_s, neg_t, broad_below)
     report: dict[str, Any] = {
         "distill_seconds": round(distill_s, 2),
         "train_seconds": round(train_s, 2),
         "dims": int(static.dim),
         "hidden": int(hidden[0].shape[0]),
-        "temperature": student.temperature,
-        "k_score": {"student": float(s_passed.mean()), "teacher": float(t_passed.mean())},
-        "accuracy_student": float(s_passed.mean()),
     }
+    # fit: temperature and threshold; held: the gate and every figure reported (evaluate's same split)
+    fit_idx, held_idx, disjoint = split_for_calibration(len(eval_inputs))
+    negatives = list(plan.eval_negatives)
+    neg_fit, neg_held, _ = split_for_calibration(len(negatives), seed=1)
+    if not disjoint:
+        teacher.student, teacher.cascade = None, "teacher"
+        return {
+            "used": False,
+            "reason": f"{len(eval_inputs)} eval pairs: a student needs {MIN_CALIBRATION} or more, to fit its "
+            "threshold on one half and gate the cascade on the other",
+            **report,
+        }
+    eval_logits = torch.from_numpy(student.logits(eval_inputs)).float()
+    targets = teacher.calibration_targets(golds)[field]
+    neg_weight = float(plan.training.get("calibration_negative_weight", NEGATIVE_CALIBRATION_WEIGHT))
+    pick = torch.tensor(fit_idx, dtype=torch.long)
+    if neg_fit:
+        neg_logits = torch.from_numpy(student.logits([negatives[i] for i in neg_fit])).float()
+        student.temperature = fit_temperature_with_negatives(
+            eval_logits[pick], targets[pick], neg_logits, neg_weight
+        )
+    else:
+        student.temperature = fit_temperature(eval_logits[pick], targets[pick])
+    report["temperature"] = student.temperature
+
+    # Per-pair outcomes of each stage alone on the fit half, then the threshold.
+    fit_inputs, fit_golds = [eval_inputs[i] for i in fit_idx], [golds[i] for i in fit_idx]
+    teacher.cascade = "teacher"
+    teacher_answers = teacher.predict(fit_inputs)
+    teacher.student, teacher.cascade = student, "student"
+    student_answers = teacher.predict(fit_inputs)
+    s_conf = np.array([a["confidence"] for a in student_answers])
+    s_passed = np.array(passed_flags(plan.spec, fit_inputs, fit_golds, student_answers))
+    t_passed = np.array(passed_flags(plan.spec, fit_inputs, fit_golds, teacher_answers))
+    broad_below = teacher.fallback_threshold if teacher.fallback_threshold is not None else 0.7
+    neg_s = neg_t = None
+    if neg_fit:
+        fit_negatives = [negatives[i] for i in neg_fit]
+        neg_s = np.array([a["confidence"] for a in teacher.predict(fit_negatives)])
+        teacher.cascade = "teacher"
+        neg_t = np.array([a["confidence"] < broad_below for a in teacher.predict(fit_negatives)])
+    threshold, bar = choose_threshold(s_conf, s_passed, t_passed, plan.k_floor, neg_s, neg_t, broad_below)
+    report["fit"] = {"n": len(fit_idx), "n_negatives": len(neg_fit), **bar}
     if threshold is None:
         teacher.student, teacher.cascade = None, "teacher"
         return {
             "used": False,
-            "reason": "no threshold keeps the cascade's K-score on eval within 0.5 points of the teacher's and at or above the floor",
+            "reason": "no threshold keeps the cascade's K-score on the fit half of eval within 0.5 points of the "
+            "teacher's and at or above the floor",
             **report,
         }
     student.threshold = threshold
-    teacher.cascade = "cascade"
-    # The shipped form, scored through the one inference path (Predictor.predict -> the cascade).
-    cascade = evaluate(teacher, plan.eval_rows, plan.spec, fit=False, negatives=negatives)
-    student_ms = _ms_per_query(lambda q: student.answer(q), eval_inputs)
+
+    # The gate, on the held-out half: the shipped form (Predictor.predict -> the cascade) and the teacher
+    # alone, each through evaluate (fit=False: nothing is refitted on these rows).
+    held_rows = [plan.eval_rows[i] for i in held_idx]
+    held_negatives = [negatives[i] for i in neg_held]
+    held_inputs = [r["input"] for r in held_rows]
     teacher.cascade = "teacher"
-    teacher_ms = _ms_per_query(teacher.predict, eval_inputs)
+    alone = evaluate(teacher, held_rows, plan.spec, fit=False, negatives=held_negatives)
     teacher.cascade = "cascade"
-    share = bar["share"]
-    report["k_score"]["cascade"] = cascade["k_score"]
+    cascade = evaluate(teacher, held_rows, plan.spec, fit=False, negatives=held_negatives)
+    share = float((student.answer(held_inputs)[1] >= threshold).mean())  # the queries the student answers
+    ms = _ms_per_query_paired(teacher, held_inputs)
+    ms["student"] = _ms_per_query(lambda q: student.answer(q), held_inputs)
+    teacher.cascade = "cascade"
+    keys = ("k_score", "accuracy", "brier", "ece", "negatives_broad")
     report.update(
-        used=True,
         threshold=threshold,
         student_share=share,
-        cascade={k: cascade[k] for k in ("k_score", "accuracy", "brier", "ece") if k in cascade}
-        | ({"negatives_broad": cascade["negatives_broad"]} if "negatives_broad" in cascade else {}),
-        ms_per_query={
-            "student": student_ms,
-            "teacher": teacher_ms,
-            # every query pays the student; the escalated ones pay the teacher too
-            "cascade": round(student_ms + (1 - share) * teacher_ms, 3),
-        },
+        held_out={"n": len(held_rows), "n_negatives": len(held_negatives)},
+        k_score={"student": None, "teacher": alone["k_score"], "cascade": cascade["k_score"]},
+        accuracy_student=None,
+        teacher={k: alone[k] for k in keys if k in alone},
+        cascade={k: cascade[k] for k in keys if k in cascade},
+        ms_per_query=ms,  # measured, the cascade and the teacher alone interleaved on the same queries
     )
+    teacher.cascade = "student"
+    s_held = teacher.predict(held_inputs)
+    teacher.cascade = "cascade"
+    report["k_score"]["student"] = report["accuracy_student"] = float(
+        np.mean(passed_flags(plan.spec, held_inputs, [r["output"] for r in held_rows], s_held))
+    )
+    misses = []
+    if cascade["k_score"] < plan.k_floor:
+        misses.append(f"K-score {cascade['k_score']:.3f} below the floor {plan.k_floor:.2f}")
+    if cascade["k_score"] < alone["k_score"] - K_TOLERANCE:
+        misses.append(f"K-score {cascade['k_score']:.3f} vs the teacher's {alone['k_score']:.3f}")
+    if "negatives_broad" in alone and cascade["negatives_broad"] < alone["negatives_broad"] - K_TOLERANCE:
+        misses.append(
+            f"out-of-scope -> broad {cascade['negatives_broad']:.3f} vs the teacher's {alone['negatives_broad']:.3f}"
+        )
+    if misses:
+        teacher.student, teacher.cascade = None, "teacher"
+        return {
+            "used": False,
+            "reason": f"the cascade on {len(held_rows)} held-out eval pairs costs more than 0.5 points: "
+            + "; ".join(misses),
+            **report,
+        }
+    report["used"] = True
     out = staging / STUDENT_DIR
     out.mkdir()
     student.save(out)

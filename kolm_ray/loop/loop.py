@@ -260,7 +260,9 @@ def recipe_and_compile(
 
     meter = Meter()  # the clustering, recipe and compile's CPU/GPU seconds: metrics.compute
     with ray_session(worker_logs=False):  # RAY_ADDRESS (a Ray job) or a fresh local Ray
-        result = cluster_namespace(store.url, namespace, summarize=False, include_untrusted=include_untrusted)
+        # The URL the store connects with: PostgresStore.url is the redacted one, for display only.
+        url = getattr(store, "_dsn", None) or store.url
+        result = cluster_namespace(url, namespace, summarize=False, include_untrusted=include_untrusted)
         if not result.clusters:
             raise KolmError("no observations to cluster")
         chosen = None
