@@ -65,7 +65,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/causal_scorer.py
 	$(PY) benchmarks/failure_timings.py
 	$(PY) benchmarks/local.py
-	$(PY) benchmarks/loop.py --days 8 --per-day 250 --shift-day 3 --min-new 200
+	$(PY) benchmarks/loop.py --days 5 --per-day 250 --shift-day 3 --min-new 200
+	$(PY) benchmarks/loop.py --task cards30 --days 3 --per-day 600 --min-new 200
+	$(PY) benchmarks/extract.py --per-intent 400 --epochs 3
+	$(PY) benchmarks/redact.py
+	$(PY) benchmarks/signing.py --repeats 15 --checks 600
 
 # The GPU run (README "GPU run"): on a machine with a CUDA GPU, writes benchmarks/results/gpu.json. No
 # install step: a lent GPU machine has PyTorch/Transformers/PEFT and takes the rest as wheels in .whl/.
