@@ -54,6 +54,14 @@ def _validate_prices(path: Path) -> None:
     assert table.key_for("gpt-4o-2024-08-06") == "gpt-4o"  # a dated response model finds its row
 
 
+def _validate_compute_prices(path: Path) -> None:
+    from kolm_ray.loop.compute_prices import load_compute_prices
+
+    table = load_compute_prices(str(path))
+    assert table.taken, f"{path}: the date the prices were taken"
+    assert table.cpu_hour > 0 and table.gpu_hour > table.cpu_hour  # a GPU-hour costs more than a CPU-hour
+
+
 def _validator(path: Path):
     rel = path.relative_to(REPO).as_posix()
     if rel.startswith("deployments/"):
@@ -64,6 +72,8 @@ def _validator(path: Path):
         return _validate_recipe_yaml
     if path.name == "prices.yaml":
         return _validate_prices
+    if path.name == "compute_prices.yaml":
+        return _validate_compute_prices
     return None
 
 
