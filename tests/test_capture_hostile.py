@@ -249,7 +249,7 @@ def test_local_answer_refused_to_a_key_without_the_namespace(tmp_path, monkeypat
     url = f"sqlite:///{tmp_path / 'obs.db'}"
     tagger = build_tagger(tmp_path / "tagger", seed=0, name="tagger")
     with open_store(url) as s:
-        registry.promote(s, tagger, ns)
+        registry.promote(s, tagger, ns, force=True)  # no traffic yet: the test sends it
     acme = _keys(url, "create", "--tenant", "acme", "--namespace", ns)
     globex = _keys(url, "create", "--tenant", "globex", "--namespace", "billing")
     up_url, stop_up = serve_in_thread(make_upstream_app(answer=upstream_answer))

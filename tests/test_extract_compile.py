@@ -156,7 +156,7 @@ def proxy(tmp_path, upstream, artifact, monkeypatch):
     monkeypatch.setenv("KOLM_SIGNING_KEY", SIGNING_KEY)
     monkeypatch.setenv("KOLM_SHADOW_RATE", "0")
     store = open_store(f"sqlite:///{tmp_path / 'obs.db'}")
-    registry.promote(store, artifact, NS)
+    registry.promote(store, artifact, NS, force=True)  # an empty store: the calls come after
     app = create_app(store, openai_upstream=upstream, anthropic_upstream=upstream)
     url, stop = serve_in_thread(app)
     try:

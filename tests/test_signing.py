@@ -334,7 +334,7 @@ def test_compiled_here_verified_and_run_in_another_process_with_the_public_key_o
     assert r.returncode == 0 and f"signature valid (ed25519, key {kid})" in r.stdout, r.stderr
     r = kolm("run", str(artifact), "how do i refund invoice charge", env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["namespace"] == "billing", r.stderr
-    r = kolm("models", "promote", str(artifact), "--namespace", "billing", env=env)
+    r = kolm("models", "promote", str(artifact), "--namespace", "billing", "--force", env=env)
     assert r.returncode == 0, r.stderr
     assert not (home / "signing.key").exists()  # nothing secret was ever made on this node
     # the capture proxy's registry check (capture/local.py) on that node: verifies with the public key only,
