@@ -49,7 +49,7 @@ def test_empty_or_unknown_namespace_is_exit_2_before_ray_starts(
     for ns in ("nobody", "answered"):
         assert main([command, "--namespace", ns, "--store", store_url, *extra]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith(f"error: namespace '{ns}' has no trusted observations")
+        assert err.count("\n") == 1 and err.startswith(f"error: namespace '{ns}' has no observations in ")
     assert main([command, "--namespace", "bad name!", "--store", store_url, *extra]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     if store_url.startswith("sqlite:///"):
@@ -68,7 +68,8 @@ def test_empty_namespace_through_the_real_cli_prints_one_line_and_no_ray(tmp_pat
                            "--store", url], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == (
-        f"error: namespace 'support-router' has no trusted observations (--include-untrusted reads all) in {url}\n"
+        f"error: namespace 'support-router' has no observations in {url} that may train (trusted rows only;"
+        " --include-untrusted reads all)\n"
     )
 
 

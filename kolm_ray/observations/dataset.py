@@ -48,8 +48,8 @@ def check_readable(store_url: str, namespaces: list[str], include_untrusted: boo
         conn.close()
     empty = [n for n in namespaces if not counts.get(n)]
     if empty:
-        what = "observations" if include_untrusted else "trusted observations (--include-untrusted reads all)"
-        raise KolmError(f"namespace {empty[0]!r} has no {what} in {redact_url(store_url)}")
+        why = "" if include_untrusted else " that may train (trusted rows only; --include-untrusted reads all)"
+        raise KolmError(f"namespace {empty[0]!r} has no observations in {redact_url(store_url)}{why}")
 
 
 def read_observations(
