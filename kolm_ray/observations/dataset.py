@@ -48,7 +48,9 @@ def check_readable(store_url: str, namespaces: list[str], include_untrusted: boo
         conn.close()
     empty = [n for n in namespaces if not counts.get(n)]
     if empty:
-        why = "" if include_untrusted else " that may train (trusted rows only; --include-untrusted reads all)"
+        why = (
+            "" if include_untrusted else " that may train (trusted rows only; --include-untrusted reads all)"
+        )
         raise KolmError(f"namespace {empty[0]!r} has no observations in {redact_url(store_url)}{why}")
 
 
