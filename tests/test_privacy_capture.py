@@ -153,7 +153,9 @@ def test_omit_keeps_spend_and_never_trains(upstream, tmp_path):
             r["model"] == "gpt-4o-mini" and json.loads(r["usage"])["total_tokens"] > 0 and r["status"] == 200
         )
     store = open_store(f"sqlite:///{db}")
-    sql, params, connect = store.dataset_source(["support"])  # what kolm cluster / recipe read
+    # what kolm cluster / recipe read: a keyless proxy's rows only with --include-untrusted, and even then
+    # never an omitted one
+    sql, params, connect = store.dataset_source(["support"], include_untrusted=True)
     with contextlib.closing(connect()) as c:
         trained = [r[3] for r in c.execute(sql, params)]
     store.close()
