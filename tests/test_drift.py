@@ -116,7 +116,10 @@ def test_disagreeing_shadow_pairs_raise_the_rate_then_stop_local_answers(proxy, 
     assert main(["report", "--json", "--namespace", NS, "--store", store.url]) == 0
     (row,) = json.loads(capsys.readouterr().out)["namespaces"]
     assert row["name"] == NS and row["drift"] is True and row["k_floor"] == 0.5
-    assert 18 / (40 + local) <= row["live_agreement"] <= 18 / (40 + len(pairs)) < 0.35, (row, local)
+    assert 18 / (40 + local) - 1e-4 <= row["live_agreement"] <= 18 / (40 + len(pairs)) + 1e-4 < 0.35, (
+        row,
+        local,
+    )  # the report rounds to 4 places
     assert row["upstream_calls"] >= len(pairs) + 2  # the shadow re-asks (billed) and the two upstream answers
 
     # a new version is promoted: a fresh window, local answers again

@@ -123,7 +123,7 @@ def test_latency_counts_from_the_scheduled_arrival_and_the_schedule_never_resets
     assert row["service_ms"]["50"] >= 199.0 and row["latency_ms"]["50"] >= row["service_ms"]["50"]
     _, rows, _ = wrk_load._wrk_schedule(route_server, "k", ["sleepy query"], [(4.0, 20.0)], 1)
     assert rows and all(kind == "narrow" for *_, kind in rows)
-    assert all(lat >= svc - 0.01 and svc >= 199.0 for _, lat, svc, _ in rows)  # service: the 200 ms sleep
+    assert all(lat >= svc - 0.01 and svc >= 190.0 for _, lat, svc, _ in rows)  # service: the 200 ms sleep
     assert max(lat for _, lat, _, _ in rows) > 2000.0, rows[-3:]
     # the schedule runs ahead of the answers: arrivals at 20 rps, so the k-th answered was scheduled early
     assert rows[-1][0] < 0.5 * 4.0
