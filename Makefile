@@ -56,8 +56,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/capture.py --duration 10 --soak-s 120 --ramp 600,800,1000,1200
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/recipe.py
+	$(PY) benchmarks/recipe.py --traffic shared-prompt
 	$(PY) benchmarks/compile_tagger.py
-	$(PY) benchmarks/compile_tagger.py --skip-baseline --name cascade --artifact-out bench-out/clinc-domains-v2.kolm
+	$(PY) benchmarks/compile_tagger.py --epochs 2 --freeze-layers 2 --max-len 32 --negative-weight 4 --skip-baseline --name cascade --artifact-out bench-out/clinc-domains-v2.kolm
 	$(PY) benchmarks/calibration_weight.py --artifact bench-out/clinc-domains.kolm
 	$(PY) benchmarks/student_variants.py --artifact bench-out/clinc-domains-v2.kolm
 	$(PY) benchmarks/recall.py

@@ -1,6 +1,7 @@
 """Quality and cost of a compiled namespace tagger on CLINC150, against frozen MiniLM + logistic regression.
 
-    .venv/bin/python benchmarks/compile_tagger.py [--epochs 2] [--num-workers 2] [--freeze-layers 2]
+    .venv/bin/python benchmarks/compile_tagger.py                  # kolm compile's own defaults
+    .venv/bin/python benchmarks/compile_tagger.py --epochs 2 --freeze-layers 2 --max-len 32 --negative-weight 4
 
 Data (../shared/datasets/clinc150, never copied): the 10 domains are the namespaces; `train` (15,000)
 trains, `val` (3,000) is the compile's eval set (temperature fitted on half, gate on all), and the
@@ -10,9 +11,9 @@ answer; oos_val (100) are the eval's negative rows (half fit the temperature and
 of these" logit beside the in-scope half of val, see kolm_ray/compile/evaluate.py); oos_test (1,000) measures how
 many out-of-scope queries fall back to broad at 0.7.
 
-Two epochs (`kolm compile`'s default is 3): the heads start from a linear probe, and on these 15,000 rows a
-third epoch bought nothing that matters (accuracy / Brier / oos->broad / compile seconds, on machines of the
-same speed: 3 epochs 0.982 / 0.0156 / 0.800 / 768 s; 2 epochs 0.982 / 0.0168 / 0.818 / 539-543 s).
+Every training setting is `kolm compile`'s default (the recipe's, kolm_ray/recipe/files.py) unless a flag
+sets it: what a user gets. `cascade.json` was made with `--epochs 2 --freeze-layers 2 --max-len 32
+--negative-weight 4` (less CPU on these 15,000 rows; `make bench` passes them for that run).
 
 Baseline in the same run: frozen all-MiniLM-L6-v2 sentence embeddings (mean pooled, L2-normalised) +
 scikit-learn LogisticRegression, its predict_proba max as the confidence.
@@ -81,9 +82,7 @@ def summarise(confs, right, oos_confs, seconds) -> dict:
     }
 
 
-def run_compile(
-    d: dict, work: Path, epochs: int, workers: int, freeze: int, neg_weight: float
-) -> tuple[dict, dict]:
+def run_compile(d: dict, work: Path, workers: int, overrides: dict) -> tuple[dict, dict]:
     """Compile through the same phases as `kolm compile` (validate -> train -> evaluate -> gate -> pack)."""
     from kolm_ray.cli import build_parser
     from kolm_ray.compile.compile import build_artifact, train
@@ -107,11 +106,11 @@ def run_compile(
     argv = [
         "compile", "clinc150 domain router", "--base", "minilm-l6", "--pairs", str(pairs), "--eval-pairs", str(evals),
         "--namespaces", str(ns), "--verifier", "closed-vocab,calibrated-brier=0.10,low-confidence-fallback-broad",
-        "--k-floor", "0.85", "--output", str(out), "--epochs", str(epochs), "--num-workers", str(workers),
+        "--k-floor", "0.85", "--output", str(out), "--num-workers", str(workers),
     ]  # fmt: skip
     t0 = time.perf_counter()
     plan = validate(build_parser().parse_args(argv))
-    plan.training.update(freeze_layers=freeze, max_len=32, negative_weight=neg_weight)
+    plan.training.update(overrides)  # none by default: kolm compile's own settings
     result, _ = train(plan, work)
     manifest_metrics = build_artifact(
         plan, result.checkpoint_dir, {"seconds": result.seconds, "losses": result.metrics.get("losses")}, work
@@ -260,12 +259,11 @@ def plot(results: dict, curves: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, help="default: kolm compile's (3)")
     ap.add_argument("--num-workers", type=int, default=2)
-    ap.add_argument(
-        "--freeze-layers", type=int, default=2, help="lowest MiniLM layers kept frozen (CPU time)"
-    )
-    ap.add_argument("--negative-weight", type=float, default=4.0, help="weight of the out-of-scope loss")
+    ap.add_argument("--freeze-layers", type=int, help="lowest MiniLM layers kept frozen (default 0: none)")
+    ap.add_argument("--max-len", type=int, help="tokens per query (default 64)")
+    ap.add_argument("--negative-weight", type=float, help="weight of the out-of-scope loss (default 1.0)")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument(
@@ -277,12 +275,14 @@ def main() -> int:
     a = ap.parse_args()
     # No private KOLM_HOME: the artifact is signed with the user's key, so benchmarks/recall.py and
     # `kolm run` verify it (compile removes its Ray Train run directory when it is done).
+    names = ("epochs", "freeze_layers", "max_len", "negative_weight")
+    overrides = {k: getattr(a, k) for k in names if getattr(a, k) is not None}
     d = load(Path(a.data))
     results, curves = {}, {}
     with tempfile.TemporaryDirectory(prefix="kolm-bench-") as tmp:
         load_before = os.getloadavg()
         results["kolm compile (minilm-l6)"], stage_curves = run_compile(
-            d, Path(tmp), a.epochs, a.num_workers, a.freeze_layers, a.negative_weight
+            d, Path(tmp), a.num_workers, overrides
         )
         curves.update(stage_curves)
         keep = Path(a.artifact_out)
@@ -296,6 +296,7 @@ def main() -> int:
     ours = results["kolm compile (minilm-l6)"]
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "training_overrides": overrides or "none: kolm compile's defaults",
         "machine": {
             "cpus": os.cpu_count(),
             "load_avg_at_start": load_before,

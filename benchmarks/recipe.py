@@ -49,7 +49,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from recipe_traffic import DATA, TASKS, build_traffic, is_correct  # noqa: E402  (benchmarks/recipe_traffic.py)
+from recipe_traffic import (  # noqa: E402  (benchmarks/recipe_traffic.py)
+    DATA,
+    SHARED_TASKS,
+    SNIPS,
+    TASKS,
+    build_shared_prompt_traffic,
+    build_traffic,
+    is_correct,
+)
 
 
 def dry_run(recipe_dir: str, scratch: Path) -> tuple[bool, str]:
@@ -78,10 +86,22 @@ def main() -> int:
     ap.add_argument(
         "--compile", action="store_true", help="also compile each minilm-l6 recipe and check its K-floor"
     )
+    ap.add_argument(
+        "--traffic",
+        choices=["own-prompts", "shared-prompt"],
+        default="own-prompts",
+        help="own-prompts: each task behind its own system prompt (3 namespaces); shared-prompt: one app, ONE "
+        "system prompt and response_format, the instruction in the user turn, CLINC150 + SNIPS tasks, four "
+        "of six answering {label} (-> recipe_shared_prompt.json)",
+    )
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     if not (DATA / "data_full.json").exists():
         print(f"CLINC150 not found at {DATA} (set KOLM_CLINC)", file=sys.stderr)
+        return 2
+    shared = args.traffic == "shared-prompt"
+    if shared and not SNIPS.exists():
+        print(f"SNIPS not found at {SNIPS} (set KOLM_SNIPS)", file=sys.stderr)
         return 2
 
     from kolm_ray.clustering import MiniLMEmbedder, StaticEmbedder, onnx_model_path, static_model_path
@@ -91,14 +111,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kolm-recipe-bench-"))
     os.environ["KOLM_HOME"] = str(work / "home")
     os.environ["KOLM_CACHE"] = str(work / "cache")  # empty: the static model's one-off build is measured
-    observations, truth = build_traffic(args.per_task)
+    observations, truth = (build_shared_prompt_traffic if shared else build_traffic)(args.per_task)
+    tasks = SHARED_TASKS if shared else TASKS
     url = f"sqlite:///{work / 'obs.db'}"
     store = open_store(url)
     store.append_many([Observation(**o) for o in observations])
     store.close()
     namespaces = sorted({o["namespace"] for o in observations})
     n_obs = len(observations)
-    print(f"{n_obs} observations, {len(namespaces)} namespaces, {len(TASKS)} tasks -> {work}")
+    print(f"{n_obs} observations, {len(namespaces)} namespaces, {len(tasks)} tasks -> {work}")
     load_start = os.getloadavg()
     t = time.perf_counter()
     static_model_path()
@@ -114,6 +135,13 @@ def main() -> int:
         c0 = time.process_time()
         emb(sample)
         cpu[name] = round(1000 * (time.process_time() - c0) / len(sample), 3)
+    # what telling tasks apart by their instruction costs each row: the word-prefix hashes featurize adds
+    from kolm_ray.clustering.featurize import template_prefixes
+
+    c0 = time.process_time()
+    for text in sample:
+        template_prefixes(text)
+    cpu["template_prefixes"] = round(1000 * (time.process_time() - c0) / len(sample), 3)
 
     ray_floor = _ray_floor(1)  # the default static pool
     print(f"Ray's floor (fresh start + one trivial actor-pool pipeline): {ray_floor}")
@@ -138,9 +166,15 @@ def main() -> int:
     static["warm_runs_cluster_s"] = [*warm_runs, warm]
     report = {
         "command": "python benchmarks/recipe.py " + " ".join(sys.argv[1:]),
+        "traffic": args.traffic,
         "observations": n_obs,
         "workers": args.workers,
-        "tasks": [{"namespace": t[0], "task": t[1], "noise": t[4]} for t in TASKS],
+        "tasks": [{"namespace": t[0], "task": t[1], "noise": t[4]} for t in TASKS]
+        if not shared
+        else [
+            {"namespace": "acme-app", "task": t[0], "source": t[1], "output": t[3], "noise": t[4]}
+            for t in SHARED_TASKS
+        ],  # fmt: skip
         # the static path (the default): the figures the README cites
         "adjusted_rand_index": static["adjusted_rand_index"],
         "adjusted_rand_index_mean": static["adjusted_rand_index_mean"],
@@ -175,7 +209,12 @@ def main() -> int:
         "paths": paths,
         "embed_cpu_seconds_per_1000_one_thread": cpu,
         "final_recipe_passes_k": "not measured (run with --compile)",
-        "targets": {"seconds_per_1000_cluster": 1.0, "purity_estimate_error": 0.05, "ari": 0.98},
+        "targets": {
+            "seconds_per_1000_cluster": 1.0,
+            "purity_estimate_error": 0.05,
+            "ari": 0.95 if shared else 0.98,
+        },
+        "code": _code_hash(),
         "machine": {
             "cpus": os.cpu_count(),
             "load_avg_at_start": [round(x, 2) for x in load_start],
@@ -187,11 +226,23 @@ def main() -> int:
         report["final_recipe_passes_k"] = _compile_all(made, work)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot(report, out / "recipe.png")
+    stem = "recipe_shared_prompt" if shared else "recipe"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(report, out / f"{stem}.png")
     brief = {k: v for k, v in report.items() if k not in ("clusters", "tasks", "paths")}
     print(json.dumps(brief, indent=2))
     return 0
+
+
+def _code_hash() -> dict:
+    """The commit and whether the clustering code differs from it (the figures are this code's)."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "clustering_dirty": bool(git("status", "--porcelain", "kolm_ray/clustering", "benchmarks"))}  # fmt: skip
 
 
 class _Noop:
@@ -241,6 +292,7 @@ def _run_path(url: str, namespaces: list[str], embedder: str, workers: int | Non
         for ns in namespaces:
             res = results[ns]
             fit_info[ns] = {"silhouettes": res.model.silhouettes, "minilm_decided": res.model.confirmed,
+                            "template_tasks": res.model.tasks,
                             "minilm_rows": res.model.minilm_rows, "timings": res.timings}  # fmt: skip
             ids, pred = [], []
             for c in res.clusters:

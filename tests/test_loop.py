@@ -256,9 +256,11 @@ def test_cli_bad_flags(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
 def test_loop_compile_end_to_end(store, taggers, capsys, store_url):
-    """`kolm loop --once` through the real clustering, recipe and Ray Train compile, on a weak live model: on
-    SQLite and on PostgreSQL (the store the contract names for a team; its Ray Data read is its own path)."""
+    """`kolm loop --once` through the real clustering, recipe and Ray Train compile, on a weak live model, on
+    PostgreSQL (the store the contract names for a team; its Ray Data read is its own path). SQLite's pass
+    runs in tests/test_session.py, the README's session after the demo."""
     registry.promote(store, taggers["weak"], NS, force=True)
     store.append_many(traffic(700, seed=5))
     assert main(["loop", "--once", "--min-new", "300", "--store", store_url]) == 0

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -99,11 +100,6 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="every session command runs and prints what the README says, but the bash script's exit status "
-    "is non-zero after the closing kill/wait (open: issue 24 follow-up)",
-)
 @pytest.mark.timeout(3000)  # one compile took over 20 min on the shared 2-core machine at load ~50
 def test_readme_session_runs_as_written_after_the_demo(tmp_path):
     """After `make demo` (here: its capture phase, which fills demo-out/observations.db), the README's
@@ -128,7 +124,9 @@ def test_readme_session_runs_as_written_after_the_demo(tmp_path):
     # `kolm` and `python` instead of `source .venv/bin/activate` (this checkout may have no .venv).
     proxy, upstream = _free_port(), _free_port()
     lines = session_lines()
-    script = ["set -ex", "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT",
+    # the trap stops what a failed step left running; `|| true`, since under `set -e` a `kill` with no jobs
+    # left (the session stopped them) would otherwise become the script's exit status
+    script = ["set -ex", "trap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT",
               f"export PATH={Path(sys.executable).parent}:$PATH"]  # fmt: skip
     for ln in lines[1:]:
         ln = ln.replace("8700", str(proxy)).replace("9100", str(upstream))
@@ -140,10 +138,9 @@ def test_readme_session_runs_as_written_after_the_demo(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "200 calls to http://127.0.0.1:" in log and "200 answered" in log  # the traffic step
-    listed = [
-        ln for ln in proc.stdout.splitlines() if ln.startswith("{") and '"namespace": "support-router"' in ln
-    ]
-    assert len(listed) >= 3  # kolm observations list --limit 3
+    listed = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{"id":')]
+    # kolm observations list --limit 3: three of the namespace's rows, one JSON object a line
+    assert len(listed) == 3 and {o["namespace"] for o in listed} == {"support-router"}, listed
     assert "namespace support-router: 800 observations" in log  # kolm cluster: the demo's + the traffic's
     assert (tmp_path / "recipe-out" / "pairs.jsonl").exists() and (
         tmp_path / "namespace-tagger.kolm"
@@ -156,5 +153,8 @@ def test_readme_session_runs_as_written_after_the_demo(tmp_path):
     assert re.search(r"ok support-router -> \S+@\d+", log)  # kolm models promote
     assert "support-router: " in proc.stdout  # kolm loop: one line per namespace
     assert (tmp_path / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
-    assert "core_worker" not in log and "Reporting training result" not in log  # Ray's chatter stays off
+    # Ray's chatter stays off, but for the one line Ray's C++ core prints itself for each actor pool (its
+    # open issue ray-project/ray#57733; docs/reference.md says so)
+    chatter = [ln for ln in log.splitlines() if "core_worker" in ln and "constructor arguments" not in ln]
+    assert chatter == [] and "Reporting training result" not in log, chatter
     assert "Traceback" not in log

@@ -76,6 +76,21 @@ def vocab_label(output: Any, input_text: str) -> str:
     return _short_hash(json.dumps(part, sort_keys=True, ensure_ascii=False)) if part else ""
 
 
+MAX_PREFIX_WORDS = 16  # an instruction in the user turn ("Which banking intent is this?") is rarely longer
+
+
+def template_prefixes(input_text: str) -> str:
+    """Hashes of the input's leading 1..MAX_PREFIX_WORDS words (normalised as system prompts are: case,
+    digits, whitespace), comma-joined; each leaves at least one word after it. The fit counts them: a prefix
+    many rows share is template text, such as an instruction an app puts before the user's text."""
+    words = _normalize_prompt(input_text).split(" ")
+    out, h = [], hashlib.blake2b(digest_size=6)
+    for n, w in enumerate(words[: min(MAX_PREFIX_WORDS, len(words) - 1)]):
+        h.update((" " if n else "").encode() + w.encode("utf-8", "surrogatepass"))
+        out.append(h.copy().hexdigest())
+    return ",".join(out)
+
+
 def _short_hash(text: str) -> str:  # the driver sees label identities, never their text
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -270,6 +285,7 @@ class Featurizer:
         batch["rfp"] = np.array([request_fingerprint(r) for r in requests])
         batch["shape"] = np.array([output_shape(o) for o in outputs])
         batch["label"] = np.array([vocab_label(o, i) for o, i in zip(outputs, inputs, strict=True)])
+        batch["prefixes"] = np.array([template_prefixes(i) for i in inputs])
         batch["rejected"] = np.array([not _missing(v) and int(v) == 0 for v in batch["verified"]])
         return batch
 

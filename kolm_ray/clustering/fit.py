@@ -26,6 +26,14 @@ MIN_CLUSTER = 20
 # Below the gate MiniLM is never asked; above it MiniLM decides.
 STATIC_GATE = 0.30
 CONFIRM_SAMPLE = 300  # rows per fingerprint MiniLM embeds when the static search finds a possible split
+# One app, one system prompt, the instruction in the user turn: tasks told apart by what they answer and how
+# they are asked (template_tasks). A word prefix at least TEMPLATE_SHARE of a fingerprint's rows share (and
+# MIN_CLUSTER) is template text; a template and a label are linked when LINK_SHARE of the label's rows (and
+# LINK_MIN) carry that template. A task is a linked set of >= 2 labels holding >= TASK_SHARE of the rows.
+TEMPLATE_SHARE = 0.02
+LINK_SHARE = 0.05
+LINK_MIN = 3
+TASK_SHARE = 0.05
 
 
 @dataclass
@@ -38,12 +46,48 @@ class ClusterModel:
     silhouettes: dict[str, float] = field(default_factory=dict)
     confirmed: dict[str, float] = field(default_factory=dict)
     """Fingerprints whose split MiniLM decided, and its best silhouette there."""
+    tasks: dict[str, int] = field(default_factory=dict)
+    """Fingerprints template_tasks split, and into how many tasks."""
     minilm_rows: int = 0
     """Rows the split search embedded with MiniLM."""
     request_fps: list[str] = field(default_factory=list)
     """Per centroid, the request fingerprint (system prompt + response format) of its rows."""
+    by_label: dict[str, int] = field(default_factory=dict)
+    """fingerprint + "/" + label -> cluster id, where template_tasks split a fingerprint by task."""
+    by_template: dict[str, int] = field(default_factory=dict)
+    """fingerprint + "/" + template prefix hash -> cluster id, likewise (rows without a known label)."""
 
-    def assign(self, emb: np.ndarray, fps: np.ndarray, rfps: np.ndarray | None = None) -> np.ndarray:
+    def assign(
+        self,
+        emb: np.ndarray,
+        fps: np.ndarray,
+        rfps: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        prefixes: np.ndarray | None = None,
+    ) -> np.ndarray:
+        out = self._nearest(emb, fps, rfps)
+        if not (self.by_label or self.by_template):
+            return out
+        # A fingerprint split by task: the row's label says which, else its longest known template prefix
+        # (an upstream error has no label, but the same instruction), else the nearest centroid.
+        for i, fp in enumerate(np.asarray(fps).tolist()):
+            lab = None if labels is None else self.by_label.get(f"{fp}/{labels[i]}")
+            if lab is not None:
+                out[i] = lab
+                continue
+            if prefixes is None:
+                continue
+            rfp = None if rfps is None else str(rfps[i])
+            for h in reversed(str(prefixes[i]).split(",")):
+                hit = self.by_template.get(f"{fp}/{h}")
+                if hit is None and rfp is not None:
+                    hit = self.by_template.get(f"r{rfp}/{h}")
+                if hit is not None:
+                    out[i] = hit
+                    break
+        return out
+
+    def _nearest(self, emb: np.ndarray, fps: np.ndarray, rfps: np.ndarray | None) -> np.ndarray:
         sims = emb @ self.centroids.T
         same = np.array(self.fingerprints)[None, :] == np.asarray(fps)[:, None]
         known = same.any(axis=1)
@@ -68,6 +112,62 @@ def shared_label_share(labels: np.ndarray, parts: np.ndarray) -> float:
         if (counts >= max(1, 0.05 * len(where))).sum() >= 2:
             shared += len(where)
     return shared / rows if rows else 0.0
+
+
+def template_tasks(
+    prefixes: list[list[str]], labels: np.ndarray
+) -> tuple[np.ndarray, dict[str, int], dict[str, int]] | None:
+    """Tasks one fingerprint holds, told apart by what they answer and how they are asked, when the inputs
+    alone do not separate them (one app, one system prompt, the instruction in the user turn; a banking and
+    a travel classifier both answering {"label": ...}).
+
+    Each row's template is its longest word prefix that TEMPLATE_SHARE of the rows share (an instruction, or
+    a common opening such as "how do i"). Labels and templates form a graph, linked where LINK_SHARE of a
+    label's rows carry the template: two phrasings of one instruction meet in the labels they answer with,
+    and two tasks with their own vocabularies never meet. A task is a connected part with two or more labels
+    and TASK_SHARE of the rows. Returns (task per row, -1 where none says; label -> task; template -> task)
+    when there are two tasks or more, else None (the caller's silhouette search decides, as for inputs
+    without templates, whose common openings link every label of a task)."""
+    from collections import Counter
+
+    n = len(labels)
+    counts = Counter(h for p in prefixes for h in p)
+    need = max(MIN_CLUSTER, TEMPLATE_SHARE * n)
+    templates = [next((h for h in reversed(p) if counts[h] >= need), "") for p in prefixes]
+    per_label = Counter(lab for lab in labels.tolist() if lab)
+    if len(per_label) < 4:
+        return None
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def find(x: tuple[str, str]) -> tuple[str, str]:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for lab in per_label:
+        find(("l", lab))
+    pairs = Counter((t, lab) for t, lab in zip(templates, labels.tolist(), strict=True) if lab)
+    for (t, lab), c in pairs.items():
+        if c >= max(LINK_MIN, LINK_SHARE * per_label[lab]):
+            parent[find(("t", t))] = find(("l", lab))
+    rows_in, labels_in = Counter(), Counter()
+    for lab, c in per_label.items():
+        root = find(("l", lab))
+        rows_in[root] += c
+        labels_in[root] += 1
+    tasks = sorted(r for r in rows_in if labels_in[r] >= 2 and rows_in[r] >= max(MIN_CLUSTER, TASK_SHARE * n))
+    if len(tasks) < 2:
+        return None
+    task_of = {r: i for i, r in enumerate(tasks)}
+    by_label = {lab: task_of[find(("l", lab))] for lab in per_label if find(("l", lab)) in task_of}
+    by_template = {t: task_of[find(("t", t))] for t in set(templates) - {""} if ("t", t) in parent
+                   and find(("t", t)) in task_of}  # fmt: skip
+    row_task = np.array(
+        [by_label.get(lab, by_template.get(t, -1)) for lab, t in zip(labels.tolist(), templates, strict=True)]
+    )
+    return row_task, by_label, by_template
 
 
 def _split_search(
@@ -103,8 +203,10 @@ def fit_clusters(
     seed: int = 0,
     confirm: Callable[[np.ndarray], np.ndarray] | None = None,
     rfps: np.ndarray | None = None,
+    prefixes: np.ndarray | None = None,
 ) -> ClusterModel:
-    """Choose the clusters from the data: one per fingerprint, split further by k-means only when the
+    """Choose the clusters from the data: one per fingerprint, split by task where template_tasks finds two
+    or more (with `prefixes`, template_prefixes per row), else further by k-means only when the
     silhouette over k = 2..6 is at least MIN_SILHOUETTE, every part has MIN_CLUSTER rows, and the parts do
     not share their output labels (parts answered from one vocabulary are one task).
 
@@ -116,7 +218,7 @@ def fit_clusters(
     # busy machine they cost a lot (the benchmark's 7 fingerprints at load 5 on 2 cores: 11.8 s with
     # OpenMP's and BLAS's default threads, 1.5 s with one).
     with threadpool_limits(limits=1):
-        return _fit(emb, fps, labels, seed, confirm, rfps)
+        return _fit(emb, fps, labels, seed, confirm, rfps, prefixes)
 
 
 def _fit(
@@ -126,12 +228,15 @@ def _fit(
     seed: int,
     confirm: Callable[[np.ndarray], np.ndarray] | None,
     rfps: np.ndarray | None,
+    prefixes: np.ndarray | None = None,
 ) -> ClusterModel:
     rng = np.random.default_rng(seed)
-    found: list[tuple[int, str, np.ndarray]] = []  # (size, fingerprint, centroid)
+    # (size, fingerprint, centroid, {label key: part}, {template key: part}) per part
+    found: list[tuple[int, str, np.ndarray, list[str], list[str]]] = []
     request_of: dict[str, str] = {}
     silhouettes: dict[str, float] = {}
     confirmed: dict[str, float] = {}
+    tasks: dict[str, int] = {}
     minilm_rows = 0
     labels = np.full(len(fps), "") if labels is None else np.asarray(labels)
     for fp in sorted(set(fps.tolist())):
@@ -141,6 +246,23 @@ def _fit(
             values, counts = np.unique(np.asarray(rfps)[rows], return_counts=True)
             request_of[fp] = str(values[counts.argmax()])
         centroids = [x.mean(axis=0)]
+        split = None
+        if prefixes is not None and len(x) >= 2 * MIN_CLUSTER:
+            split = template_tasks([str(p).split(",") if p else [] for p in prefixes[rows]], lab)
+        if split is not None:
+            row_task, by_label, by_template = split
+            k = int(row_task.max()) + 1
+            units = np.stack([_unit(x[row_task == c].mean(axis=0)) for c in range(k)])
+            # rows no label or template places: their nearest task centroid
+            part = np.where(row_task >= 0, row_task, (x @ units.T).argmax(axis=1))
+            tasks[fp] = k  # no silhouette search: the tasks were told apart by labels and templates
+            rkey = f"r{request_of[fp]}" if rfps is not None else None
+            for c in range(k):
+                keys_l = [f"{fp}/{lab}" for lab, t in by_label.items() if t == c]
+                keys_t = [f"{fp}/{h}" for h, t in by_template.items() if t == c]
+                keys_t += [f"{rkey}/{h}" for h, t in by_template.items() if t == c and rkey]
+                found.append((int((part == c).sum()), fp, units[c], keys_l, keys_t))
+            continue
         if len(x) >= 2 * MIN_CLUSTER:
             pick = rng.choice(len(x), min(len(x), SPLIT_SAMPLE), replace=False)
             gate = MIN_SILHOUETTE if confirm is None else STATIC_GATE
@@ -160,18 +282,21 @@ def _fit(
         units = np.stack([_unit(c) for c in centroids])
         sizes = np.bincount((x @ units.T).argmax(axis=1), minlength=len(units))
         # a MiniLM part that no row's static vector is nearest to is no cluster
-        found += [(int(n), fp, u) for n, u in zip(sizes, units, strict=True) if n > 0]
+        found += [(int(n), fp, u, [], []) for n, u in zip(sizes, units, strict=True) if n > 0]
     found.sort(key=lambda t: (-t[0], t[1]))
     if not found:
         return ClusterModel(np.zeros((0, emb.shape[1] if emb.ndim == 2 else EMBED_DIM), np.float32), [], [])
     return ClusterModel(
-        centroids=np.stack([c for _, _, c in found]).astype(np.float32),
-        fingerprints=[fp for _, fp, _ in found],
+        centroids=np.stack([c for _, _, c, _, _ in found]).astype(np.float32),
+        fingerprints=[fp for _, fp, *_ in found],
         ids=list(range(len(found))),
         silhouettes=silhouettes,
         confirmed=confirmed,
+        tasks=tasks,
         minilm_rows=minilm_rows,
-        request_fps=[request_of[fp] for _, fp, _ in found] if rfps is not None else [],
+        request_fps=[request_of[fp] for _, fp, *_ in found] if rfps is not None else [],
+        by_label={key: i for i, (*_, keys, _) in enumerate(found) for key in keys},
+        by_template={key: i for i, (*_, keys) in enumerate(found) for key in keys},
     )
 
 
@@ -187,7 +312,9 @@ def _assign_batch(batch: dict[str, np.ndarray], models: dict[str, ClusterModel])
     for ns in np.unique(names):
         rows = names == ns
         rfps = batch["rfp"][rows] if "rfp" in batch else None
-        cluster[rows] = models[str(ns)].assign(emb[rows], batch["fp"][rows], rfps)
+        labels = batch["label"][rows] if "label" in batch else None
+        prefixes = batch["prefixes"][rows] if "prefixes" in batch else None
+        cluster[rows] = models[str(ns)].assign(emb[rows], batch["fp"][rows], rfps, labels, prefixes)
     batch["cluster"] = cluster
     return batch
 
@@ -197,7 +324,7 @@ def _fit_samples(ds: Any, counts: dict[str, int], seed: int) -> dict[str, dict[s
     over the embeddings, fingerprints and labels (never the text)."""
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, list[np.ndarray]]] = {}
-    cols = ["id", "namespace", "embedding", "fp", "rfp", "label", "rejected"]
+    cols = ["id", "namespace", "embedding", "fp", "rfp", "label", "prefixes", "rejected"]
     for b in ds.select_columns(cols).iter_batches(batch_size=4096, batch_format="numpy"):
         names = b["namespace"].astype(str)
         # rejected calls (errors) never shape the clusters
@@ -206,7 +333,10 @@ def _fit_samples(ds: Any, counts: dict[str, int], seed: int) -> dict[str, dict[s
         keep &= rng.random(len(names)) < share
         for ns in np.unique(names[keep]):
             rows = keep & (names == ns)
-            part = out.setdefault(str(ns), {"id": [], "emb": [], "fp": [], "rfp": [], "label": []})
+            part = out.setdefault(
+                str(ns), {"id": [], "emb": [], "fp": [], "rfp": [], "label": [], "prefixes": []}
+            )
+            part["prefixes"].append(np.asarray(b["prefixes"])[rows])
             part["rfp"].append(np.asarray(b["rfp"])[rows])
             part["id"].append(np.asarray(b["id"]).astype(str)[rows])
             part["emb"].append(np.asarray(b["embedding"], dtype=np.float32)[rows])
@@ -235,6 +365,7 @@ def _fit_namespace(
             seed,
             confirm=confirm,
             rfps=np.concatenate(sample["rfp"]),
+            prefixes=np.concatenate(sample["prefixes"]),
         )
         if model.ids:
             return model
