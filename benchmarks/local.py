@@ -73,9 +73,9 @@ def body(text: str) -> dict:
     }
 
 
-async def capture(url: str, texts: list[str], concurrency: int = 64) -> int:
+async def capture(url: str, texts: list[str], team_key: str, concurrency: int = 64) -> int:
     sem = asyncio.Semaphore(concurrency)
-    headers = {"Authorization": f"Bearer {KEY}", "X-Kolm-Namespace": NS}
+    headers = {"Authorization": f"Bearer {KEY}", "X-Kolm-Key": team_key}
     # keepalive_expiry below uvicorn's 5 s idle timeout: a pooled connection is never reused as the server
     # closes it (both at 5 s race, and the client sees a ReadError).
     limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=2.0)
@@ -99,8 +99,8 @@ async def capture(url: str, texts: list[str], concurrency: int = 64) -> int:
     return sum(1 for s in codes if s == 200)
 
 
-def replay(url: str, rows: list[tuple[str, str]], off: bool = False) -> list[dict]:
-    headers = {"Authorization": f"Bearer {KEY}", "X-Kolm-Namespace": NS}
+def replay(url: str, rows: list[tuple[str, str]], team_key: str, off: bool = False) -> list[dict]:
+    headers = {"Authorization": f"Bearer {KEY}", "X-Kolm-Key": team_key}
     if off:
         headers["X-Kolm-Local"] = "off"
     out = []
@@ -164,6 +164,14 @@ def main() -> int:
     env.pop("KOLM_STORE", None)
     env.pop("RAY_ADDRESS", None)
     store_url = f"sqlite:///{work / 'obs.db'}"
+    # the team's capture key, as `kolm keys create --tenant bench --namespace NS` makes it: its calls are
+    # trusted training data, and the proxy answers them locally once a model is promoted for NS
+    from kolm_ray.observations.keys import create_key
+    from kolm_ray.observations.store import open_store
+
+    store = open_store(store_url)
+    team_key = create_key(store, "bench", [NS], name="local benchmark")[1]
+    store.close()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proxy = subprocess.Popen(
@@ -176,18 +184,18 @@ def main() -> int:
         wait_healthy(url)
         # 1-2. capture
         t = time.perf_counter()
-        ok = asyncio.run(capture(url, [x for x, _ in train]))
+        ok = asyncio.run(capture(url, [x for x, _ in train], team_key))
         while httpx.get(f"{url}/healthz").json()["pending"]:
             time.sleep(0.2)
         capture_s = time.perf_counter() - t
 
         # 3. recipe -> compile -> promote
-        from kolm_ray.observations.store import open_store
         from kolm_ray.recipe import recipe_from_observations
 
         t = time.perf_counter()
         store = open_store(store_url)
         observations = [o for batch in store.iter_observations(NS) for o in batch]
+        assert all(o.key_id for o in observations), "every captured row carries the team's key"
         store.close()
         os.environ["KOLM_HOME"] = env["KOLM_HOME"]
         info = recipe_from_observations(observations, out_dir=str(work / "recipe"), namespace=NS)
@@ -209,10 +217,10 @@ def main() -> int:
         # 4. replay unseen traffic; the proxy's CPU over the replay
         cpu0, tload = cpu_seconds(proxy.pid), os.getloadavg()
         t = time.perf_counter()
-        replayed = replay(url, test)
+        replayed = replay(url, test, team_key)
         replay_s = time.perf_counter() - t
         cpu = cpu_seconds(proxy.pid) - cpu0
-        baseline = replay(url, test[: args.baseline], off=True)
+        baseline = replay(url, test[: args.baseline], team_key, off=True)
         time.sleep(1.0)  # shadow calls of the last answers finish
         health = httpx.get(f"{url}/healthz").json()
         local = [r for r in replayed if r["served_by"] == "local"]

@@ -9,11 +9,14 @@ The pipeline (`_pipeline`) reads top to bottom, one module of this package per p
               actor by default for static vectors, one per CPU for MiniLM): a
               static sentence vector per row (MiniLM distilled into token vectors once, cached: static.py)
               + structural signals: a fingerprint of the system prompt, the response format and the
-              output's shape (its key set)
-    fit       (fit.py) on the driver, from vectors and fingerprints only: a structural fingerprint always
-              separates; within one, k-means splits only where the silhouette (cosine) over k = 2..6 says
-              the inputs form clearly separate groups (k = 1 otherwise). Where the static vectors say a
-              split is possible, MiniLM embeds a sample of that fingerprint (in Ray) and decides
+              output's shape (its key set), the output's label values and the input's word prefixes
+              (hashed: the driver never sees the text)
+    fit       (fit.py) on the driver, from vectors, fingerprints and hashes only: a structural fingerprint
+              always separates; within one, tasks asked in the user turn behind one shared system prompt
+              are told apart by their instruction (a prefix many rows share) and the labels they answer
+              with (template_tasks); else k-means splits only where the silhouette (cosine) over k = 2..6
+              says the inputs form clearly separate groups (k = 1 otherwise). Where the static vectors say
+              a split is possible, MiniLM embeds a sample of that fingerprint (in Ray) and decides
     assign    (fit.py) map_batches: nearest centroid within the row's fingerprint
     summarise (summarise.py) groupby(cluster).map_groups: size, purity (kolm_ray.clustering.purity), top examples
 
