@@ -98,7 +98,7 @@ def recipe_from_observations(
     # What the capture proxy may answer with the compiled model: this cluster's system prompt and format.
     from kolm_ray.observations.request_shape import shape_of_cluster
 
-    request_shape = shape_of_cluster([_field(observations[i], "request") for i in keep])
+    request_shape = shape_of_cluster([_field(observations[i], "request") for i in keep], inputs)
 
     # 2. shape and schema; 3. verifiers, and gold outputs they reject
     shape = infer_shape(outputs, inputs)
