@@ -290,7 +290,8 @@ def _code_hash() -> dict:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     return {"commit": git("rev-parse", "--short", "HEAD"),
-            "clustering_dirty": bool(git("status", "--porcelain", "kolm_ray/clustering", "benchmarks"))}  # fmt: skip
+            "clustering_dirty": bool(git("status", "--porcelain", "kolm_ray/clustering", "benchmarks/recipe.py",
+                                         "benchmarks/recipe_traffic.py"))}  # fmt: skip
 
 
 class _Noop:
