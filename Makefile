@@ -35,7 +35,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y wrk >/dev/null 2>&1) \
 		|| { echo "make test: tests/test_wrk_load.py drives load with wrk; install it: sudo apt-get install -y wrk"; exit 1; }
-	$(VENV)/bin/pytest -q --timeout=900 --durations=20
+	$(VENV)/bin/pytest -q --timeout=900 --durations=40
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow" --timeout=300
