@@ -54,6 +54,7 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y wrk >/dev/null 2>&1) \
 		|| { echo "make bench: benchmarks/recall.py drives load with wrk; install it: sudo apt-get install -y wrk"; exit 1; }
 	$(PY) benchmarks/capture.py --duration 10 --soak-s 120 --ramp 600,800,1000,1200
+	$(PY) benchmarks/capture.py --key-checks-only --duration 8 --key-rounds 3 --key-rate 100
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/recipe.py
 	$(PY) benchmarks/recipe.py --traffic shared-prompt
@@ -64,7 +65,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/recall.py
 	$(PY) benchmarks/recall.py --artifact bench-out/clinc-domains-v2.kolm --skip-forms --rates 50,100,150,200,300,400 --duration 8 --out benchmarks/results/hotpath
 	$(PY) benchmarks/causal_scorer.py
-	$(PY) benchmarks/failure_timings.py
+	$(PY) benchmarks/failure_timings.py --repeat 1
 	$(PY) benchmarks/local.py
 	$(PY) benchmarks/loop.py --days 5 --per-day 250 --shift-day 3 --min-new 200
 	$(PY) benchmarks/loop.py --task cards30 --days 3 --per-day 600 --min-new 200
