@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kolm_ray.clustering.read import _loads, _missing
-from kolm_ray.observations.request_shape import _normalize_prompt, response_format, system_prompt
+from kolm_ray.observations.request_shape import _normalize_prompt, head_words, response_format, system_prompt
 
 EMBED_DIM = 384
 MAX_LENGTH = 128  # tokens per input: an intent shows in the first sentences
@@ -83,7 +83,7 @@ def template_prefixes(input_text: str) -> str:
     """Hashes of the input's leading 1..MAX_PREFIX_WORDS words (normalised as system prompts are: case,
     digits, whitespace), comma-joined; each leaves at least one word after it. The fit counts them: a prefix
     many rows share is template text, such as an instruction an app puts before the user's text."""
-    words = _normalize_prompt(input_text).split(" ")
+    words = head_words(input_text)
     out, h = [], hashlib.blake2b(digest_size=6)
     for n, w in enumerate(words[: min(MAX_PREFIX_WORDS, len(words) - 1)]):
         h.update((" " if n else "").encode() + w.encode("utf-8", "surrogatepass"))

@@ -98,7 +98,10 @@ def _user_text(request: dict | None) -> str:
     return ""
 
 
-def _words(text: str) -> list[str]:
+def head_words(text: str) -> list[str]:
+    """The words an input opens with, normalised as system prompts are (case, digits, whitespace); only
+    its first few thousand characters are read. Clustering's template prefixes and the templates here
+    both count these."""
     return _normalize_prompt(text[:_HEAD_CHARS]).split(" ")
 
 
@@ -109,7 +112,7 @@ def instruction_templates(inputs: list[str]) -> list[str]:
     A row's phrasing is the word prefix (2 words or more) along which the rows sharing it stay together:
     it grows while at least 3 in 4 of the rows sharing it also share the next word, and stops where the
     user's own text starts (the next word varies). A phrasing must open TEMPLATE_SHARE of the inputs."""
-    heads = [_words(t) for t in inputs]
+    heads = [head_words(t) for t in inputs]
     counts = Counter(" ".join(w[:n]) for w in heads for n in range(2, min(TEMPLATE_WORDS, len(w) - 1) + 1))
     need = max(5, TEMPLATE_SHARE * len(inputs))
     found, covered = set(), 0
@@ -142,7 +145,7 @@ def shape_of_request(request: dict | None) -> dict[str, str]:
         "system_prompt": _normalize_prompt(system_prompt(request)),
         "response_format": response_format(request),
         "turns": turns_of(request),
-        "head": " ".join(_words(_user_text(request))[: TEMPLATE_WORDS + 1]),
+        "head": " ".join(head_words(_user_text(request))[: TEMPLATE_WORDS + 1]),
     }
 
 
