@@ -75,9 +75,9 @@ def body(text: str) -> dict:
     }
 
 
-async def capture(url: str, texts: list[str], concurrency: int = 32) -> int:
+async def capture(url: str, texts: list[str], team_key: str, concurrency: int = 32) -> int:
     sem = asyncio.Semaphore(concurrency)
-    headers = {"Authorization": f"Bearer {KEY}", "X-Kolm-Namespace": NS}
+    headers = {"Authorization": f"Bearer {KEY}", "X-Kolm-Key": team_key}
     limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=60, limits=limits) as c:
 
@@ -99,10 +99,10 @@ async def capture(url: str, texts: list[str], concurrency: int = 32) -> int:
     return sum(1 for s in codes if s == 200)
 
 
-def replay(url: str, rows: list[dict], off: bool = False) -> list[dict]:
+def replay(url: str, rows: list[dict], team_key: str, off: bool = False) -> list[dict]:
     from kolm_ray.artifact.kscore import values_equal
 
-    headers = {"Authorization": f"Bearer {KEY}", "X-Kolm-Namespace": NS}
+    headers = {"Authorization": f"Bearer {KEY}", "X-Kolm-Key": team_key}
     if off:
         headers["X-Kolm-Local"] = "off"
     out = []
@@ -357,6 +357,18 @@ def main() -> int:
     env.pop("KOLM_STORE", None)
     env.pop("RAY_ADDRESS", None)
     store_url = f"sqlite:///{work / 'obs.db'}"
+    # the team's capture key (`kolm keys create --tenant bench --namespace NS`): its calls are trusted
+    # training data, and the proxy answers them locally once the extractor is promoted; kept in the work
+    # directory with the store it belongs to, so a rerun with --work uses it again
+    key_file = work / "team.key"
+    if not key_file.is_file():
+        from kolm_ray.observations.keys import create_key
+        from kolm_ray.observations.store import open_store
+
+        store = open_store(store_url)
+        key_file.write_text(create_key(store, "bench", [NS], name="extract benchmark")[1])
+        store.close()
+    team_key = key_file.read_text()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proxy = subprocess.Popen(
@@ -373,7 +385,7 @@ def main() -> int:
         timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
         if "capture" not in timings:
             t = time.perf_counter()
-            timings["captured_ok"] = asyncio.run(capture(url, [r["input"] for r in train]))
+            timings["captured_ok"] = asyncio.run(capture(url, [r["input"] for r in train], team_key))
             while httpx.get(f"{url}/healthz").json()["pending"]:
                 time.sleep(0.2)
             timings["capture"] = time.perf_counter() - t
@@ -437,10 +449,10 @@ def main() -> int:
 
         cpu0, tload = cpu_seconds(proxy.pid), os.getloadavg()
         t = time.perf_counter()
-        replayed = replay(url, test)
+        replayed = replay(url, test, team_key)
         replay_s = time.perf_counter() - t
         cpu = cpu_seconds(proxy.pid) - cpu0
-        baseline_calls = replay(url, test[: args.baseline], off=True)
+        baseline_calls = replay(url, test[: args.baseline], team_key, off=True)
         health = httpx.get(f"{url}/healthz").json()
         local = [r for r in replayed if r["served_by"] == "local"]
         upstream = [r for r in replayed if r["served_by"] == "upstream"]
