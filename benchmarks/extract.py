@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -353,7 +354,10 @@ def main() -> int:
         "KOLM_HOME": str(work / "home"),
         "PYTHONPATH": str(REPO),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # /healthz shows the live models only to the admin once keys exist (capture/auth.py is_admin)
+        "KOLM_ADMIN_TOKEN": secrets.token_hex(16),
     }
+    admin = {"Authorization": f"Bearer {env['KOLM_ADMIN_TOKEN']}"}
     env.pop("KOLM_STORE", None)
     env.pop("RAY_ADDRESS", None)
     store_url = f"sqlite:///{work / 'obs.db'}"
@@ -386,7 +390,7 @@ def main() -> int:
         if "capture" not in timings:
             t = time.perf_counter()
             timings["captured_ok"] = asyncio.run(capture(url, [r["input"] for r in train], team_key))
-            while httpx.get(f"{url}/healthz").json()["pending"]:
+            while httpx.get(f"{url}/healthz", headers=admin).json()["pending"]:
                 time.sleep(0.2)
             timings["capture"] = time.perf_counter() - t
             timings_path.write_text(json.dumps(timings))
@@ -442,10 +446,14 @@ def main() -> int:
         ).stdout.strip()  # fmt: skip (a rerun: the next version)
         deadline = time.monotonic() + 300
         while (
-            NS not in httpx.get(f"{url}/healthz").json().get("local", {}).get("models", {})
+            NS not in httpx.get(f"{url}/healthz", headers=admin).json().get("local", {}).get("models", {})
             and time.monotonic() < deadline
         ):
             time.sleep(0.2)
+        if NS not in httpx.get(f"{url}/healthz", headers=admin).json().get("local", {}).get("models", {}):
+            raise SystemExit(
+                f"the proxy did not load the promoted model for {NS} within 300 s: {work / 'proxy.log'}"
+            )
 
         cpu0, tload = cpu_seconds(proxy.pid), os.getloadavg()
         t = time.perf_counter()
@@ -453,7 +461,7 @@ def main() -> int:
         replay_s = time.perf_counter() - t
         cpu = cpu_seconds(proxy.pid) - cpu0
         baseline_calls = replay(url, test[: args.baseline], team_key, off=True)
-        health = httpx.get(f"{url}/healthz").json()
+        health = httpx.get(f"{url}/healthz", headers=admin).json()
         local = [r for r in replayed if r["served_by"] == "local"]
         upstream = [r for r in replayed if r["served_by"] == "upstream"]
 

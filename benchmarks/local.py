@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -160,7 +161,10 @@ def main() -> int:
         "KOLM_HOME": str(work / "home"),
         "PYTHONPATH": str(REPO),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # /healthz shows the live models only to the admin once keys exist (capture/auth.py is_admin)
+        "KOLM_ADMIN_TOKEN": secrets.token_hex(16),
     }
+    admin = {"Authorization": f"Bearer {env['KOLM_ADMIN_TOKEN']}"}
     env.pop("KOLM_STORE", None)
     env.pop("RAY_ADDRESS", None)
     store_url = f"sqlite:///{work / 'obs.db'}"
@@ -185,7 +189,7 @@ def main() -> int:
         # 1-2. capture
         t = time.perf_counter()
         ok = asyncio.run(capture(url, [x for x, _ in train], team_key))
-        while httpx.get(f"{url}/healthz").json()["pending"]:
+        while httpx.get(f"{url}/healthz", headers=admin).json()["pending"]:
             time.sleep(0.2)
         capture_s = time.perf_counter() - t
 
@@ -209,10 +213,14 @@ def main() -> int:
                         "--store", store_url], env, 300).stdout.strip()  # fmt: skip
         deadline = time.monotonic() + 120
         while (
-            NS not in httpx.get(f"{url}/healthz").json().get("local", {}).get("models", {})
+            NS not in httpx.get(f"{url}/healthz", headers=admin).json().get("local", {}).get("models", {})
             and time.monotonic() < deadline
         ):
             time.sleep(0.2)
+        if NS not in httpx.get(f"{url}/healthz", headers=admin).json().get("local", {}).get("models", {}):
+            raise SystemExit(
+                f"the proxy did not load the promoted model for {NS} within 120 s: {work / 'proxy.log'}"
+            )
 
         # 4. replay unseen traffic; the proxy's CPU over the replay
         cpu0, tload = cpu_seconds(proxy.pid), os.getloadavg()
@@ -222,7 +230,7 @@ def main() -> int:
         cpu = cpu_seconds(proxy.pid) - cpu0
         baseline = replay(url, test[: args.baseline], team_key, off=True)
         time.sleep(1.0)  # shadow calls of the last answers finish
-        health = httpx.get(f"{url}/healthz").json()
+        health = httpx.get(f"{url}/healthz", headers=admin).json()
         local = [r for r in replayed if r["served_by"] == "local"]
         upstream = [r for r in replayed if r["served_by"] == "upstream"]
 
