@@ -595,7 +595,7 @@ def main() -> int:
                 "loadavg_start": [round(x, 2) for x in load0],
                 "loadavg_replay_start": [round(x, 2) for x in tload],
                 "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                "note": "a shared 2-core machine with ~8 engineers' jobs: timings are upper bounds",
+                "note": "timings include every other process on the machine: compare with the load averages",
             },
         }
         report["where_it_goes"] = where_it_goes(report)
