@@ -67,18 +67,26 @@ def build_traffic(per_task: int, seed: int = 0) -> tuple[list, dict]:
             out, correct = _outputs(kind, label, true_label, domain_of, rng)
             req = _request(template, text, rng)
             oid = f"{task}-{k:05d}"
-            observations.append({"id": oid, "namespace": ns, "input": text, "output": out, "verified": None,
-                                 "request": req, "provider": "openai" if req and "messages" in req else "import"})  # fmt: skip
-            truth[oid] = (task, correct)
-            if rng.random() < REPEAT:  # the same question again, answered the same way
-                observations.append({**observations[-1], "id": oid + "-r"})
-                truth[oid + "-r"] = (task, correct)
-            if rng.random() < ERRORS:
-                observations.append({**observations[-1], "id": oid + "-e", "verified": False,
-                                     "output": {"error": {"message": "upstream overloaded", "code": 529}}})  # fmt: skip
-                truth[oid + "-e"] = (task, None)
+            call = {"id": oid, "namespace": ns, "input": text, "output": out, "verified": None,
+                    "request": req, "provider": "openai" if req and "messages" in req else "import"}  # fmt: skip
+            _add(observations, truth, call, task, correct, rng)
     rng.shuffle(observations)
     return observations, truth
+
+
+def _add(observations: list, truth: dict, call: dict, task: str, correct: dict, rng: random.Random) -> None:
+    """One call, then at REPEAT the same question again (answered the same way) and at ERRORS an upstream
+    error for it (verified=false, no correct answer)."""
+    oid = call["id"]
+    observations.append(call)
+    truth[oid] = (task, correct)
+    if rng.random() < REPEAT:
+        observations.append({**observations[-1], "id": oid + "-r"})
+        truth[oid + "-r"] = (task, correct)
+    if rng.random() < ERRORS:
+        observations.append({**observations[-1], "id": oid + "-e", "verified": False,
+                             "output": {"error": {"message": "upstream overloaded", "code": 529}}})  # fmt: skip
+        truth[oid + "-e"] = (task, None)
 
 
 def _outputs(kind, label, true_label, domain_of, rng):
@@ -191,15 +199,8 @@ def build_shared_prompt_traffic(per_task: int, seed: int = 0) -> tuple[list, dic
             req = json.loads(json.dumps(SHARED_REQUEST))
             req["messages"].append({"role": "user", "content": prompt})
             oid = f"{task}-{k:05d}"
-            observations.append({"id": oid, "namespace": SHARED_NAMESPACE, "input": prompt, "output": out,
-                                 "verified": None, "request": req, "provider": "openai"})  # fmt: skip
-            truth[oid] = (task, correct)
-            if rng.random() < REPEAT:
-                observations.append({**observations[-1], "id": oid + "-r"})
-                truth[oid + "-r"] = (task, correct)
-            if rng.random() < ERRORS:
-                observations.append({**observations[-1], "id": oid + "-e", "verified": False,
-                                     "output": {"error": {"message": "upstream overloaded", "code": 529}}})  # fmt: skip
-                truth[oid + "-e"] = (task, None)
+            call = {"id": oid, "namespace": SHARED_NAMESPACE, "input": prompt, "output": out, "verified": None,
+                    "request": req, "provider": "openai"}  # fmt: skip
+            _add(observations, truth, call, task, correct, rng)
     rng.shuffle(observations)
     return observations, truth
