@@ -69,7 +69,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/local.py
 	$(PY) benchmarks/loop.py --days 5 --per-day 250 --shift-day 3 --min-new 200
 	$(PY) benchmarks/loop.py --task cards30 --days 3 --per-day 600 --min-new 200
-	$(PY) benchmarks/extract.py --per-intent 1000 --epochs 4
+	$(PY) benchmarks/extract_epochs.py --epochs 6
+	$(PY) benchmarks/extract.py --per-intent 2000 --epochs 6
 	$(PY) benchmarks/redact.py
 	$(PY) benchmarks/signing.py --repeats 15 --checks 600
 

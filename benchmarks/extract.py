@@ -2,7 +2,7 @@
 promoted, and the unseen validate utterances answered through the proxy.
 
     flock /tmp/kolm-bench.lock .venv/bin/python benchmarks/extract.py                 # 300 per intent, 3 epochs
-    .venv/bin/python benchmarks/extract.py --per-intent 2000 --epochs 4               # the full train split
+    .venv/bin/python benchmarks/extract.py --per-intent 2000 --epochs 6               # the full train split
 
 The loop, end to end on 127.0.0.1, each step the user's own command or call:
 1. a stand-in upstream (kolm_ray.demo.simulate, 300 ms per call) answers each SNIPS utterance with its gold

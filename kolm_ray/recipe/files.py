@@ -53,7 +53,7 @@ TRAINING = {
         ("num_workers", 1, "Ray Train workers (kolm compile --num-workers overrides)"),
     ],
     "extractor": [
-        ("epochs", 4, "passes over the train split; span and class heads converge in a few"),
+        ("epochs", 6, "passes over the train split (chosen on SNIPS validation rows: benchmarks/results/extract_epochs.json)"),
         ("batch_size", 32, "pairs per worker per step, at most (a small split uses fewer: min_steps)"),
         ("lr", 1.0e-4, "peak learning rate of the encoder body (linear warm-up, then decay)"),
         ("head_lr", 3.0e-3, "learning rate of the fresh span (BIO tag) and class heads"),
