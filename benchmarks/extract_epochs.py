@@ -114,7 +114,6 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
 
-    import torch
     import yaml
 
     from kolm_ray.artifact.spec import validate_spec
@@ -155,7 +154,6 @@ def main() -> int:
             scores = evaluate(model, tokenizer, layout, dev, cfg.max_len)
             curve.append({"epoch": epoch + 1, "train_loss": round(last["losses"][epoch], 4), **scores})
             print(json.dumps(curve[-1]), flush=True)
-        del torch  # imported for the model's forward passes only
 
     best = max(curve, key=lambda c: (c["frame_accuracy"], c["slot_f1"], -c["epoch"]))
     report = {
