@@ -213,3 +213,72 @@ def test_threshold_is_the_lowest_that_keeps_precision_and_platt_is_monotone():
     layout = {"fields": [{"path": ["s", "a"], "kind": "span", "type": "string", "missing": "absent"},
                          {"path": ["s", "b"], "kind": "span", "type": "string", "missing": "absent"}]}  # fmt: skip
     assert span_counts(layout, {"s": {"a": "x", "b": "y"}}, {"s": {"a": "x"}}) == (1, 2, 1)
+
+
+def test_epoch_benchmark_scores_gold_logits_as_right_and_a_wrong_slot_as_wrong(tmp_path):
+    """benchmarks/extract_epochs.py chose the default epochs: its scoring, fed logits that spell the gold tags and
+    classes, must give every frame right; one row's slot moved to another type costs that frame and its slot."""
+    import importlib.util
+    import sys
+
+    from kolm_ray.models.bases import resolve_base
+    from kolm_ray.models.extract_layout import classes
+    from kolm_ray.models.extractor import class_targets
+
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    spec_ = importlib.util.spec_from_file_location("extract_epochs", bench_dir / "extract_epochs.py")
+    bench = importlib.util.module_from_spec(spec_)
+    sys.modules["extract_epochs"] = bench
+    spec_.loader.exec_module(bench)
+
+    observations = snips_sample()  # 280: a recipe needs 200 pairs
+    spec, _, _ = _recipe(tmp_path, observations)
+    rows = [{"input": o["input"], "output": o["output"]} for o in observations][:30]
+    layout = extraction_layout(validate_spec(spec), [r["output"] for r in rows])
+    tokenizer = resolve_base("tiny-encoder").load_tokenizer()
+    n_tags = 1 + 2 * sum(f["kind"] == "span" for f in layout["fields"])
+    n_cls = sum(len(f["values"]) + int(f["absent"]) for f in classes(layout))
+    spoil = {"row": 0, "from": None, "to": None}
+
+    class Gold(torch.nn.Module):
+        """Logits that put 10 on each row's gold tag and class (continuation pieces follow their word)."""
+
+        def forward(self, ids, mask):
+            tags = torch.zeros(ids.shape[0], ids.shape[1], n_tags)
+            cls = torch.zeros(ids.shape[0], n_cls)
+            for k in range(ids.shape[0]):
+                r = rows[self.start + k]
+                enc = tokenizer(r["input"], return_offsets_mapping=True, truncation=True, max_length=128)
+                words = enc.word_ids()
+                gold = tag_targets(r["input"], enc["offset_mapping"], r["output"], layout, words)
+                for i, t in enumerate(gold):
+                    t = gold[i - 1] if t < 0 and i > 0 and words[i] is not None else max(t, 0)
+                    if self.start + k == spoil["row"] and t == spoil["from"]:
+                        t = spoil["to"]
+                    gold[i] = t
+                    tags[k, i, t] = 10.0
+                start = 0
+                for f, c in zip(classes(layout), class_targets(r["output"], layout), strict=True):
+                    cls[k, start + c] = 10.0
+                    start += len(f["values"]) + int(f["absent"])
+            self.start += ids.shape[0]
+            return tags, cls
+
+    model = Gold()
+    model.start = 0
+    assert bench.evaluate(model, tokenizer, layout, rows, 128) == {"frame_accuracy": 1.0, "slot_f1": 1.0}
+
+    # Row 0's first slot becomes a span field the row does not have: its frame is wrong, one slot a false
+    # positive and one a miss.
+    first = next(iter(rows[0]["output"]["slots"]))
+    names = [f["path"][-1] for f in layout["fields"] if f["kind"] == "span"]
+    j = names.index(first)
+    other = next(k for k, name in enumerate(names) if name not in rows[0]["output"]["slots"])
+    spoil.update({"from": 1 + 2 * j, "to": 1 + 2 * other})
+    model.start = 0
+    gold_slots = sum(len(r["output"]["slots"]) for r in rows)
+    f1 = 2 * (gold_slots - 1) / (2 * gold_slots)  # precision = recall = (n - 1) / n
+    assert bench.evaluate(model, tokenizer, layout, rows, 128) == {
+        "frame_accuracy": round(29 / 30, 4),
+        "slot_f1": round(f1, 4),
+    }
