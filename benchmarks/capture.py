@@ -76,6 +76,20 @@ def wait_healthy(url: str, timeout: float = 60, pending_zero: bool = False) -> N
     raise RuntimeError(f"{url} did not become healthy")
 
 
+def wait_live_model(url: str, namespace: str, headers: dict, timeout: float, log: Path | str) -> None:
+    """Until the proxy serves a live model for `namespace` (its admin /healthz); SystemExit naming `log` if not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = httpx.get(f"{url}/healthz", headers=headers).json()
+        if namespace in health.get("local", {}).get("models", {}):
+            return
+        if time.monotonic() >= deadline:
+            raise SystemExit(
+                f"the proxy did not load the promoted model for {namespace} within {timeout:g} s: {log}"
+            )
+        time.sleep(0.2)
+
+
 def start(tmp: Path, latency_ms: float) -> tuple[subprocess.Popen, subprocess.Popen, str, str, Path]:
     env = {**os.environ, "KOLM_HOME": str(tmp), "PYTHONUNBUFFERED": "1"}
     env.pop("KOLM_ADMIN_TOKEN", None)

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from capture import cpu_seconds, free_port, wait_healthy  # noqa: E402
+from capture import cpu_seconds, free_port, wait_healthy, wait_live_model  # noqa: E402
 
 from kolm_ray.demo.simulate.snips import SYSTEM_PROMPT, read_snips  # noqa: E402
 
@@ -444,16 +444,7 @@ def main() -> int:
             env,
             300,
         ).stdout.strip()  # fmt: skip (a rerun: the next version)
-        deadline = time.monotonic() + 300
-        while (
-            NS not in httpx.get(f"{url}/healthz", headers=admin).json().get("local", {}).get("models", {})
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.2)
-        if NS not in httpx.get(f"{url}/healthz", headers=admin).json().get("local", {}).get("models", {}):
-            raise SystemExit(
-                f"the proxy did not load the promoted model for {NS} within 300 s: {work / 'proxy.log'}"
-            )
+        wait_live_model(url, NS, admin, 300, work / "proxy.log")
 
         cpu0, tload = cpu_seconds(proxy.pid), os.getloadavg()
         t = time.perf_counter()

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from capture import cpu_seconds, free_port, wait_healthy  # noqa: E402
+from capture import cpu_seconds, free_port, wait_healthy, wait_live_model  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DATA = Path(os.environ.get("KOLM_CLINC", REPO.parent / "shared" / "datasets" / "clinc150"))
@@ -211,16 +211,7 @@ def main() -> int:
         compile_s = time.perf_counter() - t
         promoted = run([sys.executable, "-m", "kolm_ray.cli", "models", "promote", str(artifact), "--namespace", NS,
                         "--store", store_url], env, 300).stdout.strip()  # fmt: skip
-        deadline = time.monotonic() + 120
-        while (
-            NS not in httpx.get(f"{url}/healthz", headers=admin).json().get("local", {}).get("models", {})
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.2)
-        if NS not in httpx.get(f"{url}/healthz", headers=admin).json().get("local", {}).get("models", {}):
-            raise SystemExit(
-                f"the proxy did not load the promoted model for {NS} within 120 s: {work / 'proxy.log'}"
-            )
+        wait_live_model(url, NS, admin, 120, work / "proxy.log")
 
         # 4. replay unseen traffic; the proxy's CPU over the replay
         cpu0, tload = cpu_seconds(proxy.pid), os.getloadavg()
